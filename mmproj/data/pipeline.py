@@ -1,0 +1,267 @@
+"""Grain input pipeline for the shapes world: training batches, QA / caption eval batches, decoding.
+
+Sequence layout (L = num_image_tokens + data.text_len; M = num_image_tokens, 0 for the blind baseline):
+
+    <bos> <image>*M  question words ... ? <sep>  answer words <eos> <pad> ...
+    caption example: question = 'caption', answer = the caption
+
+`data.text_len` budgets everything except the image block: <bos> + question + <sep> + answer + <eos>.
+Training rows are right-padded; 'targets' are 'tokens' shifted left by one (<pad> at the end) and 'loss_mask'
+is 1 exactly where the target is an answer token or the closing <eos>. Eval QA rows hold only the prompt
+(`<bos> <image>*M question <sep>`), left-padded so every prompt ends at the last column.
+
+Batches are numpy dicts (per process, B rows):
+  image uint8 [B, H, W, 3]; tokens, positions, input_mask int32 [B, L]; positions = max(cumsum(mask) - 1, 0)
+  train/caption eval: targets int32 [B, L], loss_mask float32 [B, L];  eval: valid bool [B]
+  QA eval: answer, family (str arrays [B])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+import tokenizers
+
+from mmproj.data import shapes
+from mmproj.data import tokenizer as tokenizer_lib
+
+
+def _cfg(data_cfg: Any, key: str, default: Any = None) -> Any:
+  return shapes.get_field(data_cfg, key, default)
+
+
+def _text_len(data_cfg: Any) -> int:
+  text_len = int(_cfg(data_cfg, 'text_len', 40))
+  if text_len < 4:
+    raise ValueError(f'data.text_len: must be >= 4 (<bos> <sep> <eos> + 1 word), got {text_len}')
+  return text_len
+
+
+def _encode(tok: tokenizers.Tokenizer, text: str, where: str) -> list[int]:
+  try:
+    return tokenizer_lib.encode(tok, text)
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from None
+
+
+def _check_len(n_text: int, text_len: int, where: str) -> None:
+  if n_text > text_len:
+    raise ValueError(f'{where} is too long: {n_text} tokens (<bos> + question + <sep> + answer + <eos>) '
+                     f'> data.text_len={text_len}')
+
+
+def _positions(input_mask: np.ndarray) -> np.ndarray:
+  return np.maximum(np.cumsum(input_mask, axis=-1) - 1, 0).astype(np.int32)
+
+
+def train_row(tok: tokenizers.Tokenizer, question: str, answer: str, *, num_image_tokens: int, text_len: int,
+              where: str = 'text') -> dict[str, np.ndarray]:
+  """One right-padded training row: tokens/positions/input_mask/targets [L] int32, loss_mask [L] float32.
+
+  `where` names the record and field in errors (over-long text, out-of-vocabulary words).
+  """
+  q, a = _encode(tok, question, where), _encode(tok, answer, where)
+  _check_len(len(q) + len(a) + 3, text_len, where)
+  ids = ([tokenizer_lib.BOS_ID] + [tokenizer_lib.IMAGE_ID] * num_image_tokens + q + [tokenizer_lib.SEP_ID] + a
+         + [tokenizer_lib.EOS_ID])
+  seq_len = num_image_tokens + text_len
+  tokens = np.full(seq_len, tokenizer_lib.PAD_ID, np.int32)  # [L]
+  tokens[:len(ids)] = ids
+  input_mask = (np.arange(seq_len) < len(ids)).astype(np.int32)  # [L]
+  targets = np.append(tokens[1:], tokenizer_lib.PAD_ID).astype(np.int32)  # [L] next token
+  sep = 1 + num_image_tokens + len(q)  # index of <sep>; its target is the first answer token
+  loss_mask = np.zeros(seq_len, np.float32)  # [L]
+  loss_mask[sep:len(ids) - 1] = 1.0  # targets = answer tokens + <eos>
+  return dict(tokens=tokens, positions=_positions(input_mask), input_mask=input_mask, targets=targets,
+              loss_mask=loss_mask)
+
+
+def prompt_row(tok: tokenizers.Tokenizer, question: str, *, num_image_tokens: int, text_len: int,
+               answer_len: int = 1, where: str = 'text') -> dict[str, np.ndarray]:
+  """One left-padded prompt row `<bos> <image>*M question <sep>`: tokens/positions/input_mask [L] int32.
+
+  The prompt must leave room for `answer_len` answer tokens + <eos> within text_len, as in training.
+  """
+  q = _encode(tok, question, where)
+  _check_len(len(q) + answer_len + 3, text_len, where)
+  ids = [tokenizer_lib.BOS_ID] + [tokenizer_lib.IMAGE_ID] * num_image_tokens + q + [tokenizer_lib.SEP_ID]
+  seq_len = num_image_tokens + text_len
+  tokens = np.full(seq_len, tokenizer_lib.PAD_ID, np.int32)  # [L]
+  tokens[seq_len - len(ids):] = ids
+  input_mask = (np.arange(seq_len) >= seq_len - len(ids)).astype(np.int32)  # [L]
+  return dict(tokens=tokens, positions=_positions(input_mask), input_mask=input_mask)
+
+
+def _txt(v: Any) -> str:
+  return v.decode() if isinstance(v, bytes) else str(v)
+
+
+@dataclasses.dataclass
+class SampleText(grain.transforms.RandomMap):
+  """Per record and epoch: the caption (prob. caption_prob) or one QA pair, tokenized into a training row.
+
+  QA pairs are drawn by picking a question family uniformly among those the image has, then a pair of that
+  family uniformly, so families with two pairs per image are not over-sampled.
+  """
+  tok: tokenizers.Tokenizer
+  num_image_tokens: int
+  text_len: int
+  caption_prob: float
+  split: str = 'train'
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    index = int(element['index'])
+    families = [_txt(f) for f in element['families']]
+    if not families or rng.random() < self.caption_prob:
+      question, answer, field = shapes.CAPTION_QUESTION, _txt(element['caption']), "'caption'"
+    else:
+      present = sorted(set(families), key=shapes.FAMILIES.index)
+      family = present[rng.integers(len(present))]
+      choices = [j for j, f in enumerate(families) if f == family]
+      j = choices[rng.integers(len(choices))]
+      question, answer = _txt(element['questions'][j]), _txt(element['answers'][j])
+      field = f"'questions[{j}]' + 'answers[{j}]'"
+    row = train_row(self.tok, question, answer, num_image_tokens=self.num_image_tokens, text_len=self.text_len,
+                    where=f'{self.split} record {index}, field {field}')
+    row['image'] = np.asarray(element['image'], np.uint8)  # [H, W, 3]
+    return row
+
+
+def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: int, global_batch_size: int,
+                 seed: int, process_index: int | None = None, process_count: int | None = None,
+                 worker_count: int | None = None, worker_buffer_size: int = 1, read_threads: int | None = None,
+                 split: str = 'train') -> grain.DataLoader:
+  """Infinite, shuffled (by `seed`, reshuffled every epoch) training loader for this process's shard.
+
+  Each process reads a disjoint contiguous shard of the records (ShardOptions + IndexSampler) and yields
+  batches of global_batch_size // process_count rows (drop_remainder). `iter(loader)` has get_state() /
+  set_state() and is saved with grain.checkpoint.CheckpointSave / CheckpointRestore inside ocp.args.Composite.
+  process_index/count default to jax.process_index()/process_count(); worker_count to data.worker_count (0 =
+  transform in the calling process); read_threads to data.read_threads or 2 (threads reading + decoding records
+  ahead of the consumer; decoding is Python-bound, so more threads only add GIL contention on few cores).
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, process_count={process_count})')
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of '
+                     f'process_count={process_count}')
+  if not 0 <= int(seed) < 2 ** 32:
+    raise ValueError(f'seed={seed}: grain needs a non-negative 32-bit seed')
+  if num_image_tokens < 0:
+    raise ValueError(f'num_image_tokens={num_image_tokens} must be >= 0')
+  if worker_count is None:
+    worker_count = int(_cfg(data_cfg, 'worker_count', 0) or 0)
+  if read_threads is None:
+    read_threads = int(_cfg(data_cfg, 'read_threads', 2))
+  caption_prob = float(_cfg(data_cfg, 'caption_prob', 0.1))
+  if not 0.0 <= caption_prob <= 1.0:
+    raise ValueError(f'data.caption_prob: must be in [0, 1], got {caption_prob}')
+
+  if worker_count > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app use defaults
+      flags.FLAGS.mark_as_parsed()
+
+  source = shapes.data_source(data_cfg, split)
+  shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
+  if len(source) < process_count:
+    raise ValueError(f'{split} split has {len(source)} records, fewer than process_count={process_count}')
+  # The sampler and the loader both take the shard options: the sampler picks this shard's records, the loader
+  # strides over the sampler's global indices.
+  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
+                                        num_epochs=None, seed=int(seed))
+  per_process = global_batch_size // process_count
+  if per_process > len(source) // process_count:
+    raise ValueError(f'per-process batch {per_process} > records per shard {len(source) // process_count}')
+  return grain.DataLoader(
+      data_source=source, sampler=sampler, shard_options=shard, worker_count=worker_count,
+      worker_buffer_size=worker_buffer_size,
+      read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64 * max(read_threads, 1)),
+      operations=[SampleText(tok, num_image_tokens, _text_len(data_cfg), caption_prob, split),
+                  grain.transforms.Batch(batch_size=per_process, drop_remainder=True)])
+
+
+def _batches(rows: Iterator[dict[str, Any]], batch_size: int, blank: dict[str, Any]) -> Iterator[dict[str, Any]]:
+  """Stacks rows into batches of `batch_size`; the last is topped up with copies of its first row marked
+  valid=False and with the values in `blank` (so filler rows are well-formed model inputs)."""
+  if batch_size <= 0:
+    raise ValueError(f'batch_size={batch_size} must be positive')
+  buf = []
+  for row in rows:
+    buf.append(row)
+    if len(buf) == batch_size:
+      yield _stack(buf)
+      buf = []
+  if buf:
+    fill = {**buf[0], **blank, 'valid': False}
+    yield _stack(buf + [fill] * (batch_size - len(buf)))
+
+
+def _stack(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def qa_eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: int, batch_size: int,
+                    split: str = 'test', max_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Every QA pair of `split` exactly once (records in order, pairs in stored order), or the first
+  `max_examples` pairs, as left-padded prompt batches with 'answer', 'family' (str [B]) and 'valid' (bool [B]).
+  Filler rows of the last batch repeat its first prompt with answer = family = '' and valid = False."""
+  text_len = _text_len(data_cfg)
+  source = shapes.data_source(data_cfg, split)
+
+  def rows():
+    n = 0
+    for i in range(len(source)):
+      rec = shapes.decode_record(source[i])
+      for j, (q, a, f) in enumerate(zip(rec['questions'], rec['answers'], rec['families'])):
+        if max_examples is not None and n >= max_examples:
+          return
+        where = f"{split} record {rec['index']}, field 'questions[{j}]' + 'answers[{j}]'"
+        row = prompt_row(tok, q, num_image_tokens=num_image_tokens, text_len=text_len,
+                         answer_len=len(_encode(tok, a, where)), where=where)
+        yield dict(image=rec['image'], **row, answer=np.str_(a), family=np.str_(f), valid=True)
+        n += 1
+
+  yield from _batches(rows(), batch_size, blank=dict(answer=np.str_(''), family=np.str_('')))
+
+
+def caption_eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: int, batch_size: int,
+                         split: str = 'test', max_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Every record of `split` once (or the first `max_examples`) as a teacher-forced caption row in the training
+  layout (tokens, positions, input_mask, targets, loss_mask, image) + 'valid' (bool [B]); filler rows of the last
+  batch have valid=False and loss_mask=0."""
+  text_len = _text_len(data_cfg)
+  source = shapes.data_source(data_cfg, split)
+  n = len(source) if max_examples is None else min(len(source), max_examples)
+
+  def rows():
+    for i in range(n):
+      rec = shapes.decode_record(source[i])
+      row = train_row(tok, shapes.CAPTION_QUESTION, rec['caption'], num_image_tokens=num_image_tokens,
+                      text_len=text_len, where=f"{split} record {rec['index']}, field 'caption'")
+      yield dict(image=rec['image'], **row, valid=True)
+
+  seq_len = num_image_tokens + text_len
+  yield from _batches(rows(), batch_size, blank=dict(loss_mask=np.zeros(seq_len, np.float32)))
+
+
+def decode(tok: tokenizers.Tokenizer, ids: Sequence[int] | np.ndarray) -> str:
+  """Words of `ids` up to the first <eos>, specials dropped, joined by single spaces. Ids outside the
+  tokenizer's vocabulary (the model's vocab may be larger) decode as '<unk>' so they cannot vanish silently."""
+  words = []
+  for i in np.asarray(ids).reshape(-1).tolist():
+    if i == tokenizer_lib.EOS_ID:
+      break
+    if 0 <= i < tokenizer_lib.NUM_SPECIAL:
+      continue
+    w = tok.id_to_token(i) if i >= 0 else None
+    words.append(tokenizer_lib.UNK if w is None else w)
+  return ' '.join(words)

@@ -1,0 +1,21 @@
+"""Modality encoders. `build_encoder(cfg_encoder, dtype)` maps `cfg.model.encoder` to a module."""
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from mmproj.encoders.vit import ViT
+
+ENCODERS = {'vit': ViT}
+
+
+def build_encoder(cfg: Any, dtype: Any = jnp.float32) -> ViT:
+  """cfg.model.encoder (ConfigDict / FrozenConfigDict / dict) -> encoder module (compute dtype `dtype`)."""
+  kwargs = dict(cfg)
+  name = kwargs.pop('name', 'vit')
+  if name not in ENCODERS:
+    raise ValueError(f'unknown model.encoder.name {name!r}; known: {sorted(ENCODERS)}')
+  return ENCODERS[name](**kwargs, dtype=dtype)
+
+
+__all__ = ['ENCODERS', 'ViT', 'build_encoder']

@@ -1,0 +1,1 @@
+"""Evaluation: generation (and, from the eval owners, VQA accuracy / caption loss)."""

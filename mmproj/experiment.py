@@ -1,0 +1,67 @@
+"""An experiment = train the configured model, optionally a blind baseline, evaluate both, write results.json.
+
+The blind baseline is the same LM and training budget with no visual tokens (`model.use_image=False`); the gap
+between the two is what the projector carries. It trains in WORKDIR/blind/.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+
+from mmproj.data import shapes
+from mmproj.eval import vqa
+from mmproj.train import trainer
+
+
+def blind_config(cfg):
+  blind = cfg.copy_and_resolve_references()
+  blind.model.use_image = False
+  return blind
+
+
+def _evaluate(result: trainer.TrainResult, cfg) -> tuple[dict, float]:
+  kwargs = dict(batch_size=int(cfg.eval.batch_size), max_examples=cfg.eval.get('max_examples'))
+  acc = vqa.vqa_accuracy(result.setup, result.state.params, result.tokenizer,
+                         max_new_tokens=int(cfg.eval.max_new_tokens), **kwargs)
+  return acc, vqa.caption_loss(result.setup, result.state.params, result.tokenizer, **kwargs)
+
+
+def format_table(results: dict) -> str:
+  image, blind = results['vqa_accuracy'], results.get('blind_vqa_accuracy')
+  header = f'{"family":<10} {"image":>7}' + (f' {"blind":>7} {"gain":>7}' if blind else '')
+  lines = [header, '-' * len(header)]
+  for family in ('overall',) + shapes.FAMILIES:
+    line = f'{family:<10} {image[family]:>7.1%}'
+    if blind:
+      line += f' {blind[family]:>7.1%} {100 * (image[family] - blind[family]):>+6.1f}p'
+    lines.append(line)
+  lines.append(f'caption loss: {results["caption_loss"]:.3f}'
+               + (f' (blind {results["blind_caption_loss"]:.3f})' if blind else ''))
+  lines.append(f'steps: {results["steps"]}, train time: {results["train_seconds"]:.0f}s'
+               + (f' (+ blind {results["blind_train_seconds"]:.0f}s)' if blind else ''))
+  return '\n'.join(lines)
+
+
+def run(cfg, workdir: str) -> dict:
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  baseline = str(cfg.get('baseline') or '').lower()
+  if baseline not in ('blind', '', 'none'):
+    raise ValueError(f'baseline={cfg.baseline!r}: the only baseline is "blind" ("" or "none" for no baseline)')
+  main = trainer.train(cfg, workdir, name='[image] ' if baseline == 'blind' else '')
+  accuracy, cap_loss = _evaluate(main, cfg)
+  results = {'vqa_accuracy': accuracy, 'caption_loss': cap_loss, 'steps': int(cfg.train.steps),
+             'train_seconds': round(main.train_seconds, 1)}
+  if baseline == 'blind':
+    blind = trainer.train(blind_config(cfg), os.path.join(workdir, 'blind'), name='[blind] ')
+    blind_accuracy, blind_loss = _evaluate(blind, cfg)
+    results.update(blind_vqa_accuracy=blind_accuracy, blind_caption_loss=blind_loss,
+                   blind_train_seconds=round(blind.train_seconds, 1))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()}, f, indent=2)
+    print(format_table(results), flush=True)
+    print(f'results: {os.path.join(workdir, "results.json")}', flush=True)
+  return results

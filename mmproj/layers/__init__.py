@@ -1,0 +1,11 @@
+"""Shared building blocks: norms, rotary embeddings, attention (MHA/GQA + masks + KV cache), MLPs."""
+
+from mmproj.layers.attention import Attention, causal_padding_mask, dot_product_attention, padding_mask
+from mmproj.layers.mlp import ACTIVATIONS, GeluMLP, SwiGLU, dense, get_activation
+from mmproj.layers.norms import LayerNorm, RMSNorm
+from mmproj.layers.rope import apply_rope, rope_cos_sin, rotate_half
+
+__all__ = [
+    'ACTIVATIONS', 'Attention', 'GeluMLP', 'LayerNorm', 'RMSNorm', 'SwiGLU', 'apply_rope', 'causal_padding_mask',
+    'dense', 'dot_product_attention', 'get_activation', 'padding_mask', 'rope_cos_sin', 'rotate_half',
+]

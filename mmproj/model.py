@@ -1,0 +1,177 @@
+"""MultimodalLM: image encoder -> projector -> visual tokens written into the LM's input sequence.
+
+  image [B, H, W, 3] --encoder--> [B, N, Dv] (grid h x w) --projector--> visual [B, M, Dt]
+  tokens [B, L] --lm.embed--> [B, L, Dt]; the k-th <image> placeholder of a row is replaced by visual[:, k]
+  merged [B, L, Dt] --lm (causal, key-padding mask, explicit positions)--> logits [B, L, V] float32
+
+Shapes are static: the data pipeline writes exactly M = num_image_tokens(cfg.model) placeholders per row (anywhere
+in the row; left padding is fine). Params: {'encoder', 'projector', 'lm'} ('lm' only for the blind baseline,
+use_image=False). Params are float32; compute runs in cfg.model.dtype; logits come back float32.
+With encoder_trainable=False the encoder output goes through stop_gradient, so no backward pass runs through it.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mmproj import projectors
+from mmproj.encoders import ENCODERS, build_encoder
+from mmproj.layers import ACTIVATIONS
+from mmproj.lm import build_lm
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def _frozen(cfg: Any) -> ml_collections.FrozenConfigDict:
+  if isinstance(cfg, ml_collections.FrozenConfigDict):
+    return cfg
+  return ml_collections.FrozenConfigDict(cfg)
+
+
+def _divisible(field: str, value: int, divisor_field: str, divisor: int) -> None:
+  if divisor <= 0 or value % divisor:
+    raise ValueError(f'{field}={value} is not divisible by {divisor_field}={divisor}')
+
+
+def validate(cfg_model: Any) -> None:
+  """Checks cfg.model before anything is traced; raises ValueError naming the offending field."""
+  c = cfg_model
+  if c.dtype not in DTYPES:
+    raise ValueError(f'model.dtype={c.dtype!r} is not one of {sorted(DTYPES)}')
+
+  lm = c.lm
+  if lm.get('head_dim', None) is None:
+    _divisible('model.lm.width', lm.width, 'model.lm.num_heads', lm.num_heads)
+  head_dim = lm.get('head_dim', None) or lm.width // lm.num_heads
+  if head_dim % 2:
+    raise ValueError(f'model.lm.head_dim={head_dim} must be even for RoPE')
+  _divisible('model.lm.num_heads', lm.num_heads, 'model.lm.num_kv_heads', lm.num_kv_heads)
+
+  if not c.use_image:
+    return
+  if not 0 <= c.image_token_id < lm.vocab_size:
+    raise ValueError(f'model.image_token_id={c.image_token_id} is not in [0, model.lm.vocab_size={lm.vocab_size})')
+  enc = c.encoder
+  if enc.name not in ENCODERS:
+    raise ValueError(f'unknown model.encoder.name {enc.name!r}; known: {sorted(ENCODERS)}')
+  _divisible('model.encoder.image_size', enc.image_size, 'model.encoder.patch_size', enc.patch_size)
+  _divisible('model.encoder.width', enc.width, 'model.encoder.num_heads', enc.num_heads)
+  if not -enc.depth <= enc.output_layer <= -1:
+    raise ValueError(f'model.encoder.output_layer={enc.output_layer} is out of range '
+                     f'[-model.encoder.depth, -1] = [{-enc.depth}, -1]')
+  if enc.get('act', 'gelu') not in ACTIVATIONS:
+    raise ValueError(f'model.encoder.act={enc.act!r} is not one of {sorted(ACTIVATIONS)}')
+  projectors.validate(c.projector, in_dim=enc.width, out_dim=lm.width)
+
+
+def encoder_grid(cfg_model: Any) -> tuple[int, int]:
+  """Patch grid (h, w) of the encoder."""
+  n = cfg_model.encoder.image_size // cfg_model.encoder.patch_size
+  return n, n
+
+
+def num_image_tokens(cfg_model: Any) -> int:
+  """M: visual tokens (= <image> placeholders) per example; 0 for the blind baseline."""
+  if not cfg_model.use_image:
+    return 0
+  return projectors.num_output_tokens(cfg_model.projector, encoder_grid(cfg_model))
+
+
+def merge_visual_tokens(text_embeds, visual, tokens, image_token_id: int, input_mask=None):
+  """Writes visual token k at the k-th placeholder of each row (static shapes: cumsum index + gather + where).
+
+  text_embeds [B, L, D], visual [B, M, D], tokens int [B, L], input_mask [B, L] or None -> [B, L, D].
+  Placeholder ids on padding (input_mask == 0) are not counted. Rows with more than M placeholders repeat
+  visual token M-1 on the extra ones (the pipeline never produces that).
+  """
+  is_image = tokens == image_token_id                                       # [B, L]
+  if input_mask is not None:
+    is_image &= jnp.asarray(input_mask).astype(bool)
+  k = jnp.cumsum(is_image.astype(jnp.int32), axis=1) - 1                    # [B, L] placeholder ordinal
+  k = jnp.clip(k, 0, visual.shape[1] - 1)
+  gathered = jnp.take_along_axis(visual, k[:, :, None], axis=1)             # [B, L, D]
+  return jnp.where(is_image[:, :, None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+class MultimodalLM(nn.Module):
+  """Encoder + projector + Llama LM; visual tokens enter the LM at the <image> placeholders.
+
+  Attributes:
+    config: cfg.model as a FrozenConfigDict (hashable, so the module can be a static jit argument).
+    encoder_trainable: False -> stop_gradient on the encoder output (a frozen tower gets zero grads).
+  """
+
+  config: ml_collections.FrozenConfigDict
+  encoder_trainable: bool = True
+
+  @property
+  def dtype(self):
+    return DTYPES[self.config.dtype]
+
+  def setup(self):
+    c = self.config
+    if c.use_image:
+      self.encoder = build_encoder(c.encoder, self.dtype)
+      self.projector = projectors.build(c.projector, in_dim=c.encoder.width, out_dim=c.lm.width, dtype=self.dtype)
+    self.lm = build_lm(c.lm, self.dtype)
+
+  def encode_image(self, image, deterministic: bool = True):
+    """image [B, H, W, 3] (uint8, or float in [-1, 1]) -> visual tokens [B, M, Dt]."""
+    feats, grid = self.encoder(jnp.asarray(image))                          # [B, N, Dv]
+    if not self.encoder_trainable:
+      feats = jax.lax.stop_gradient(feats)
+    return self.projector(feats, grid=grid, deterministic=deterministic)   # [B, M, Dt]
+
+  def embed_inputs(self, batch, deterministic: bool = True):
+    """Token embeddings with visual tokens merged in: batch['tokens'] [B, L] -> [B, L, Dt]."""
+    tokens = jnp.asarray(batch['tokens'])
+    x = self.lm.embed(tokens)                                                # [B, L, Dt]
+    if self.config.use_image:
+      visual = self.encode_image(batch['image'], deterministic)              # [B, M, Dt]
+      x = merge_visual_tokens(x, visual, tokens, self.config.image_token_id, batch['input_mask'])
+    return x
+
+  def __call__(self, batch, deterministic: bool = True):
+    """Full causal forward. batch: tokens/positions/input_mask [B, L] (+ image). -> logits [B, L, V] float32."""
+    x = self.embed_inputs(batch, deterministic)                              # [B, L, Dt]
+    logits, _ = self.lm(x, jnp.asarray(batch['positions']), jnp.asarray(batch['input_mask']))
+    return logits                                                            # [B, L, V]
+
+  def prefill(self, batch, cache_len: int, deterministic: bool = True):
+    """Runs the whole left-padded prompt (image included) into a fresh KV cache of `cache_len` slots.
+
+    Returns (logits at the last column [B, V] float32, cache). `cache_len` (static) must be >= L and leave room
+    for every token that decode_step will feed.
+    """
+    x = self.embed_inputs(batch, deterministic)                              # [B, L, Dt]
+    b, length = x.shape[:2]
+    if cache_len < length:
+      raise ValueError(f'cache_len={cache_len} is shorter than the prompt length {length}')
+    cache = self.lm.init_cache(b, cache_len)
+    logits, cache = self.lm(x, jnp.asarray(batch['positions']), jnp.asarray(batch['input_mask']), cache)
+    return logits[:, -1], cache                                              # [B, V]
+
+  def decode_step(self, token, cache):
+    """Feeds one token per row. token int [B] -> (logits [B, V] float32, cache advanced by one slot).
+
+    The token's position is the number of real tokens already in the cache (positions = cumsum(mask) - 1).
+    """
+    token = jnp.asarray(token)[:, None]                                      # [B, 1]
+    x = self.lm.embed(token)                                                 # [B, 1, Dt]
+    positions = jnp.sum(cache['mask'], axis=1, dtype=jnp.int32)[:, None]     # [B, 1]
+    logits, cache = self.lm(x, positions, jnp.ones_like(token, jnp.int32), cache)
+    return logits[:, 0], cache                                               # [B, V]
+
+
+def build_model(cfg_model: Any, *, encoder_trainable: bool | None = None) -> MultimodalLM:
+  """Validates cfg.model and builds the MultimodalLM.
+
+  encoder_trainable: None -> cfg_model.get('encoder_trainable', True).
+  """
+  validate(cfg_model)
+  if encoder_trainable is None:
+    encoder_trainable = bool(cfg_model.get('encoder_trainable', True))
+  return MultimodalLM(config=_frozen(cfg_model), encoder_trainable=encoder_trainable)

@@ -1,0 +1,86 @@
+"""Projector registry: name -> flax module class turning encoder tokens [B, N, Dv] into LM tokens [B, M, Dt].
+
+Every projector class
+  - is a `flax.linen.Module` with fields `in_dim`, `out_dim`, `dtype` plus its own hyper-parameters (the keys of
+    `cfg.model.projector` other than `name`, `in_dim`, `out_dim`), called as `proj(x, grid=(h, w), deterministic=True)`;
+  - has classmethods `num_output_tokens(cfg, grid) -> int` and `param_count(cfg, in_dim, out_dim) -> int` (the
+    formula documented in its docstring), and may define `check_config(cfg)` raising ValueError naming the field.
+
+    proj = build(cfg.model.projector, in_dim=Dv, out_dim=Dt)
+    y = proj.apply({'params': p}, x, grid=(h, w), deterministic=True)    # x [B, N, Dv] -> y [B, M, Dt]
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax.numpy as jnp
+
+REGISTRY: dict[str, type] = {}
+
+# cfg keys handled by the registry itself rather than passed to the projector class.
+_RESERVED = ('name', 'in_dim', 'out_dim')
+
+
+def register(name: str) -> Callable[[type], type]:
+  """Class decorator: `@register('mlp') class MLPProjector(nn.Module): ...`."""
+  def decorator(cls: type) -> type:
+    if name in REGISTRY:
+      raise ValueError(f'projector {name!r} is already registered ({REGISTRY[name].__name__})')
+    REGISTRY[name] = cls
+    return cls
+  return decorator
+
+
+def get(name: str) -> type:
+  """Projector class for `name`; ValueError naming model.projector.name and the known names otherwise."""
+  if name not in REGISTRY:
+    raise ValueError(f'unknown model.projector.name {name!r}; known projectors: {sorted(REGISTRY)}')
+  return REGISTRY[name]
+
+
+def _hparams(cfg: Any) -> dict:
+  """The projector's own hyper-parameters from cfg (reserved keys dropped); unknown keys -> ValueError."""
+  cls = get(cfg['name'])
+  fields = {f.name for f in dataclasses.fields(cls)} - {'in_dim', 'out_dim', 'dtype', 'parent', 'name'}
+  hparams = {k: v for k, v in dict(cfg).items() if k not in _RESERVED}
+  unknown = sorted(set(hparams) - fields)
+  if unknown:
+    raise ValueError(f'unknown field(s) model.projector.{unknown[0]} for projector {cfg["name"]!r} '
+                     f'(all unknown: {unknown}); it accepts: {sorted(fields)}')
+  return hparams
+
+
+def validate(cfg: Any, in_dim: int, out_dim: int) -> None:
+  """Checks name, optional in_dim/out_dim and the projector's own fields; ValueError naming the field."""
+  cls = get(cfg['name'])
+  for key, actual in (('in_dim', in_dim), ('out_dim', out_dim)):
+    given = cfg.get(key, None)
+    if given is not None and given != actual:
+      raise ValueError(f'model.projector.{key}={given} does not match the '
+                       f'{"encoder" if key == "in_dim" else "LM"} width {actual}')
+  _hparams(cfg)
+  if hasattr(cls, 'check_config'):
+    cls.check_config(cfg)
+
+
+def build(cfg: Any, in_dim: int, out_dim: int, dtype: Any = jnp.float32):
+  """cfg.model.projector -> projector module (params float32, compute in `dtype`)."""
+  validate(cfg, in_dim, out_dim)
+  return get(cfg['name'])(in_dim=in_dim, out_dim=out_dim, dtype=dtype, **_hparams(cfg))
+
+
+def num_output_tokens(cfg: Any, grid: tuple[int, int]) -> int:
+  """Number of tokens M the projector emits for an encoder grid (h, w)."""
+  return get(cfg['name']).num_output_tokens(cfg, tuple(grid))
+
+
+def param_count(cfg: Any, in_dim: int, out_dim: int) -> int:
+  """The projector's documented parameter-count formula."""
+  return get(cfg['name']).param_count(cfg, in_dim, out_dim)
+
+
+# Projector families register themselves on import (must come after `register` is defined).
+from mmproj.projectors import linear as linear  # noqa: E402
+from mmproj.projectors import mlp as mlp  # noqa: E402
+
+__all__ = ['REGISTRY', 'build', 'get', 'num_output_tokens', 'param_count', 'register', 'validate']

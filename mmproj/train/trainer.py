@@ -1,0 +1,244 @@
+"""The one training loop: sharded, jitted, checkpointed, resumable.
+
+    setup(cfg)  -> model, mesh, optimizer and the sharding of every train-state leaf (nothing compiled yet)
+    train(cfg, workdir) -> trains cfg.train.steps steps, resuming from the latest checkpoint in workdir
+
+Every config error is raised by `setup` before anything is compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mmproj import model as model_lib
+from mmproj.train import checkpoint as ckpt_lib
+from mmproj.train import optimizer as opt_lib
+from mmproj.train import sharding as shard_lib
+from mmproj.train.metrics import MetricWriter
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # int32 scalar: number of updates applied
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass
+class Setup:
+  cfg: ml_collections.ConfigDict
+  model: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  tx: optax.GradientTransformation
+  labels: Any                   # 'train' / 'freeze' per param
+  abstract_state: TrainState    # ShapeDtypeStructs carrying their shardings
+  state_sharding: TrainState
+  batch_sharding: NamedSharding
+  seq_len: int
+  num_image_tokens: int
+
+
+def sequence_length(cfg) -> int:
+  return model_lib.num_image_tokens(cfg.model) + int(cfg.data.text_len)
+
+
+def dummy_batch(cfg, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  seq, size = sequence_length(cfg), int(cfg.data.image_size)
+  return {
+      'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
+      'tokens': jax.ShapeDtypeStruct((batch_size, seq), jnp.int32),
+      'positions': jax.ShapeDtypeStruct((batch_size, seq), jnp.int32),
+      'input_mask': jax.ShapeDtypeStruct((batch_size, seq), jnp.int32),
+  }
+
+
+def validate(cfg) -> None:
+  """Cross-field checks of the whole experiment config (model checks live in model.validate)."""
+  model_lib.validate(cfg.model)
+  if cfg.model.use_image and int(cfg.data.image_size) != int(cfg.model.encoder.image_size):
+    raise ValueError(f'data.image_size={cfg.data.image_size} does not match '
+                     f'model.encoder.image_size={cfg.model.encoder.image_size}')
+  for field in ('steps', 'batch_size'):
+    if int(cfg.train[field]) <= 0:
+      raise ValueError(f'train.{field}={cfg.train[field]} must be positive')
+  if int(cfg.checkpoint.every) <= 0:
+    raise ValueError(f'checkpoint.every={cfg.checkpoint.every} must be positive')
+
+
+def setup(cfg, devices: Sequence[jax.Device] | None = None) -> Setup:
+  validate(cfg)
+  mesh = shard_lib.make_mesh(cfg.mesh, devices)
+  rules = shard_lib.rules_from_config(cfg)
+  shard_lib.check_batch_divisible(int(cfg.train.batch_size), mesh, rules)
+
+  probe = model_lib.build_model(cfg.model)
+  boxed = jax.eval_shape(probe.init, jax.random.key(0), dummy_batch(cfg, 1))['params']
+  params_sharding = shard_lib.logical_to_shardings(boxed, mesh, rules)
+  abstract_params = flax.linen.unbox(boxed)
+  labels = opt_lib.trainable_labels(abstract_params, cfg.train)
+  model = model_lib.build_model(cfg.model, encoder_trainable=not opt_lib.is_frozen(labels, 'encoder'))
+  tx = opt_lib.make_optimizer(cfg.train, labels)
+
+  replicated = NamedSharding(mesh, P())
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sharding = _like_params(abstract_opt, abstract_params, params_sharding, replicated)
+  state_sharding = TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding)
+  abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                              opt_state=abstract_opt)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, state_sharding)
+  return Setup(cfg=cfg, model=model, mesh=mesh, rules=rules, tx=tx, labels=labels, abstract_state=abstract_state,
+               state_sharding=state_sharding, batch_sharding=shard_lib.batch_sharding(mesh, rules),
+               seq_len=sequence_length(cfg), num_image_tokens=model_lib.num_image_tokens(cfg.model))
+
+
+def _like_params(opt_state, params, params_sharding, default):
+  """Sharding for each optimizer-state leaf: a leaf whose path ends with a parameter's path and has its shape
+  (Adam's mu/nu) is placed like that parameter; everything else (counters, masked nodes) gets `default`."""
+  by_path = {}
+  for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                    jax.tree.leaves(params_sharding)):
+    by_path[opt_lib.path_str(path)] = (leaf.shape, sharding)
+
+  def place(path, leaf):
+    keys = opt_lib.path_str(path).split('/')
+    for start in range(len(keys)):
+      shape, sharding = by_path.get('/'.join(keys[start:]), (None, None))
+      if sharding is not None and shape == leaf.shape:
+        return sharding
+    return default
+
+  return jax.tree_util.tree_map_with_path(place, opt_state)
+
+
+def init_state(s: Setup, seed: int) -> TrainState:
+  batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in dummy_batch(s.cfg, 1).items()}
+
+  def init():
+    params = flax.linen.unbox(s.model.init(jax.random.key(seed), batch)['params'])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=s.tx.init(params))
+  with jax.set_mesh(s.mesh):
+    return jax.jit(init, out_shardings=s.state_sharding)()
+
+
+def token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean next-token cross entropy and accuracy over the positions where mask is 1."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)                  # [B, L, V]
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]           # [B, L]
+  denom = jnp.maximum(mask.sum(), 1.0)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return (nll * mask).sum() / denom, (correct * mask).sum() / denom
+
+
+def make_train_step(s: Setup):
+  schedule = opt_lib.learning_rate_schedule(s.cfg.train)
+  model_inputs = ('image', 'tokens', 'positions', 'input_mask')
+
+  def loss_fn(params, batch, rng):
+    logits = s.model.apply({'params': params}, {k: batch[k] for k in model_inputs}, deterministic=False,
+                           rngs={'dropout': rng})
+    return token_loss(logits, batch['targets'], batch['loss_mask'])
+
+  def train_step(state: TrainState, batch: dict, base_rng: jax.Array):
+    rng = jax.random.fold_in(base_rng, state.step)
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss, 'accuracy': accuracy, 'grad_norm': optax.tree.norm(grads),
+               'learning_rate': schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  replicated = NamedSharding(s.mesh, P())
+  return jax.jit(train_step, in_shardings=(s.state_sharding, s.batch_sharding, replicated),
+                 out_shardings=(s.state_sharding, replicated), donate_argnums=(0,))
+
+
+def global_batch(s: Setup, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """Per-process numpy batch -> global jax arrays sharded over the data axes."""
+  return {k: jax.make_array_from_process_local_data(s.batch_sharding, v) for k, v in local.items()}
+
+
+@dataclasses.dataclass
+class TrainResult:
+  setup: Setup
+  state: TrainState
+  tokenizer: Any
+  train_seconds: float
+  resumed_from: int | None
+
+
+def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
+  """Trains (or resumes, or just restores a finished run) in `workdir`."""
+  from mmproj.data import pipeline, shapes
+
+  s = setup(cfg)
+  _, tokenizer = shapes.prepare(cfg.data)
+  check_tokenizer(cfg, tokenizer)
+  ckpt_lib.save_run_files(workdir, cfg, tokenizer)
+
+  loader = pipeline.train_loader(cfg.data, tokenizer, num_image_tokens=s.num_image_tokens,
+                                 global_batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter = iter(loader)
+  manager = ckpt_lib.make_manager(workdir, cfg.checkpoint)
+  total = int(cfg.train.steps)
+  latest = manager.latest_step()
+  seconds_before = 0.0
+  if latest is not None:
+    state, meta = ckpt_lib.restore(manager, latest, s.abstract_state, data_iter)
+    seconds_before = float(meta.get('train_seconds', 0.0))
+    print(f'{name}Resuming from checkpoint step {latest} in {ckpt_lib.checkpoint_dir(workdir)}', flush=True)
+  else:
+    state = init_state(s, int(cfg.seed))
+  start = int(jax.device_get(state.step))
+  if start >= total:
+    manager.close()
+    return TrainResult(s, state, tokenizer, seconds_before, latest)
+
+  step_fn = make_train_step(s)
+  base_rng = jax.random.key(int(cfg.seed) + 1)
+  writer = MetricWriter(workdir, total_steps=total, resume_step=start, name=name)
+  log_every, save_every = int(cfg.log_every), int(cfg.checkpoint.every)
+  pending, tokens_seen, images_seen = [], 0, 0
+  t_start = t_log = time.time()
+  with jax.set_mesh(s.mesh):
+    for step in range(start + 1, total + 1):
+      local = next(data_iter)
+      tokens_seen += int(local['input_mask'].sum()) * jax.process_count()
+      images_seen += len(local['image']) * jax.process_count()
+      state, metrics = step_fn(state, global_batch(s, local), base_rng)
+      pending.append(metrics)
+      if step % log_every == 0 or step == total:
+        means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+        means['learning_rate'] = float(jax.device_get(pending[-1]['learning_rate']))
+        dt = time.time() - t_log
+        means.update(steps_per_sec=len(pending) / dt, tokens_per_sec=tokens_seen / dt,
+                     images_per_sec=images_seen / dt)
+        writer.write(step, means)
+        pending, tokens_seen, images_seen, t_log = [], 0, 0, time.time()
+      if step % save_every == 0 or step == total:
+        ckpt_lib.save(manager, step, state, data_iter,
+                      {'train_seconds': seconds_before + time.time() - t_start})
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return TrainResult(s, state, tokenizer, seconds_before + time.time() - t_start, latest)
+
+
+def check_tokenizer(cfg, tokenizer) -> None:
+  vocab = tokenizer.get_vocab_size()
+  if vocab > int(cfg.model.lm.vocab_size):
+    raise ValueError(f'model.lm.vocab_size={cfg.model.lm.vocab_size} is smaller than the tokenizer ({vocab} ids)')
+  image_id = tokenizer.token_to_id('<image>')
+  if cfg.model.use_image and image_id != int(cfg.model.image_token_id):
+    raise ValueError(f'model.image_token_id={cfg.model.image_token_id} but the tokenizer has <image>={image_id}')

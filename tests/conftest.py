@@ -1,0 +1,38 @@
+"""Shared pytest fixtures."""
+
+import ml_collections
+import pytest
+
+
+def make_tiny_model_cfg() -> ml_collections.ConfigDict:
+  """cfg.model as in the spec, with tiny dims (image 16, patch 4 -> 16 visual tokens, widths 32, depth 2)."""
+  cfg = ml_collections.ConfigDict()
+  cfg.use_image = True
+  cfg.image_token_id = 3
+  cfg.dtype = 'float32'
+  cfg.encoder = dict(name='vit', image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64,
+                     output_layer=-1, cls_token=False, pre_norm=False, final_norm=True, norm_eps=1e-6, act='gelu')
+  cfg.projector = dict(name='mlp', depth=2)
+  cfg.lm = dict(vocab_size=32, width=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=None, mlp_dim=64,
+                rope_theta=10000.0, norm_eps=1e-6, tie_embeddings=False, max_len=64)
+  return cfg
+
+
+@pytest.fixture
+def tiny_model_cfg() -> ml_collections.ConfigDict:
+  """A fresh tiny cfg.model (mutable ConfigDict) per test."""
+  return make_tiny_model_cfg()
+
+
+@pytest.fixture(scope='session')
+def shapes_data_dir(tmp_path_factory) -> str:
+  """A data dir holding the shapes world at the smoke quickstart's settings, built once per test session."""
+  import os
+
+  from experiment_utils import load_config
+  from mmproj.data import shapes
+
+  cfg = load_config('configs/quickstart.py', 'smoke')
+  cfg.data.data_dir = os.environ.get('MMPROJ_TEST_DATA_DIR') or str(tmp_path_factory.mktemp('shapes_data'))
+  shapes.prepare(cfg.data)
+  return cfg.data.data_dir

@@ -1,0 +1,188 @@
+"""The training loop: config errors before compiling, frozen parts, 8-device sharding, kill-and-resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiment_utils import REPO, python_env, run_script, tiny_experiment
+from mmproj.train import trainer
+
+
+@pytest.fixture(scope='module')
+def tiny_cfg(shapes_data_dir):
+  return tiny_experiment(shapes_data_dir)
+
+
+def _compiled_functions(fn):
+  """Runs fn and returns the names of the functions XLA compiled meanwhile, plus fn's error (if any)."""
+  names = []
+  def listener(event, duration, **kwargs):
+    if event.endswith('backend_compile_duration'):
+      names.append(kwargs.get('fun_name', ''))
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    fn()
+    error = None
+  except Exception as e:  # noqa: BLE001 - the test inspects it
+    error = e
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return names, error
+
+
+BAD_CONFIGS = {
+    'model.projector.name': lambda c: c.model.projector.update(name='not_a_projector'),
+    'model.projector.in_dim': lambda c: c.model.projector.update(in_dim=c.model.encoder.width + 1),
+    'model.projector.out_dim': lambda c: c.model.projector.update(out_dim=c.model.lm.width * 2),
+    'model.lm.num_kv_heads': lambda c: c.model.lm.update(num_kv_heads=3),
+    'model.encoder.patch_size': lambda c: c.model.encoder.update(patch_size=7),
+    'data.image_size': lambda c: c.data.update(image_size=32),
+    'mesh': lambda c: c.mesh.update(data=3),
+    'train.batch_size': lambda c: (c.mesh.update(data=1, fsdp=-1), c.train.update(batch_size=15)),
+}
+
+
+@pytest.mark.parametrize('field', sorted(BAD_CONFIGS))
+def test_bad_config_fails_naming_the_field_before_compiling(tiny_cfg, tmp_path, field):
+  cfg = tiny_cfg.copy_and_resolve_references()
+  BAD_CONFIGS[field](cfg)
+  if field == 'train.batch_size':  # needs more than one device on the batch axes: 15 rows on 2 (simulated) devices
+    code = textwrap.dedent(f'''
+        import json, ml_collections, pytest
+        from mmproj.train import trainer
+        cfg = ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))
+        with pytest.raises(ValueError, match='train.batch_size'):
+          trainer.setup(cfg)
+        print('ok')''')
+    assert 'ok' in run_script(code, num_devices=2)
+    return
+  compiled, error = _compiled_functions(lambda: trainer.train(cfg, str(tmp_path / 'run')))
+  assert isinstance(error, ValueError), error
+  assert field.split('.')[-1] in str(error) and field.split('.')[0] in str(error), str(error)
+  assert not any(name in ('jit(train_step)', 'jit(init)') for name in compiled), compiled
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+
+
+def test_frozen_parts_get_no_optimizer_state(tiny_cfg):
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.train.frozen = ['encoder/.*', 'lm/.*']
+  s = trainer.setup(cfg)
+  n_params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
+  n_projector = sum(x.size for x in jax.tree.leaves(s.abstract_state.params['projector']))
+  n_opt = sum(x.size for x in jax.tree.leaves(s.abstract_state.opt_state) if x.ndim)  # scalars: step counters
+  assert n_opt == 2 * n_projector < n_params  # Adam's mu and nu for the projector only
+  assert s.model.encoder_trainable is False  # -> stop_gradient at the encoder's output
+
+
+SHARDED_CHECK = textwrap.dedent('''
+    import json, sys
+    import jax, numpy as np
+    import ml_collections
+    from mmproj.data import pipeline, shapes
+    from mmproj.train import trainer
+    cfg = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+    _, tok = shapes.prepare(cfg.data)
+    assert jax.device_count() == 8
+    results = {}
+    for name, mesh, devices in (('1x1x1', dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+                                ('2x2x2', dict(data=2, fsdp=2, tensor=2), jax.devices())):
+      cfg.mesh = ml_collections.ConfigDict(mesh)
+      s = trainer.setup(cfg, devices)
+      state = trainer.init_state(s, cfg.seed)
+      step = trainer.make_train_step(s)
+      batches = iter(pipeline.train_loader(cfg.data, tok, num_image_tokens=s.num_image_tokens,
+                                           global_batch_size=cfg.train.batch_size, seed=cfg.seed))
+      losses = []
+      with jax.set_mesh(s.mesh):
+        for _ in range(cfg.train.steps):
+          state, metrics = step(state, trainer.global_batch(s, next(batches)), jax.random.key(1))
+          losses.append(float(metrics['loss']))
+      shards = {len(x.sharding.device_set) for x in jax.tree.leaves(state.params)}
+      results[name] = (losses, jax.tree.map(np.asarray, jax.device_get(state.params)), shards)
+    (l1, p1, _), (l8, p8, shards8) = results['1x1x1'], results['2x2x2']
+    print('losses', l1, l8)
+    np.testing.assert_allclose(l1, l8, rtol=1e-5, atol=1e-6)
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p1, p8))
+    print('max param diff', max(diffs))
+    assert max(diffs) < 1e-4, max(diffs)
+    assert shards8 == {8}
+    print('ok')
+''')
+
+
+def test_train_step_on_8_devices_matches_1_device(tiny_cfg):
+  """data x fsdp x tensor = 2x2x2 vs one device: same losses (rtol 1e-5) and params (max abs diff < 1e-4).
+
+  The reductions run in a different order on 8 devices, so gradients differ in the last float32 bits; Adam
+  divides by sqrt(v), which turns a 1e-7 difference on a near-zero gradient into up to a few percent of one
+  step (lr=3e-3 here). 1e-4 is 3% of a step; a real sharding bug moves params by whole steps.
+  """
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.train.update(steps=4, learning_rate=3e-3)
+  out = subprocess.run([sys.executable, '-c', SHARDED_CHECK, cfg.to_json()], env=python_env(8),
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert out.returncode == 0 and 'ok' in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]
+
+
+def _cli(workdir, data_dir, *overrides):
+  return [sys.executable, '-m', 'mmproj.main', '--config', 'configs/quickstart.py:smoke', '--workdir', str(workdir),
+          f'--config.data.data_dir={data_dir}', *overrides]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_resumes_to_identical_results(shapes_data_dir, tmp_path):
+  """The smoke quickstart killed with SIGKILL after its first checkpoint, then started again, ends where an
+  uninterrupted run ends: bitwise-equal params and the same results.json accuracies."""
+  full, killed = tmp_path / 'full', tmp_path / 'killed'
+  subprocess.run(_cli(full, shapes_data_dir), env=python_env(), cwd=REPO, check=True, capture_output=True,
+                 timeout=900)
+
+  proc = subprocess.Popen(_cli(killed, shapes_data_dir), env=python_env(), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first_ckpt = killed / 'checkpoints' / '20'
+  deadline = time.time() + 600
+  while not first_ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert first_ckpt.exists(), 'the run never wrote its first checkpoint'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / 'results.json').exists()
+
+  out = subprocess.run(_cli(killed, shapes_data_dir), env=python_env(), cwd=REPO, capture_output=True,
+                       text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-5000:]
+  assert 'Resuming from checkpoint step' in out.stdout
+
+  a, b = (json.loads((d / 'results.json').read_text()) for d in (full, killed))
+  assert a['vqa_accuracy'] == b['vqa_accuracy'] and a['blind_vqa_accuracy'] == b['blind_vqa_accuracy']
+  assert a['caption_loss'] == b['caption_loss'] and a['steps'] == b['steps']
+
+  import mmproj
+  pa, pb = mmproj.load(str(full)).params, mmproj.load(str(killed)).params
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), pa, pb)
+  steps = [json.loads(line)['step'] for line in (killed / 'metrics.jsonl').read_text().splitlines()]
+  assert steps == sorted(set(steps)) and steps[-1] == a['steps']  # no duplicated records after the resume
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(full / 'tensorboard'))
+
+
+def test_load_returns_the_trained_params(tiny_cfg, tmp_path):
+  import mmproj
+  result = trainer.train(tiny_cfg, str(tmp_path))
+  bundle = mmproj.load(str(tmp_path))
+  assert bundle.step == tiny_cfg.train.steps
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+               jax.device_get(result.state.params), jax.device_get(bundle.params))
+  batch = {k: np.zeros(v.shape, v.dtype) for k, v in trainer.dummy_batch(tiny_cfg, 2).items()}
+  logits = bundle.model.apply({'params': bundle.params}, batch)
+  assert logits.shape == (2, trainer.sequence_length(tiny_cfg), tiny_cfg.model.lm.vocab_size)
+  with pytest.raises(FileNotFoundError, match='not an mmproj workdir'):
+    mmproj.load(str(tmp_path / 'missing'))
