@@ -135,9 +135,12 @@ class MultimodalLM(nn.Module):
     return x
 
   def __call__(self, batch, deterministic: bool = True):
-    """Full causal forward. batch: tokens/positions/input_mask [B, L] (+ image). -> logits [B, L, V] float32."""
+    """Full causal forward. batch: tokens/positions/input_mask [B, L] (+ image, + optional segment_ids [B, L]
+    for shared-prefix packing, see Llama.__call__). -> logits [B, L, V] float32."""
     x = self.embed_inputs(batch, deterministic)                              # [B, L, Dt]
-    logits, _ = self.lm(x, jnp.asarray(batch['positions']), jnp.asarray(batch['input_mask']))
+    segment_ids = batch.get('segment_ids')
+    logits, _ = self.lm(x, jnp.asarray(batch['positions']), jnp.asarray(batch['input_mask']),
+                        segment_ids=None if segment_ids is None else jnp.asarray(segment_ids))
     return logits                                                            # [B, L, V]
 
   def prefill(self, batch, cache_len: int, deterministic: bool = True):

@@ -342,3 +342,38 @@ def test_validate_names_the_field(tiny_model_cfg, field, value, expected):
     mm.validate(tiny_model_cfg)
   with pytest.raises(ValueError, match=expected.replace('.', r'\.')):
     mm.build_model(tiny_model_cfg)
+
+
+def test_isolated_turns_match_single_turn_rows(tiny_model_cfg):
+  """Shared-prefix packing: each turn of an isolated multi-turn row gets exactly the logits it gets alone."""
+  from mmproj.data import pipeline, shapes
+
+  tok = shapes.make_tokenizer()
+  cfg = tiny_model_cfg
+  cfg.lm.vocab_size = 64
+  model = mm.build_model(cfg)
+  m = mm.num_image_tokens(cfg)
+  turns = [('what color is the circle ?', 'red', 'q0'), ('where is the red circle ?', 'top left', 'q1'),
+           ('how many objects are there ?', 'two', 'q2')]
+  image = np.random.default_rng(0).integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
+
+  def logits_of(row):
+    batch = {k: row[k][None] for k in ('tokens', 'positions', 'input_mask', 'segment_ids')}
+    batch['image'] = image
+    return np.asarray(model.apply({'params': params}, batch))[0], row
+
+  packed = pipeline.conversation_row(tok, turns, num_image_tokens=m, text_len=48, isolate_turns=True)
+  params = init(model, {**{k: v[None] for k, v in packed.items()}, 'image': image})
+  packed_logits, _ = logits_of(packed)
+  start = 1 + m
+  for k, turn in enumerate(turns, start=1):
+    single = pipeline.conversation_row(tok, [turn], num_image_tokens=m, text_len=48)
+    single_logits, _ = logits_of(single)
+    n = int((packed['segment_ids'] == k).sum())
+    turn_slice = slice(start, start + n)
+    np.testing.assert_array_equal(packed['tokens'][turn_slice], single['tokens'][1 + m:1 + m + n])
+    np.testing.assert_allclose(packed_logits[turn_slice], single_logits[1 + m:1 + m + n], rtol=1e-5, atol=1e-5)
+    start += n
+  # Without isolation, later turns see earlier ones, so their logits differ from the single-turn ones.
+  joined_logits, _ = logits_of(pipeline.conversation_row(tok, turns, num_image_tokens=m, text_len=48))
+  assert not np.allclose(joined_logits[start - n:start], packed_logits[start - n:start], atol=1e-4)

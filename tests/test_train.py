@@ -134,14 +134,15 @@ def test_train_step_on_8_devices_matches_1_device(tiny_cfg):
 
 
 def _cli(workdir, data_dir, *overrides):
-  return [sys.executable, '-m', 'mmproj.main', '--config', 'configs/quickstart.py:smoke', '--workdir', str(workdir),
+  # launch.sh execs python, so a signal sent to this process reaches the trainer itself.
+  return [os.path.join(REPO, 'launch.sh'), 'configs/quickstart.py:smoke', '--workdir', str(workdir),
           f'--config.data.data_dir={data_dir}', *overrides]
 
 
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_to_identical_results(shapes_data_dir, tmp_path):
-  """The smoke quickstart killed with SIGKILL after its first checkpoint, then started again, ends where an
-  uninterrupted run ends: bitwise-equal params and the same results.json accuracies."""
+  """`./launch.sh configs/quickstart.py:smoke` killed with SIGKILL after its first checkpoint, then started
+  again, ends where an uninterrupted run ends: bitwise-equal params and the same results.json figures."""
   full, killed = tmp_path / 'full', tmp_path / 'killed'
   subprocess.run(_cli(full, shapes_data_dir), env=python_env(), cwd=REPO, check=True, capture_output=True,
                  timeout=900)

@@ -4,6 +4,7 @@ Sequence layout (L = num_image_tokens + data.text_len; M = num_image_tokens, 0 f
 
     <bos> <image>*M  question words ... ? <sep>  answer words <eos> <pad> ...
     caption example: question = 'caption', answer = the caption
+    training rows may hold several turns (data.turns): <bos> <image>*M q1 <sep> a1 <eos> q2 <sep> a2 <eos> ...
 
 `data.text_len` budgets everything except the image block: <bos> + question + <sep> + answer + <eos>.
 Training rows are right-padded; 'targets' are 'tokens' shifted left by one (<pad> at the end) and 'loss_mask'
@@ -60,24 +61,53 @@ def _positions(input_mask: np.ndarray) -> np.ndarray:
 
 def train_row(tok: tokenizers.Tokenizer, question: str, answer: str, *, num_image_tokens: int, text_len: int,
               where: str = 'text') -> dict[str, np.ndarray]:
-  """One right-padded training row: tokens/positions/input_mask/targets [L] int32, loss_mask [L] float32.
+  """One right-padded single-turn training row; see `conversation_row`."""
+  return conversation_row(tok, [(question, answer, where)], num_image_tokens=num_image_tokens, text_len=text_len)
 
-  `where` names the record and field in errors (over-long text, out-of-vocabulary words).
+
+def conversation_row(tok: tokenizers.Tokenizer, turns: Sequence[tuple[str, str, str]], *, num_image_tokens: int,
+                     text_len: int, isolate_turns: bool = False) -> dict[str, np.ndarray]:
+  """A right-padded training row holding one or more (question, answer, where) turns about one image:
+
+      <bos> <image>*M  q1 <sep> a1 <eos>  q2 <sep> a2 <eos> ... <pad>
+
+  tokens/positions/input_mask/targets/segment_ids [L] int32, loss_mask [L] float32 (1 where the target is an
+  answer token or the <eos> closing it). segment_ids: 0 on <bos> + image (and padding), k on turn k.
+  isolate_turns: every turn's positions restart right after the image, and (through segment_ids) it sees only
+  the image prefix and itself — each turn is then exactly a single-turn example, and one row trains several.
+  Otherwise later turns see earlier ones, as in a LLaVA conversation. `where` names the record and field in
+  errors (over-long text, unknown words).
   """
-  q, a = _encode(tok, question, where), _encode(tok, answer, where)
-  _check_len(len(q) + len(a) + 3, text_len, where)
-  ids = ([tokenizer_lib.BOS_ID] + [tokenizer_lib.IMAGE_ID] * num_image_tokens + q + [tokenizer_lib.SEP_ID] + a
-         + [tokenizer_lib.EOS_ID])
+  ids = [tokenizer_lib.BOS_ID] + [tokenizer_lib.IMAGE_ID] * num_image_tokens
+  answer_targets = []  # (first, last) positions whose targets are one turn's answer + <eos>
+  for question, answer, where in turns:
+    q, a = _encode(tok, question, where), _encode(tok, answer, where)
+    _check_len(len(ids) - num_image_tokens + len(q) + len(a) + 2, text_len, where)
+    sep = len(ids) + len(q)  # index of <sep>; its target is the first answer token
+    ids += q + [tokenizer_lib.SEP_ID] + a + [tokenizer_lib.EOS_ID]
+    answer_targets.append((sep, len(ids) - 1))
   seq_len = num_image_tokens + text_len
   tokens = np.full(seq_len, tokenizer_lib.PAD_ID, np.int32)  # [L]
   tokens[:len(ids)] = ids
   input_mask = (np.arange(seq_len) < len(ids)).astype(np.int32)  # [L]
   targets = np.append(tokens[1:], tokenizer_lib.PAD_ID).astype(np.int32)  # [L] next token
-  sep = 1 + num_image_tokens + len(q)  # index of <sep>; its target is the first answer token
   loss_mask = np.zeros(seq_len, np.float32)  # [L]
-  loss_mask[sep:len(ids) - 1] = 1.0  # targets = answer tokens + <eos>
-  return dict(tokens=tokens, positions=_positions(input_mask), input_mask=input_mask, targets=targets,
-              loss_mask=loss_mask)
+  segment_ids = np.zeros(seq_len, np.int32)  # [L]
+  positions = _positions(input_mask)  # [L]
+  prefix = 1 + num_image_tokens
+  turn_start = prefix
+  for k, (first, end) in enumerate(answer_targets, start=1):
+    loss_mask[first:end] = 1.0
+    segment_ids[turn_start:end + 1] = k
+    if isolate_turns:
+      positions[turn_start:end + 1] = prefix + np.arange(end + 1 - turn_start)
+    turn_start = end + 1
+  return dict(tokens=tokens, positions=positions, input_mask=input_mask, targets=targets, loss_mask=loss_mask,
+              segment_ids=segment_ids)
+
+
+def _turn_length(tok: tokenizers.Tokenizer, question: str, answer: str) -> int:
+  return len(tok.encode(question).ids) + len(tok.encode(answer).ids) + 2  # + <sep> + <eos>
 
 
 def prompt_row(tok: tokenizers.Tokenizer, question: str, *, num_image_tokens: int, text_len: int,
@@ -102,31 +132,44 @@ def _txt(v: Any) -> str:
 
 @dataclasses.dataclass
 class SampleText(grain.transforms.RandomMap):
-  """Per record and epoch: the caption (prob. caption_prob) or one QA pair, tokenized into a training row.
+  """Per record and epoch: a training row of up to `turns` turns about the image, LLaVA-style.
 
-  QA pairs are drawn by picking a question family uniformly among those the image has, then a pair of that
-  family uniformly, so families with two pairs per image are not over-sampled.
+  The first turn is the caption with probability caption_prob; the others are QA pairs drawn without
+  replacement by picking a question family uniformly among those left, then a pair of that family, so families
+  with two pairs per image are not over-sampled. Turns are added while they fit in text_len. With turns=1 every
+  row is a single caption or QA pair, exactly the format of evaluation prompts.
   """
   tok: tokenizers.Tokenizer
   num_image_tokens: int
   text_len: int
   caption_prob: float
   split: str = 'train'
+  turns: int = 1
+  isolate_turns: bool = True
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     index = int(element['index'])
+    where = f'{self.split} record {index}, field '
     families = [_txt(f) for f in element['families']]
+    chosen = []
     if not families or rng.random() < self.caption_prob:
-      question, answer, field = shapes.CAPTION_QUESTION, _txt(element['caption']), "'caption'"
-    else:
-      present = sorted(set(families), key=shapes.FAMILIES.index)
+      chosen.append((shapes.CAPTION_QUESTION, _txt(element['caption']), where + "'caption'"))
+    remaining = list(range(len(families)))
+    budget = self.text_len - 1 - sum(_turn_length(self.tok, q, a) for q, a, _ in chosen)  # - <bos>
+    while remaining and len(chosen) < self.turns:
+      present = sorted({families[j] for j in remaining}, key=shapes.FAMILIES.index)
       family = present[rng.integers(len(present))]
-      choices = [j for j, f in enumerate(families) if f == family]
+      choices = [j for j in remaining if families[j] == family]
       j = choices[rng.integers(len(choices))]
+      remaining.remove(j)
       question, answer = _txt(element['questions'][j]), _txt(element['answers'][j])
-      field = f"'questions[{j}]' + 'answers[{j}]'"
-    row = train_row(self.tok, question, answer, num_image_tokens=self.num_image_tokens, text_len=self.text_len,
-                    where=f'{self.split} record {index}, field {field}')
+      cost = _turn_length(self.tok, question, answer)
+      if chosen and cost > budget:
+        break
+      budget -= cost
+      chosen.append((question, answer, where + f"'questions[{j}]' + 'answers[{j}]'"))
+    row = conversation_row(self.tok, chosen, num_image_tokens=self.num_image_tokens, text_len=self.text_len,
+                           isolate_turns=self.isolate_turns)
     row['image'] = np.asarray(element['image'], np.uint8)  # [H, W, 3]
     return row
 
@@ -165,6 +208,10 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
   if not 0.0 <= caption_prob <= 1.0:
     raise ValueError(f'data.caption_prob: must be in [0, 1], got {caption_prob}')
 
+  turns = int(_cfg(data_cfg, 'turns', 1))
+  if turns < 1:
+    raise ValueError(f'data.turns: must be >= 1, got {turns}')
+
   if worker_count > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app use defaults
@@ -185,7 +232,8 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
       data_source=source, sampler=sampler, shard_options=shard, worker_count=worker_count,
       worker_buffer_size=worker_buffer_size,
       read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64 * max(read_threads, 1)),
-      operations=[SampleText(tok, num_image_tokens, _text_len(data_cfg), caption_prob, split),
+      operations=[SampleText(tok, num_image_tokens, _text_len(data_cfg), caption_prob, split, turns,
+                             bool(_cfg(data_cfg, 'isolate_turns', True))),
                   grain.transforms.Batch(batch_size=per_process, drop_remainder=True)])
 
 

@@ -1,7 +1,7 @@
 """The procedural 'shapes' world: images of coloured shapes on a grid, captions, and closed-vocabulary VQA.
 
 Each record is a pure function of (seed, split, index): `np.random.default_rng([seed, split_id, index])` draws
-min_objects..max_objects (default 1..6) objects on a `grid x grid` board (at most one per cell, a small jitter inside the cell), each with a shape,
+min_objects..max_objects (default 1..6) objects on a `grid x grid` board (at most one per cell, a jitter of at most data.jitter px inside the cell), each with a shape,
 a colour and a size, renders them with numpy onto a dark background, and writes
 
   - a caption listing the objects in reading order: "large red circle , small blue square"
@@ -41,8 +41,10 @@ from mmproj.data import tokenizer as tokenizer_lib
 FAMILIES = ('existence', 'color', 'shape', 'count', 'position', 'relation')
 SHAPES = ('square', 'circle', 'triangle', 'cross')
 COLORS = ('red', 'green', 'blue', 'yellow', 'cyan', 'magenta')
-COLOR_RGB = np.array([(230, 40, 40), (40, 200, 60), (50, 90, 255), (240, 220, 40), (40, 220, 230),
-                      (230, 60, 220)], np.uint8)  # [len(COLORS), 3]; corners of the RGB cube, far apart
+# [len(COLORS), 3]: far apart in RGB, and every colour has the same channel sum (375), so an object's
+# silhouette is the same in R+G+B whatever its colour: shape is readable without first undoing colour.
+COLOR_RGB = np.array([(255, 60, 60), (60, 255, 60), (60, 60, 255), (188, 187, 0), (0, 188, 187),
+                      (187, 0, 188)], np.uint8)
 BACKGROUND_RGB = (20, 20, 24)
 SIZES = ('small', 'large')
 SIZE_RADIUS = (0.22, 0.36)  # object half-extent as a fraction of the cell side
@@ -67,7 +69,8 @@ WORDS = tuple(sorted(set(_TEMPLATE_WORDS.split()) | set(SHAPES) | set(COLORS) | 
 VOCAB_SIZE = tokenizer_lib.NUM_SPECIAL + len(WORDS)  # 58 <= model.lm.vocab_size = 64
 CAPTION_QUESTION = 'caption'  # a caption example is `<bos> <image>*M caption <sep> <the caption's words> <eos>`
 
-DEFAULTS = dict(image_size=48, grid=3, num_train=20_000, num_test=1_000, min_objects=1, max_objects=6, seed=0)
+DEFAULTS = dict(image_size=48, grid=3, num_train=20_000, num_test=1_000, min_objects=1, max_objects=6, seed=0,
+                jitter=1)
 
 
 def position_name(row: int, col: int, grid: int) -> str:
@@ -97,6 +100,7 @@ class ShapesWorldConfig(tfds.core.BuilderConfig):
   min_objects: int = DEFAULTS['min_objects']
   max_objects: int = DEFAULTS['max_objects']
   seed: int = DEFAULTS['seed']
+  jitter: int = DEFAULTS['jitter']  # max pixels an object moves off its cell centre (capped so it stays inside)
 
   def __post_init__(self):
     expected = config_name(self)
@@ -109,14 +113,14 @@ class ShapesWorldConfig(tfds.core.BuilderConfig):
 
 def config_name(c: Any) -> str:
   return (f'img{c.image_size}_grid{c.grid}_obj{c.min_objects}-{c.max_objects}'
-          f'_n{c.num_train}-{c.num_test}_seed{c.seed}')
+          f'_n{c.num_train}-{c.num_test}_seed{c.seed}_jitter{c.jitter}')
 
 
 def validate(c: Any) -> None:
   """ValueError naming the offending `data.*` field."""
   def fail(field, msg):
     raise ValueError(f'data.{field}: {msg}')
-  for f in ('image_size', 'grid', 'num_train', 'num_test', 'min_objects', 'max_objects', 'seed'):
+  for f in ('image_size', 'grid', 'num_train', 'num_test', 'min_objects', 'max_objects', 'seed', 'jitter'):
     if not isinstance(getattr(c, f), (int, np.integer)) or isinstance(getattr(c, f), bool):
       fail(f, f'must be an int, got {getattr(c, f)!r}')
   if not 1 <= c.grid <= MAX_GRID:
@@ -132,6 +136,8 @@ def validate(c: Any) -> None:
       fail(f, f'must be >= 1, got {getattr(c, f)}')
   if not 0 <= c.seed < 2 ** 32:
     fail('seed', f'must be in [0, 2**32), got {c.seed}')
+  if c.jitter < 0:
+    fail('jitter', f'must be >= 0, got {c.jitter}')
 
 
 def get_field(data_cfg: Any, key: str, default: Any) -> Any:
@@ -200,7 +206,7 @@ def _sample_objects(rng: np.random.Generator, c: ShapesWorldConfig) -> dict[str,
   color = rng.integers(0, len(COLORS), n)
   size = rng.integers(0, len(SIZES), n)
   _, _, jitter = _stamps(c.image_size, c.grid)
-  j = np.array(jitter)[size]  # [n]
+  j = np.minimum(np.array(jitter)[size], c.jitter)  # [n]
   cell = c.image_size / c.grid
   row, col = cells // c.grid, cells % c.grid
   x = ((col + 0.5) * cell).astype(np.int64) + rng.integers(-j, j + 1)
@@ -303,8 +309,9 @@ def tfds_example(c: ShapesWorldConfig, split: str, index: int) -> dict[str, Any]
 class ShapesWorld(tfds.core.GeneratorBasedBuilder):
   """TFDS builder for the shapes world (array_record; records in index order, disable_shuffling=True)."""
 
-  VERSION = tfds.core.Version('1.1.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.', '1.1.0': 'Captions without comma separators.'}
+  VERSION = tfds.core.Version('1.2.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.', '1.1.0': 'Captions without comma separators.',
+                   '1.2.0': 'Palette with equal channel sums.'}
   # TFDS 4.9.10 resolves `code_path` for packaged builders through the `importlib_resources` backport, which
   # it only declares for Python < 3.9; pin it to this file instead (used only to look for a checksums file).
   code_path = epath.Path(__file__)

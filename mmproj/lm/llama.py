@@ -105,8 +105,12 @@ class Llama(nn.Module):
       raise ValueError(f'cache_len={cache_len} exceeds model.lm.max_len={self.max_len}')
     return make_cache(self.depth, batch_size, cache_len, self.num_kv_heads, self.dim_per_head, self.dtype)
 
-  def __call__(self, x, positions, input_mask, cache=None):
+  def __call__(self, x, positions, input_mask, cache=None, segment_ids=None):
     """x [B, T, D] input embeddings, positions int [B, T], input_mask int [B, T] (0 = padding key).
+
+    segment_ids int [B, T] (optional, no cache): shared-prefix packing. Segment 0 (e.g. <bos> + image) is seen
+    by every token; a token of segment k > 0 sees segment 0 and earlier tokens of its own segment only, so
+    several independent turns about one image train in one row.
 
     Without a cache: full causal pass, returns (logits [B, T, V] float32, None).
     With a cache (see module docstring): returns (logits [B, T, V] float32, updated cache).
@@ -118,6 +122,9 @@ class Llama(nn.Module):
         raise ValueError(f'sequence length {t} exceeds model.lm.max_len={self.max_len}')
       slots = jnp.arange(t)
       mask = causal_padding_mask(slots, slots, input_mask)                    # [B, T, T]
+      if segment_ids is not None:
+        seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+        mask &= (seg_k == 0) | (seg_k == seg_q)                                # [B, T, T]
       for layer in self.layers:
         x, _ = layer(x, mask=mask, positions=positions)
       new_cache = None

@@ -142,10 +142,11 @@ def token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[
 
 def make_train_step(s: Setup):
   schedule = opt_lib.learning_rate_schedule(s.cfg.train)
-  model_inputs = ('image', 'tokens', 'positions', 'input_mask')
+  model_inputs = ('image', 'tokens', 'positions', 'input_mask', 'segment_ids')
 
   def loss_fn(params, batch, rng):
-    logits = s.model.apply({'params': params}, {k: batch[k] for k in model_inputs}, deterministic=False,
+    inputs = {k: batch[k] for k in model_inputs if k in batch}
+    logits = s.model.apply({'params': params}, inputs, deterministic=False,
                            rngs={'dropout': rng})
     return token_loss(logits, batch['targets'], batch['loss_mask'])
 
