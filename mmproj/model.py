@@ -8,6 +8,12 @@ Shapes are static: the data pipeline writes exactly M = num_image_tokens(cfg.mod
 in the row; left padding is fine). Params: {'encoder', 'projector', 'lm'} ('lm' only for the blind baseline,
 use_image=False). Params are float32; compute runs in cfg.model.dtype; logits come back float32.
 With encoder_trainable=False the encoder output goes through stop_gradient, so no backward pass runs through it.
+
+A projector that declares `injects_into_lm = True` (gated_xattn, Flamingo) is wired differently: nothing is merged.
+Each image has one <image> marker in the row (num_image_tokens = 1), which keeps its text embedding; the
+projector's tokens are media [B, T_img, M, Dt] that the LM's gated cross-attention blocks (params under 'lm')
+attend to, each text token seeing images by media_index = cumsum(markers) (see mmproj/projectors/gated_xattn.py).
+batch['image'] may then hold several images per row, [B, T_img, H, W, 3], one marker each, in order.
 """
 
 from typing import Any
@@ -21,6 +27,7 @@ from mmproj import projectors
 from mmproj.encoders import ENCODERS, build_encoder
 from mmproj.layers import ACTIVATIONS
 from mmproj.lm import build_lm
+from mmproj.projectors import gated_xattn
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -65,6 +72,8 @@ def validate(cfg_model: Any) -> None:
   if enc.get('act', 'gelu') not in ACTIVATIONS:
     raise ValueError(f'model.encoder.act={enc.act!r} is not one of {sorted(ACTIVATIONS)}')
   projectors.validate(c.projector, in_dim=enc.width, out_dim=lm.width)
+  if injects_into_lm(c):
+    projectors.get(c.projector.name).check_injection(c.projector, lm.width, lm.depth)
 
 
 def encoder_grid(cfg_model: Any) -> tuple[int, int]:
@@ -73,11 +82,31 @@ def encoder_grid(cfg_model: Any) -> tuple[int, int]:
   return n, n
 
 
+def injects_into_lm(cfg_model: Any) -> bool:
+  """True when the projector's tokens enter the LM through cross-attention (e.g. gated_xattn), not the sequence."""
+  return bool(cfg_model.use_image) and getattr(projectors.get(cfg_model.projector.name), 'injects_into_lm', False)
+
+
 def num_image_tokens(cfg_model: Any) -> int:
-  """M: visual tokens (= <image> placeholders) per example; 0 for the blind baseline."""
+  """<image> placeholders per example: M visual tokens for a merging projector, 1 marker for an injecting one
+  (gated_xattn), 0 for the blind baseline."""
   if not cfg_model.use_image:
     return 0
+  if injects_into_lm(cfg_model):
+    return 1
   return projectors.num_output_tokens(cfg_model.projector, encoder_grid(cfg_model))
+
+
+def projector_param_count(cfg_model: Any) -> int:
+  """Parameters attributable to the projector: those under 'projector', plus for an injecting projector the
+  gated cross-attention blocks it adds under 'lm'. 0 for the blind baseline."""
+  if not cfg_model.use_image:
+    return 0
+  c = cfg_model
+  n = projectors.param_count(c.projector, c.encoder.width, c.lm.width)
+  if injects_into_lm(c):
+    n += projectors.get(c.projector.name).injected_param_count(c.projector, c.lm.width, c.lm.depth)
+  return n
 
 
 def merge_visual_tokens(text_embeds, visual, tokens, image_token_id: int, input_mask=None):
@@ -111,50 +140,85 @@ class MultimodalLM(nn.Module):
   def dtype(self):
     return DTYPES[self.config.dtype]
 
+  @property
+  def injects(self) -> bool:
+    return injects_into_lm(self.config)
+
   def setup(self):
     c = self.config
+    cross_attention = None
     if c.use_image:
       self.encoder = build_encoder(c.encoder, self.dtype)
       self.projector = projectors.build(c.projector, in_dim=c.encoder.width, out_dim=c.lm.width, dtype=self.dtype)
-    self.lm = build_lm(c.lm, self.dtype)
+      if self.injects:
+        cross_attention = projectors.get(c.projector.name).lm_injection(c.projector, c.lm.width)
+    self.lm = build_lm(c.lm, self.dtype, cross_attention=cross_attention)
 
   def encode_image(self, image, deterministic: bool = True):
-    """image [B, H, W, 3] (uint8, or float in [-1, 1]) -> visual tokens [B, M, Dt]."""
-    feats, grid = self.encoder(jnp.asarray(image))                          # [B, N, Dv]
+    """image [B, H, W, 3] (uint8, or float in [-1, 1]) -> visual tokens [B, M, Dt].
+
+    Injecting projectors also take several images per row, [B, T_img, H, W, 3] -> media [B, T_img, M, Dt]
+    (a 4-d image is T_img = 1).
+    """
+    image = jnp.asarray(image)
+    if image.ndim == 5 and not self.injects:
+      raise ValueError(f'image of shape {image.shape}: several images per row need an injecting projector '
+                       f'(model.projector.name={self.config.projector.name!r} merges tokens)')
+    lead = image.shape[:-3]                                                  # (B,) or (B, T_img)
+    feats, grid = self.encoder(image.reshape((-1,) + image.shape[-3:]))      # [B*T_img, N, Dv]
     if not self.encoder_trainable:
       feats = jax.lax.stop_gradient(feats)
-    return self.projector(feats, grid=grid, deterministic=deterministic)   # [B, M, Dt]
+    visual = self.projector(feats, grid=grid, deterministic=deterministic)   # [B*T_img, M, Dt]
+    if not self.injects:
+      return visual                                                          # [B, M, Dt]
+    return visual.reshape((lead[0], -1) + visual.shape[1:])                  # [B, T_img, M, Dt]
 
-  def embed_inputs(self, batch, deterministic: bool = True):
-    """Token embeddings with visual tokens merged in: batch['tokens'] [B, L] -> [B, L, Dt]."""
+  def lm_inputs(self, batch, deterministic: bool = True):
+    """-> (x [B, L, Dt], media [B, T_img, M, Dt] or None, media_index int [B, L] or None).
+
+    Merging projectors: x has the visual tokens at the placeholders, no media. Injecting ones: x is the plain token
+    embeddings (markers included) and the media go to the LM's cross-attention.
+    """
     tokens = jnp.asarray(batch['tokens'])
     x = self.lm.embed(tokens)                                                # [B, L, Dt]
-    if self.config.use_image:
-      visual = self.encode_image(batch['image'], deterministic)              # [B, M, Dt]
-      x = merge_visual_tokens(x, visual, tokens, self.config.image_token_id, batch['input_mask'])
-    return x
+    if not self.config.use_image:
+      return x, None, None
+    visual = self.encode_image(batch['image'], deterministic)               # [B, M, Dt] | [B, T_img, M, Dt]
+    if self.injects:
+      index = gated_xattn.media_index(tokens, self.config.image_token_id, batch['input_mask'])  # [B, L]
+      return x, visual, index
+    x = merge_visual_tokens(x, visual, tokens, self.config.image_token_id, batch['input_mask'])
+    return x, None, None
+
+  def embed_inputs(self, batch, deterministic: bool = True):
+    """Token embeddings with visual tokens merged in: batch['tokens'] [B, L] -> [B, L, Dt] (an injecting
+    projector merges nothing: the plain embeddings)."""
+    return self.lm_inputs(batch, deterministic)[0]
 
   def __call__(self, batch, deterministic: bool = True):
     """Full causal forward. batch: tokens/positions/input_mask [B, L] (+ image, + optional segment_ids [B, L]
     for shared-prefix packing, see Llama.__call__). -> logits [B, L, V] float32."""
-    x = self.embed_inputs(batch, deterministic)                              # [B, L, Dt]
+    x, media, index = self.lm_inputs(batch, deterministic)                  # [B, L, Dt]
     segment_ids = batch.get('segment_ids')
     logits, _ = self.lm(x, jnp.asarray(batch['positions']), jnp.asarray(batch['input_mask']),
-                        segment_ids=None if segment_ids is None else jnp.asarray(segment_ids))
+                        segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
+                        media=media, media_index=index)
     return logits                                                            # [B, L, V]
 
   def prefill(self, batch, cache_len: int, deterministic: bool = True):
     """Runs the whole left-padded prompt (image included) into a fresh KV cache of `cache_len` slots.
 
     Returns (logits at the last column [B, V] float32, cache). `cache_len` (static) must be >= L and leave room
-    for every token that decode_step will feed.
+    for every token that decode_step will feed. With an injecting projector the cache also holds the media's
+    cross-attention keys/values and each row's media_index (see mmproj/lm/llama.py).
     """
-    x = self.embed_inputs(batch, deterministic)                              # [B, L, Dt]
+    x, media, index = self.lm_inputs(batch, deterministic)                  # [B, L, Dt]
     b, length = x.shape[:2]
     if cache_len < length:
       raise ValueError(f'cache_len={cache_len} is shorter than the prompt length {length}')
     cache = self.lm.init_cache(b, cache_len)
-    logits, cache = self.lm(x, jnp.asarray(batch['positions']), jnp.asarray(batch['input_mask']), cache)
+    logits, cache = self.lm(x, jnp.asarray(batch['positions']), jnp.asarray(batch['input_mask']), cache,
+                            media=media, media_index=index)
     return logits[:, -1], cache                                              # [B, V]
 
   def decode_step(self, token, cache):

@@ -1,6 +1,10 @@
 """Shared building blocks: norms, rotary embeddings, attention (MHA/GQA + masks + KV cache), MLPs."""
 
 from mmproj.layers.attention import Attention, causal_padding_mask, dot_product_attention, padding_mask
+from mmproj.layers.cross_attention import CrossAttention as CrossAttention
+from mmproj.layers.deformable_attention import DeformableAttention as DeformableAttention
+from mmproj.layers.feature_map import DepthwiseConv2d as DepthwiseConv2d, SqueezeExcite as SqueezeExcite
+from mmproj.layers.bert import BertAttention as BertAttention, BertFeedForward as BertFeedForward
 from mmproj.layers.mlp import ACTIVATIONS, GeluMLP, SwiGLU, dense, get_activation
 from mmproj.layers.norms import LayerNorm, RMSNorm
 from mmproj.layers.rope import apply_rope, rope_cos_sin, rotate_half

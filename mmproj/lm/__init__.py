@@ -7,9 +7,13 @@ import jax.numpy as jnp
 from mmproj.lm.llama import DecoderBlock, Llama, make_cache
 
 
-def build_lm(cfg: Any, dtype: Any = jnp.float32) -> Llama:
-  """cfg.model.lm (ConfigDict / FrozenConfigDict / dict) -> Llama (compute dtype `dtype`)."""
-  return Llama(**dict(cfg), dtype=dtype)
+def build_lm(cfg: Any, dtype: Any = jnp.float32, cross_attention: Any = None) -> Llama:
+  """cfg.model.lm (ConfigDict / FrozenConfigDict / dict) -> Llama (compute dtype `dtype`).
+
+  cross_attention: None, or the gated cross-attention blocks an injecting projector asks for
+  (e.g. GatedXAttnProjector.lm_injection(cfg.model.projector, width)); see mmproj/lm/llama.py.
+  """
+  return Llama(**dict(cfg), cross_attention=cross_attention, dtype=dtype)
 
 
 __all__ = ['DecoderBlock', 'Llama', 'build_lm', 'make_cache']

@@ -13,6 +13,16 @@ Functional KV cache for decoding (a plain dict, threaded by the caller):
 A call with T new tokens writes slots [index, index + T) and advances index by T; query t sees slot s iff
 s <= index + t and mask[s] == 1.
 
+Gated cross-attention (Flamingo; `cross_attention` set by MultimodalLM for an injecting projector such as
+gated_xattn): a GatedCrossAttentionBlock (mmproj/projectors/gated_xattn.py) runs before every `every`-th block
+(params xattn_layers_{i}, i = the block it precedes), attending to media tokens [B, T_img, M, D] under a media
+mask built from media_index [B, T] (images at or before each token). The blocks run only when media is passed
+(or cached): without it the LM is exactly the text-only LM. A prefill with media adds to the cache
+  'xattn_k', 'xattn_v': [n_xattn, B, S, Hkv_x, Dh_x]   the media's keys/values, computed once (media are fixed)
+  'media_ids': [B, S] int32                             1-based image number of each media slot
+  'media_index': [B] int32                              images seen so far (every decoded token sees them too)
+A cache without these keys (no injection) keeps the format above.
+
 Parameter names follow HF LlamaForCausalLM: embed_tokens, layers_{i}/{input_layernorm, self_attn/{q,k,v,o}_proj,
 post_attention_layernorm, mlp/{gate,up,down}_proj}, norm, lm_head.
 """
@@ -24,6 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from mmproj.layers import Attention, RMSNorm, SwiGLU, causal_padding_mask, dense
+from mmproj.projectors.gated_xattn import (GatedCrossAttentionBlock, media_attention_mask, media_ids,
+                                           xattn_layer_ids)
 
 Dtype = Any
 
@@ -77,6 +89,7 @@ class Llama(nn.Module):
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
   max_len: int = 2048
+  cross_attention: Any = None            # None, or {every, media_mask, GatedCrossAttentionBlock fields}
   dtype: Dtype = jnp.float32
 
   @property
@@ -91,6 +104,10 @@ class Llama(nn.Module):
         DecoderBlock(self.num_heads, self.num_kv_heads, self.dim_per_head, self.mlp_dim, self.rope_theta,
                      self.norm_eps, self.dtype)
         for _ in range(self.depth)]
+    if self.cross_attention is not None:
+      fields = {k: v for k, v in dict(self.cross_attention).items() if k not in ('every', 'media_mask')}
+      self.xattn_layers = {i: GatedCrossAttentionBlock(**fields, dtype=self.dtype)
+                           for i in xattn_layer_ids(self.depth, self.cross_attention['every'])}
     self.norm = RMSNorm(self.norm_eps, self.dtype)
     if not self.tie_embeddings:
       self.lm_head = dense(self.vocab_size, ('embed', 'vocab'), use_bias=False, dtype=self.dtype)
@@ -105,18 +122,53 @@ class Llama(nn.Module):
       raise ValueError(f'cache_len={cache_len} exceeds model.lm.max_len={self.max_len}')
     return make_cache(self.depth, batch_size, cache_len, self.num_kv_heads, self.dim_per_head, self.dtype)
 
-  def __call__(self, x, positions, input_mask, cache=None, segment_ids=None):
+  def _media_context(self, batch_size, length, cache, media, media_index):
+    """Per gated block (k, v) and the media mask [B, T, S] for this call; None when nothing is injected."""
+    has_cached = cache is not None and 'xattn_k' in cache
+    if self.cross_attention is None or (media is None and not has_cached):
+      return None
+    order = sorted(self.xattn_layers)
+    if media is not None:                      # full forward or prefill: k/v from the media
+      if media_index is None:
+        raise ValueError('media needs media_index [B, T] (images at or before each token)')
+      b, n_img, per_img, d = media.shape                                      # [B, T_img, M, D]
+      flat = media.reshape(b, n_img * per_img, d)                             # [B, S, D]
+      kvs = {i: self.xattn_layers[i].media_kv(flat) for i in order}
+      ids = jnp.broadcast_to(media_ids(n_img, per_img), (b, n_img * per_img))  # [B, S]
+    else:                                      # decoding: the prompt's media k/v from the cache
+      kvs = {i: (cache['xattn_k'][j], cache['xattn_v'][j]) for j, i in enumerate(order)}
+      ids = cache['media_ids']
+      if media_index is None:                  # new tokens see the images the prompt saw
+        media_index = jnp.broadcast_to(cache['media_index'][:, None], (batch_size, length))
+    mask = media_attention_mask(media_index, ids, self.cross_attention['media_mask'])  # [B, T, S]
+    cached = {'xattn_k': jnp.stack([kvs[i][0] for i in order]), 'xattn_v': jnp.stack([kvs[i][1] for i in order]),
+              'media_ids': ids, 'media_index': jnp.max(media_index, axis=1).astype(jnp.int32)}
+    return kvs, mask, cached
+
+  def __call__(self, x, positions, input_mask, cache=None, segment_ids=None, media=None, media_index=None):
     """x [B, T, D] input embeddings, positions int [B, T], input_mask int [B, T] (0 = padding key).
 
     segment_ids int [B, T] (optional, no cache): shared-prefix packing. Segment 0 (e.g. <bos> + image) is seen
     by every token; a token of segment k > 0 sees segment 0 and earlier tokens of its own segment only, so
     several independent turns about one image train in one row.
 
+    media [B, T_img, M, D] and media_index int [B, T] (only with cross_attention): media tokens of T_img images
+    per row and, per token, how many <image> markers are at or before it; see the module docstring. While
+    decoding, both may be omitted: the cached media and media_index are used.
+
     Without a cache: full causal pass, returns (logits [B, T, V] float32, None).
     With a cache (see module docstring): returns (logits [B, T, V] float32, updated cache).
     """
-    t = x.shape[1]
+    b, t = x.shape[:2]
     x = x.astype(self.dtype)
+    xattn = self._media_context(b, t, cache, media, media_index)
+
+    def cross_attend(i, x):
+      if xattn is None or i not in self.xattn_layers:
+        return x
+      kvs, xmask, _ = xattn
+      return self.xattn_layers[i](x, mask=xmask, kv=kvs[i])                  # [B, T, D]
+
     if cache is None:
       if t > self.max_len:
         raise ValueError(f'sequence length {t} exceeds model.lm.max_len={self.max_len}')
@@ -125,7 +177,8 @@ class Llama(nn.Module):
       if segment_ids is not None:
         seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
         mask &= (seg_k == 0) | (seg_k == seg_q)                                # [B, T, T]
-      for layer in self.layers:
+      for i, layer in enumerate(self.layers):
+        x = cross_attend(i, x)
         x, _ = layer(x, mask=mask, positions=positions)
       new_cache = None
     else:
@@ -134,11 +187,14 @@ class Llama(nn.Module):
       mask = causal_padding_mask(index + jnp.arange(t), jnp.arange(key_mask.shape[1]), key_mask)      # [B, T, S]
       ks, vs = [], []
       for i, layer in enumerate(self.layers):
+        x = cross_attend(i, x)
         x, (k, v) = layer(x, mask=mask, positions=positions, kv_cache=(cache['k'][i], cache['v'][i]),
                           cache_index=index)
         ks.append(k)
         vs.append(v)
       new_cache = {'k': jnp.stack(ks), 'v': jnp.stack(vs), 'mask': key_mask, 'index': index + t}
+      if xattn is not None:
+        new_cache.update(xattn[2])
     x = self.norm(x)                                                           # [B, T, D]
     if self.tie_embeddings:
       logits = self.embed_tokens.attend(x)                                     # [B, T, V]

@@ -4,13 +4,15 @@ Every projector class
   - is a `flax.linen.Module` with fields `in_dim`, `out_dim`, `dtype` plus its own hyper-parameters (the keys of
     `cfg.model.projector` other than `name`, `in_dim`, `out_dim`), called as `proj(x, grid=(h, w), deterministic=True)`;
   - has classmethods `num_output_tokens(cfg, grid) -> int` and `param_count(cfg, in_dim, out_dim) -> int` (the
-    formula documented in its docstring), and may define `check_config(cfg)` raising ValueError naming the field.
+    formula documented in its docstring), and may define `check_config(cfg)` raising ValueError naming the field
+    (`check_int` / `check_choice` / `check_positive` below do the common checks).
 
     proj = build(cfg.model.projector, in_dim=Dv, out_dim=Dt)
     y = proj.apply({'params': p}, x, grid=(h, w), deterministic=True)    # x [B, N, Dv] -> y [B, M, Dt]
 """
 
 import dataclasses
+import numbers
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -19,6 +21,39 @@ REGISTRY: dict[str, type] = {}
 
 # cfg keys handled by the registry itself rather than passed to the projector class.
 _RESERVED = ('name', 'in_dim', 'out_dim')
+
+
+def check_int(cfg: Any, key: str, default: Any, minimum: int = 1) -> int | None:
+  """cfg[key] (or default), an int >= minimum (bool is not; None only when default is None); ValueError naming it."""
+  value = cfg.get(key, default)
+  if value is None and default is None:
+    return None
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    allowed = 'None or an int' if default is None else 'an int'
+    raise ValueError(f'model.projector.{key} must be {allowed} >= {minimum}, got {value!r}')
+  return value
+
+
+def check_choice(cfg: Any, key: str, default: Any, choices: Any) -> Any:
+  """cfg[key] (or default), one of choices (None only when default is None); ValueError naming it and them."""
+  value = cfg.get(key, default)
+  if value is None and default is None:
+    return None
+  if value not in choices:
+    shown = list(choices) if isinstance(choices, (tuple, list)) else sorted(choices)
+    raise ValueError(f'model.projector.{key}={value!r} is not one of {shown}')
+  return value
+
+
+def check_positive(cfg: Any, key: str, default: Any) -> float | None:
+  """cfg[key] (or default), a number > 0 (bool is not; None only when default is None); ValueError naming it."""
+  value = cfg.get(key, default)
+  if value is None and default is None:
+    return None
+  if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
+    allowed = 'None or a number' if default is None else 'a number'
+    raise ValueError(f'model.projector.{key} must be {allowed} > 0, got {value!r}')
+  return value
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -82,5 +117,19 @@ def param_count(cfg: Any, in_dim: int, out_dim: int) -> int:
 # Projector families register themselves on import (must come after `register` is defined).
 from mmproj.projectors import linear as linear  # noqa: E402
 from mmproj.projectors import mlp as mlp  # noqa: E402
+from mmproj.projectors import gated_xattn as gated_xattn  # noqa: E402
+from mmproj.projectors import qformer as qformer  # noqa: E402
+from mmproj.projectors import pixel_shuffle as pixel_shuffle  # noqa: E402
+from mmproj.projectors import patch_merger as patch_merger  # noqa: E402
+from mmproj.projectors import avg_pool as avg_pool  # noqa: E402
+from mmproj.projectors import perceiver as perceiver  # noqa: E402
+from mmproj.projectors import qwen_vl_resampler as qwen_vl_resampler  # noqa: E402
+from mmproj.projectors import cross_attention as cross_attention  # noqa: E402
+from mmproj.projectors import tokenpacker as tokenpacker  # noqa: E402
+from mmproj.projectors import c_abstractor as c_abstractor  # noqa: E402
+from mmproj.projectors import d_abstractor as d_abstractor  # noqa: E402
+from mmproj.projectors import ldp as ldp  # noqa: E402
+from mmproj.projectors import ldpv2 as ldpv2  # noqa: E402
 
-__all__ = ['REGISTRY', 'build', 'get', 'num_output_tokens', 'param_count', 'register', 'validate']
+__all__ = ['REGISTRY', 'build', 'check_choice', 'check_int', 'check_positive', 'get', 'num_output_tokens', 'param_count',
+           'register', 'validate']

@@ -1,0 +1,151 @@
+"""Weights between transformers (PyTorch / safetensors) and mmproj params.
+
+    flax_module, params = mmproj.convert.from_transformers(torch_module)
+    y = flax_module.apply({'params': params}, x, grid=(h, w))     # same input, same output as torch_module(x)
+
+Each supported transformers class has a converter registered with `@converter('ClassName')` in a family file
+(`mmproj/convert/<family>.py`); the converter reads the module's state dict through a `StateDict`, which
+fails on a missing key, a shape mismatch or a key left unused, naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+CONVERTERS: dict[str, Callable[[Any], tuple[Any, dict]]] = {}
+
+
+def converter(*class_names: str) -> Callable:
+  """Registers `fn(torch_module) -> (flax_module, params)` for the named transformers classes."""
+  def decorator(fn: Callable) -> Callable:
+    for name in class_names:
+      if name in CONVERTERS:
+        raise ValueError(f'a converter for {name} is already registered ({CONVERTERS[name].__name__})')
+      CONVERTERS[name] = fn
+    return fn
+  return decorator
+
+
+def from_transformers(module: Any) -> tuple[Any, dict]:
+  """A transformers PyTorch module -> (flax module, params) computing the same function.
+
+  Dispatches on the module's class (or the nearest base class with a converter); ValueError naming the class
+  and the supported ones otherwise.
+  """
+  for cls in type(module).__mro__:
+    if cls.__name__ in CONVERTERS:
+      return CONVERTERS[cls.__name__](module)
+  raise ValueError(f'no converter for {type(module).__name__}; supported transformers classes: '
+                   f'{sorted(CONVERTERS)}')
+
+
+class StateDict:
+  """float32 numpy view of a state dict that checks every access.
+
+  `take(key, shape)` returns the array and marks it used; a missing key or a wrong shape raises ValueError
+  naming the key. `finish()` raises if any key was never taken, so a converter cannot silently drop weights.
+  Linear weights come as torch (out, in): `kernel(prefix)` returns the flax (in, out) kernel.
+  """
+
+  def __init__(self, tensors: Mapping[str, Any], where: str = 'state dict'):
+    self.where = where
+    self._tensors = dict(tensors)
+    self._used: set[str] = set()
+
+  @classmethod
+  def of(cls, module: Any) -> StateDict:
+    """From a torch module's state_dict (tensors detached, cast to float32 numpy)."""
+    return cls({k: v.detach().cpu().float().numpy() for k, v in module.state_dict().items()},
+               where=type(module).__name__)
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._tensors
+
+  def keys(self) -> list[str]:
+    return list(self._tensors)
+
+  def take(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    if key not in self._tensors:
+      raise ValueError(f'{self.where}: missing key {key!r}')
+    value = np.asarray(self._tensors[key])
+    if shape is not None and tuple(value.shape) != tuple(shape):
+      raise ValueError(f'{self.where}: {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}')
+    self._used.add(key)
+    return value
+
+  def kernel(self, prefix: str, in_dim: int | None = None, out_dim: int | None = None) -> np.ndarray:
+    """`{prefix}.weight` (torch Linear, [out, in]) -> flax kernel [in, out]."""
+    w = self.take(f'{prefix}.weight')
+    if w.ndim != 2:
+      raise ValueError(f'{self.where}: {prefix}.weight has shape {w.shape}, expected a 2-d Linear weight')
+    expected = (out_dim if out_dim is not None else w.shape[0], in_dim if in_dim is not None else w.shape[1])
+    if w.shape != expected:
+      raise ValueError(f'{self.where}: {prefix}.weight has shape {w.shape}, expected {expected}')
+    return w.T
+
+  def dense(self, prefix: str, bias: bool = True) -> dict[str, np.ndarray]:
+    """torch Linear at `prefix` -> {'kernel': [in, out], 'bias': [out]} (bias only when `bias`)."""
+    out = {'kernel': self.kernel(prefix)}
+    if bias:
+      out['bias'] = self.take(f'{prefix}.bias', (out['kernel'].shape[1],))
+    return out
+
+  def norm(self, prefix: str, bias: bool = True) -> dict[str, np.ndarray]:
+    """LayerNorm/RMSNorm at `prefix` -> {'scale', 'bias'} (bias only when `bias`)."""
+    out = {'scale': self.take(f'{prefix}.weight')}
+    if bias:
+      out['bias'] = self.take(f'{prefix}.bias', out['scale'].shape)
+    return out
+
+  def unused(self) -> list[str]:
+    return sorted(set(self._tensors) - self._used)
+
+  def finish(self, ignore: tuple[str, ...] = ()) -> None:
+    """ValueError naming the keys never taken (except those starting with a prefix in `ignore`)."""
+    left = [k for k in self.unused() if not k.startswith(ignore)] if ignore else self.unused()
+    if left:
+      raise ValueError(f'{self.where}: {len(left)} unused key(s), first {left[0]!r}: {left[:8]}')
+
+
+# HF activation (ACT2FN name or torch module class name) -> mmproj.layers.ACTIVATIONS key.
+HF_ACTIVATIONS = {
+    'gelu': 'gelu', 'GELUActivation': 'gelu',
+    'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh', 'gelu_fast': 'gelu_tanh',
+    'GELUTanh': 'gelu_tanh', 'NewGELUActivation': 'gelu_tanh', 'FastGELUActivation': 'gelu_tanh',
+    'PytorchGELUTanh': 'gelu_tanh',
+    'quick_gelu': 'quick_gelu', 'QuickGELUActivation': 'quick_gelu',
+    'silu': 'silu', 'swish': 'silu', 'SiLUActivation': 'silu', 'SiLU': 'silu',
+    'relu': 'relu', 'ReLU': 'relu',
+}
+
+
+def activation(act: Any, where: str = 'activation') -> str:
+  """An HF activation (ACT2FN name string, or the module instance a transformers layer holds) -> mmproj
+  activation name; ValueError naming `where` when mmproj has no exact equivalent."""
+  if isinstance(act, str):
+    name = act
+  else:
+    name = type(act).__name__
+    if name == 'GELU':  # torch.nn.GELU
+      name = 'gelu_pytorch_tanh' if getattr(act, 'approximate', 'none') == 'tanh' else 'gelu'
+    elif name == 'GELUActivation' and getattr(act, 'act', None) is not None and 'python' in str(act.act):
+      name = 'gelu'
+  if name not in HF_ACTIVATIONS:
+    raise ValueError(f'{where}: {name!r} has no mmproj equivalent; supported: {sorted(set(HF_ACTIVATIONS))}')
+  return HF_ACTIVATIONS[name]
+
+
+# Family converters register themselves on import (after `converter` is defined). Each family file adds its line.
+from mmproj.convert import llava as llava  # noqa: E402
+from mmproj.convert import blip2 as blip2  # noqa: E402
+from mmproj.convert import mllama as mllama  # noqa: E402
+from mmproj.convert import idefics3 as idefics3  # noqa: E402
+from mmproj.convert import internvl as internvl  # noqa: E402
+from mmproj.convert import qwen2_vl as qwen2_vl  # noqa: E402
+from mmproj.convert import gemma3 as gemma3  # noqa: E402
+from mmproj.convert import perceiver as perceiver  # noqa: E402
+
+__all__ = ['CONVERTERS', 'HF_ACTIVATIONS', 'StateDict', 'activation', 'converter', 'from_transformers']

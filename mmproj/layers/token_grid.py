@@ -1,0 +1,89 @@
+"""Grid operations on row-major encoder tokens, shared by the locality-keeping projectors (pixel_shuffle,
+patch_merger, avg_pool).
+
+Encoder tokens arrive as x [B, N, D] with N = h * w in row-major order (token r * w + c is patch (r, c)).
+
+`space_to_depth` (pixel unshuffle / Qwen2-VL spatial merge): every s x s block of patches becomes one token whose
+channels are the block's patches concatenated in (row offset i, column offset j, channel d) order:
+    y[b, R * (w/s) + C, (i * s + j) * D + d] = x[b, (R*s + i) * w + (C*s + j), d]
+This is the order of both transformers Idefics3Connector.pixel_shuffle and InternVLModel.pixel_shuffle, and of a
+Qwen2-VL merge window flattened by PatchMerger (`windows_to_depth` for tokens already in window order).
+
+`avg_pool_2d`: mean over (h/oh) x (w/ow) blocks when the output grid divides the grid (torch AvgPool2d with
+kernel = stride), otherwise torch AdaptiveAvgPool2d bins: along an axis of length n pooled to m, bin i covers
+[floor(i n / m), ceil((i + 1) n / m)) (neighbouring bins overlap by at most one patch). Plain means of slices, no
+matmul, so the result does not depend on the backend's matmul precision.
+
+`norm_layer`: the optional per-token norm the projectors put before their MLP ('none' | 'layernorm' | 'rmsnorm').
+"""
+
+from typing import Any
+
+import einops
+import jax.numpy as jnp
+
+from mmproj.layers.norms import LayerNorm, RMSNorm
+
+NORMS = ('none', 'layernorm', 'rmsnorm')
+
+
+def check_grid(x, grid, what: str) -> tuple[int, int]:
+  """(h, w) after checking that x [B, N, D] holds N = h * w tokens; ValueError naming `what` otherwise."""
+  if grid is None or len(grid) != 2:
+    raise ValueError(f'{what} needs grid=(h, w) of the encoder tokens, got grid={grid!r}')
+  h, w = int(grid[0]), int(grid[1])
+  if x.ndim != 3 or x.shape[1] != h * w:
+    raise ValueError(f'{what}: tokens of shape {tuple(x.shape)} do not hold the grid {h}x{w} = {h * w} tokens')
+  return h, w
+
+
+def check_divisible(grid, s: int, field: str, what: str) -> None:
+  """ValueError naming `model.projector.{field}` and the grid unless s divides both h and w."""
+  h, w = grid
+  if h % s or w % s:
+    raise ValueError(f'{what}: the encoder grid {h}x{w} is not divisible by model.projector.{field}={s}')
+
+
+def space_to_depth(x, grid: tuple[int, int], s: int):
+  """x [B, h*w, D] (row-major) -> [B, (h/s)*(w/s), s*s*D] (row-major blocks, channels (i, j, d))."""
+  h, w = grid
+  return einops.rearrange(x, 'b (R i C j) d -> b (R C) (i j d)', R=h // s, i=s, C=w // s, j=s)
+
+
+def windows_to_depth(x, s: int):
+  """x [B, N, D] already in merge-window order (each s*s window contiguous, windows row-major, patches in a window
+  row-major — Qwen2-VL's patch order) -> [B, N/(s*s), s*s*D], the same result as space_to_depth on the grid."""
+  return einops.rearrange(x, 'b (m k) d -> b m (k d)', k=s * s)
+
+
+def _bins(n: int, m: int) -> list[tuple[int, int]]:
+  """torch AdaptiveAvgPool bins of an axis of length n pooled to m: [floor(i n/m), ceil((i+1) n/m))."""
+  return [((i * n) // m, -((-(i + 1) * n) // m)) for i in range(m)]
+
+
+def avg_pool_2d(x, grid: tuple[int, int], out_grid: tuple[int, int]):
+  """x [B, h*w, D] -> [B, oh*ow, D] (row-major); averages in float32, returns x's dtype."""
+  (h, w), (oh, ow) = grid, out_grid
+  xf = einops.rearrange(x.astype(jnp.float32), 'b (h w) d -> b h w d', h=h, w=w)    # [B, h, w, D]
+  if h % oh == 0 and w % ow == 0:  # AvgPool2d(kernel=stride=(h/oh, w/ow)): one reshape, no overlap
+    y = einops.reduce(xf, 'b (p kh) (q kw) d -> b p q d', 'mean', p=oh, q=ow)        # [B, oh, ow, D]
+  else:  # adaptive bins; a rectangle's mean is the mean over its rows of the means over its columns
+    y = jnp.stack([xf[:, a:b].mean(axis=1) for a, b in _bins(h, oh)], axis=1)       # [B, oh, w, D]
+    y = jnp.stack([y[:, :, a:b].mean(axis=2) for a, b in _bins(w, ow)], axis=2)     # [B, oh, ow, D]
+  return einops.rearrange(y, 'b p q d -> b (p q) d').astype(x.dtype)               # [B, oh*ow, D]
+
+
+def norm_layer(kind: str, eps: float, dtype: Any, name: str = 'norm'):
+  """'none' -> None, 'layernorm' -> LayerNorm (scale + bias), 'rmsnorm' -> RMSNorm (scale), eps as given."""
+  if kind == 'none':
+    return None
+  if kind == 'layernorm':
+    return LayerNorm(eps=eps, dtype=dtype, name=name)
+  if kind == 'rmsnorm':
+    return RMSNorm(eps=eps, dtype=dtype, name=name)
+  raise ValueError(f'unknown norm {kind!r}; known: {list(NORMS)}')
+
+
+def norm_params(kind: str, width: int) -> int:
+  """Parameter count of norm_layer(kind) on tokens of `width`."""
+  return {'none': 0, 'layernorm': 2 * width, 'rmsnorm': width}[kind]

@@ -1,0 +1,107 @@
+"""Average-pooling projector — DeCo (Yao et al. 2024, "DeCo: Decoupling Token Compression from Semantic
+Abstraction in Multimodal Large Language Models", arXiv:2405.20985) and Gemma 3's pooling projector (Gemma Team
+2025, "Gemma 3 Technical Report", arXiv:2503.19786).
+
+DeCo's point: compress tokens with a parameter-free 2-D average pool at the patch level and leave the semantic
+abstraction to the LLM, so the projector only maps widths:
+
+    x [B, h*w, Dv] ──view as grid h x w──> ──2-D average pool to (oh, ow)──> [B, oh*ow, Dv] ──norm?──> ──MLP──> y
+
+  DeCo (pool + LLaVA-1.5's mlp2x_gelu):    norm='none',    depth=2, use_bias=True  (the defaults)
+  Gemma 3 (Gemma3MultiModalProjector):     norm='rmsnorm', depth=1, use_bias=False, norm_eps = vision
+                                           layer_norm_eps; AvgPool2d(k) -> Gemma3RMSNorm -> x @ W (no bias).
+                                           Gemma3RMSNorm scales by (1 + weight): its weight w is our scale 1 + w.
+
+Pooling: when (oh, ow) divides the grid it is torch AvgPool2d with kernel = stride = (h/oh, w/ow). Otherwise
+`adaptive=True` selects torch AdaptiveAvgPool2d bins (DeCo's pooling: along an axis of n patches pooled to m
+tokens, token i averages patches floor(i n/m) .. ceil((i+1) n/m) - 1); with adaptive=False an indivisible grid is
+a ValueError naming model.projector.output_grid and the grid. Output tokens are row-major over (oh, ow).
+
+  tokens in -> out:  N = h*w -> M = oh * ow  (output_grid; independent of the encoder grid)
+  params:            norm: 2*in_dim ('layernorm') | in_dim ('rmsnorm') | 0 ('none')
+                     + in_dim*out_dim + b*out_dim + (depth - 1) * (out_dim*out_dim + b*out_dim),  b = use_bias
+  spatial locality:  kept — output token (p, q) averages only its pooling window (a contiguous rectangle of
+                     patches); the norm and MLP act on one token at a time
+  shapes:            x [B, h*w, Dv] -> [B, h, w, Dv] -> pool [B, oh, ow, Dv] -> [B, M, Dv] ('norm': [Dv])
+                     -> MLP linear_1 [Dv, Dt] ('embed', 'mlp'), linear_k [Dt, Dt] -> y [B, M, Dt]
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmproj.layers.token_grid import NORMS, avg_pool_2d, check_grid, norm_layer, norm_params
+from mmproj.projectors import check_choice, register
+from mmproj.projectors.mlp import MLPProjector
+
+
+def _pair(value, field: str = 'output_grid') -> tuple[int, int]:
+  """An int n -> (n, n); a pair of ints -> tuple; ValueError naming model.projector.<field> otherwise."""
+  pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
+  if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+    raise ValueError(f'model.projector.{field} must be an int >= 1 or a pair (oh, ow) of them, got {value!r}')
+  return pair
+
+
+def _check_pool(grid, out_grid, adaptive: bool) -> None:
+  h, w = grid
+  oh, ow = out_grid
+  what = f'avg_pool projector (output_grid={oh}x{ow})'
+  if oh > h or ow > w:
+    raise ValueError(f'{what}: model.projector.output_grid is larger than the encoder grid {h}x{w} '
+                     '(pooling cannot upsample)')
+  if not adaptive and (h % oh or w % ow):
+    raise ValueError(f'{what}: the encoder grid {h}x{w} is not divisible by model.projector.output_grid; '
+                     'set model.projector.adaptive=True for AdaptiveAvgPool2d bins')
+
+
+@register('avg_pool')
+class AvgPoolProjector(nn.Module):
+  """2-D average pool to output_grid, optional norm, depth-N MLP: [B, h*w, Dv] -> [B, oh*ow, Dt]."""
+
+  in_dim: int
+  out_dim: int
+  output_grid: Any          # (oh, ow), or an int for a square grid
+  adaptive: bool = False    # AdaptiveAvgPool2d bins when output_grid does not divide the grid
+  norm: str = 'none'        # on the pooled tokens (width Dv): 'none' (DeCo) | 'rmsnorm' (Gemma 3) | 'layernorm'
+  norm_eps: float = 1e-6
+  depth: int = 2            # MLP depth: 2 = DeCo's mlp2x_gelu, 1 = Gemma 3's single matrix
+  act: str = 'gelu'         # between MLP layers
+  use_bias: bool = True     # Gemma 3's mm_input_projection_weight has no bias
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, grid=None, deterministic: bool = True):    # x [B, h*w, Dv]
+    del deterministic  # no dropout
+    grid = check_grid(x, grid, 'avg_pool projector')
+    out_grid = _pair(self.output_grid)
+    _check_pool(grid, out_grid, self.adaptive)
+    if x.shape[-1] != self.in_dim:
+      raise ValueError(f'avg_pool projector expects in_dim={self.in_dim}, got tokens of width {x.shape[-1]}')
+    x = avg_pool_2d(x, grid, out_grid)                                  # [B, M, Dv]
+    norm = norm_layer(self.norm, self.norm_eps, self.dtype)
+    if norm is not None:
+      x = norm(x)                                                       # [B, M, Dv]
+    mlp = MLPProjector(in_dim=self.in_dim, out_dim=self.out_dim, depth=self.depth, act=self.act,
+                       use_bias=self.use_bias, dtype=self.dtype, name='mlp')
+    return mlp(x)                                                       # [B, M, Dt]
+
+  @classmethod
+  def check_config(cls, cfg) -> None:
+    if cfg.get('output_grid', None) is None:
+      raise ValueError('model.projector.output_grid is required for the avg_pool projector: (oh, ow) or an int')
+    _pair(cfg.get('output_grid'))
+    check_choice(cfg, 'norm', 'none', NORMS)
+    MLPProjector.check_config(cfg)   # the MLP head's depth and act
+
+  @classmethod
+  def num_output_tokens(cls, cfg, grid) -> int:
+    out_grid = _pair(cfg.get('output_grid'))
+    _check_pool(grid, out_grid, cfg.get('adaptive', False))
+    return out_grid[0] * out_grid[1]
+
+  @classmethod
+  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
+    mlp = {'depth': cfg.get('depth', 2), 'use_bias': cfg.get('use_bias', True)}
+    return norm_params(cfg.get('norm', 'none'), in_dim) + MLPProjector.param_count(mlp, in_dim, out_dim)

@@ -1,0 +1,92 @@
+"""Patch-merger projector — Qwen2-VL (Wang et al. 2024, "Qwen2-VL: Enhancing Vision-Language Model's Perception
+of the World at Any Resolution", arXiv:2409.12191) and Qwen2.5-VL (Bai et al. 2025, "Qwen2.5-VL Technical
+Report", arXiv:2502.13923).
+
+Each patch is normalised on its own (context) width, then every m x m window of neighbouring patches
+(m = spatial_merge_size) is concatenated and an MLP that keeps the merged width compresses it to the LM width:
+
+    x [B, h*w, Dv] ──norm(Dv)──> ──merge m x m──> [B, M, Dv*m*m] ──Linear(Dv*m*m, Dv*m*m) GELU Linear(·, Dt)──> y
+
+  Qwen2-VL  (PatchMerger):            norm='layernorm' (eps 1e-6)
+  Qwen2.5-VL (Qwen2_5_VLPatchMerger): norm='rmsnorm'   (eps 1e-6)
+
+Input order (`input_order`):
+  'row_major' (default, the mmproj encoder interface): x [B, h*w, Dv] with token r*w + c = patch (r, c); the
+              windows are gathered here (channel (i*m + j)*Dv + d = patch (R*m + i, C*m + j), as pixel_shuffle).
+  'windowed': x [B, h*w, Dv] already in Qwen2-VL's vision-tower order — windows contiguous and row-major, the
+              m*m patches of a window row-major inside it (Qwen2VLImageProcessor.patchify's (gh, gw, mh, mw)
+              order; transformers.vision_utils.get_vision_position_ids gives each token's (row, col)). The
+              reference's [seq, Dv] input for one image is x[None]; grid=(h, w) is still required for checking.
+Either way the output tokens are the windows in row-major order over the (h/m, w/m) grid.
+
+  tokens in -> out:  N = h*w -> M = (h/m) * (w/m)
+  params:            H = in_dim * m^2;  norm: 2*in_dim ('layernorm') | in_dim ('rmsnorm')
+                     + (H*H + H) + (H*out_dim + out_dim)
+  spatial locality:  kept — output token (R, C) depends only on its m x m window (rows R*m..R*m+m-1, columns
+                     C*m..C*m+m-1): the norm is per patch, the MLP per merged token
+  shapes:            x [B, h*w, Dv] -> norm [B, h*w, Dv] ('norm': [Dv]) -> [B, M, H] -> linear_1 [H, H]
+                     ('embed', 'mlp') -> [B, M, H] -> linear_2 [H, Dt] ('mlp', 'embed') -> y [B, M, Dt]
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmproj.layers import ACTIVATIONS, dense, get_activation
+from mmproj.layers.token_grid import (check_divisible, check_grid, norm_layer, norm_params, space_to_depth,
+                                   windows_to_depth)
+from mmproj.projectors import check_choice, check_int, register
+
+INPUT_ORDERS = ('row_major', 'windowed')
+
+
+@register('patch_merger')
+class PatchMergerProjector(nn.Module):
+  """Per-patch norm, m x m merge, MLP(H, H, Dt): [B, h*w, Dv] -> [B, (h/m)*(w/m), Dt]."""
+
+  in_dim: int
+  out_dim: int
+  spatial_merge_size: int = 2   # m: windows of m x m patches
+  norm: str = 'layernorm'       # on each patch (width Dv): 'layernorm' (Qwen2-VL) | 'rmsnorm' (Qwen2.5-VL)
+  norm_eps: float = 1e-6
+  act: str = 'gelu'             # between the two linears (nn.GELU, exact erf)
+  input_order: str = 'row_major'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, grid=None, deterministic: bool = True):    # x [B, h*w, Dv]
+    del deterministic  # no dropout
+    m = self.spatial_merge_size
+    grid = check_grid(x, grid, 'patch_merger projector')
+    check_divisible(grid, m, 'spatial_merge_size', 'patch_merger projector')
+    if x.shape[-1] != self.in_dim:
+      raise ValueError(f'patch_merger projector expects in_dim={self.in_dim}, got tokens of width {x.shape[-1]}')
+    x = norm_layer(self.norm, self.norm_eps, self.dtype)(x)            # [B, h*w, Dv]  (per patch: order-free)
+    if self.input_order == 'windowed':
+      x = windows_to_depth(x, m)                                        # [B, M, H]
+    else:
+      x = space_to_depth(x, grid, m)                                    # [B, M, H]
+    hidden = self.in_dim * m * m
+    x = dense(hidden, ('embed', 'mlp'), use_bias=True, dtype=self.dtype, name='linear_1')(x)      # [B, M, H]
+    x = get_activation(self.act)(x)                                                                # [B, M, H]
+    return dense(self.out_dim, ('mlp', 'embed'), use_bias=True, dtype=self.dtype, name='linear_2')(x)  # [B, M, Dt]
+
+  @classmethod
+  def check_config(cls, cfg) -> None:
+    check_int(cfg, 'spatial_merge_size', 2)
+    check_choice(cfg, 'norm', 'layernorm', ('layernorm', 'rmsnorm'))
+    check_choice(cfg, 'act', 'gelu', ACTIVATIONS)
+    check_choice(cfg, 'input_order', 'row_major', INPUT_ORDERS)
+
+  @classmethod
+  def num_output_tokens(cls, cfg, grid) -> int:
+    m = cfg.get('spatial_merge_size', 2)
+    check_divisible(grid, m, 'spatial_merge_size', 'patch_merger projector')
+    return (grid[0] // m) * (grid[1] // m)
+
+  @classmethod
+  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
+    hidden = in_dim * cfg.get('spatial_merge_size', 2) ** 2
+    norm = norm_params(cfg.get('norm', 'layernorm'), in_dim)
+    return norm + (hidden * hidden + hidden) + (hidden * out_dim + out_dim)
