@@ -26,6 +26,7 @@ import ml_collections
 from mmproj import projectors
 from mmproj.encoders import ENCODERS, build_encoder
 from mmproj.layers import ACTIVATIONS
+from mmproj.layers.rope import check_rope_scaling
 from mmproj.lm import build_lm
 from mmproj.projectors import gated_xattn
 
@@ -56,6 +57,10 @@ def validate(cfg_model: Any) -> None:
   if head_dim % 2:
     raise ValueError(f'model.lm.head_dim={head_dim} must be even for RoPE')
   _divisible('model.lm.num_heads', lm.num_heads, 'model.lm.num_kv_heads', lm.num_kv_heads)
+  check_rope_scaling(lm.get('rope_scaling', None))                   # ValueError naming model.lm.rope_scaling
+  window = lm.get('sliding_window', None)
+  if window is not None and window < 1:
+    raise ValueError(f'model.lm.sliding_window={window} must be None or >= 1')
 
   if not c.use_image:
     return

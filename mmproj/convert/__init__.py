@@ -147,5 +147,7 @@ from mmproj.convert import internvl as internvl  # noqa: E402
 from mmproj.convert import qwen2_vl as qwen2_vl  # noqa: E402
 from mmproj.convert import gemma3 as gemma3  # noqa: E402
 from mmproj.convert import perceiver as perceiver  # noqa: E402
+from mmproj.convert import llama as llama_convert  # noqa: E402
+from mmproj.convert import vision as vision  # noqa: E402
 
 __all__ = ['CONVERTERS', 'HF_ACTIVATIONS', 'StateDict', 'activation', 'converter', 'from_transformers']

@@ -81,6 +81,8 @@ class Attention(nn.Module):
   use_bias: bool = False          # CLIP/SigLIP: True, Llama: False
   use_rope: bool = False
   rope_theta: float = 10000.0
+  rope_scaling: Any = None        # None, or a rope frequency scaling dict (mmproj/layers/rope.py)
+  qkv_bias: bool | None = None    # None -> use_bias; True/False: biases on q/k/v only (Qwen2: True)
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -94,17 +96,18 @@ class Attention(nn.Module):
       raise ValueError(f'num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}')
     d = x.shape[-1]
     h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
+    qkv_bias = self.use_bias if self.qkv_bias is None else self.qkv_bias
     q = _dense((h, dh), -1, ('embed', 'heads', 'head_dim'), ('heads', 'head_dim'),
-               self.use_bias, self.dtype, 'q_proj')(x)                        # [B, T, H, Dh]
+               qkv_bias, self.dtype, 'q_proj')(x)                             # [B, T, H, Dh]
     k = _dense((hkv, dh), -1, ('embed', 'kv_heads', 'head_dim'), ('kv_heads', 'head_dim'),
-               self.use_bias, self.dtype, 'k_proj')(x)                        # [B, T, Hkv, Dh]
+               qkv_bias, self.dtype, 'k_proj')(x)                             # [B, T, Hkv, Dh]
     v = _dense((hkv, dh), -1, ('embed', 'kv_heads', 'head_dim'), ('kv_heads', 'head_dim'),
-               self.use_bias, self.dtype, 'v_proj')(x)                        # [B, T, Hkv, Dh]
+               qkv_bias, self.dtype, 'v_proj')(x)                             # [B, T, Hkv, Dh]
     if self.use_rope:
       if positions is None:
         raise ValueError('Attention with use_rope=True needs positions [B, T]')
-      q = apply_rope(q, positions, self.rope_theta)
-      k = apply_rope(k, positions, self.rope_theta)
+      q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+      k = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
 
     new_cache = None
     if kv_cache is not None:

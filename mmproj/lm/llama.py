@@ -7,6 +7,12 @@
 
 Positions are explicit ([B, T], = max(cumsum(input_mask) - 1, 0)), so left-padded rows behave like unpadded ones.
 
+Variants for HF checkpoints (mmproj/convert/llama.py; all default off = the plain Llama above):
+  qkv_bias        biases on q/k/v_proj (Qwen2)
+  rope_scaling    RoPE frequency scaling, HF rope_type 'linear' or 'llama3' (mmproj/layers/rope.py)
+  sliding_window  W: query slot t sees only key slots s with t - W < s <= t (Mistral; HF's sliding-window mask,
+                  also on cache slots while decoding). The KV cache still keeps every slot (no rolling buffer).
+
 Functional KV cache for decoding (a plain dict, threaded by the caller):
   cache = {'k': [layers, B, S, Hkv, Dh], 'v': [layers, B, S, Hkv, Dh],   (compute dtype)
            'mask': [B, S] int32 (1 = slot holds a real key), 'index': int32 scalar (next slot to write)}
@@ -34,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from mmproj.layers import Attention, RMSNorm, SwiGLU, causal_padding_mask, dense
+from mmproj.layers.rope import check_rope_scaling
 from mmproj.projectors.gated_xattn import (GatedCrossAttentionBlock, media_attention_mask, media_ids,
                                            xattn_layer_ids)
 
@@ -62,12 +69,15 @@ class DecoderBlock(nn.Module):
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
+  qkv_bias: bool = False
+  rope_scaling: Any = None
 
   @nn.compact
   def __call__(self, x, *, mask, positions, kv_cache=None, cache_index=None):
     h = RMSNorm(self.norm_eps, self.dtype, name='input_layernorm')(x)
     h, kv_cache = Attention(self.num_heads, self.num_kv_heads, self.head_dim, use_bias=False, use_rope=True,
-                            rope_theta=self.rope_theta, dtype=self.dtype, name='self_attn')(
+                            rope_theta=self.rope_theta, rope_scaling=self.rope_scaling, qkv_bias=self.qkv_bias,
+                            dtype=self.dtype, name='self_attn')(
                                 h, mask=mask, positions=positions, kv_cache=kv_cache, cache_index=cache_index)
     x = x + h                                                                  # [B, T, D]
     h = RMSNorm(self.norm_eps, self.dtype, name='post_attention_layernorm')(x)
@@ -89,6 +99,9 @@ class Llama(nn.Module):
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
   max_len: int = 2048
+  qkv_bias: bool = False                 # Qwen2: biases on q/k/v_proj
+  rope_scaling: Any = None               # None, or {'rope_type': 'linear' | 'llama3', ...} (mmproj/layers/rope.py)
+  sliding_window: int | None = None      # Mistral: attend to the last `sliding_window` slots only
   cross_attention: Any = None            # None, or {every, media_mask, GatedCrossAttentionBlock fields}
   dtype: Dtype = jnp.float32
 
@@ -97,12 +110,16 @@ class Llama(nn.Module):
     return self.head_dim or self.width // self.num_heads
 
   def setup(self):
+    rope_scaling = check_rope_scaling(self.rope_scaling)
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f'model.lm.sliding_window={self.sliding_window} must be None or >= 1')
     self.embed_tokens = nn.Embed(
         self.vocab_size, self.width, dtype=self.dtype, param_dtype=jnp.float32,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ('vocab', 'embed')))
     self.layers = [
         DecoderBlock(self.num_heads, self.num_kv_heads, self.dim_per_head, self.mlp_dim, self.rope_theta,
-                     self.norm_eps, self.dtype)
+                     self.norm_eps, self.dtype, qkv_bias=self.qkv_bias,
+                     rope_scaling=None if rope_scaling is None else tuple(sorted(rope_scaling.items())))
         for _ in range(self.depth)]
     if self.cross_attention is not None:
       fields = {k: v for k, v in dict(self.cross_attention).items() if k not in ('every', 'media_mask')}
@@ -145,6 +162,13 @@ class Llama(nn.Module):
               'media_ids': ids, 'media_index': jnp.max(media_index, axis=1).astype(jnp.int32)}
     return kvs, mask, cached
 
+  def _window(self, mask, query_slots, key_slots):
+    """Sliding-window restriction of a [B, T, S] mask (query slot t sees key slots > t - sliding_window)."""
+    if self.sliding_window is None:
+      return mask
+    recent = key_slots[None, :] > query_slots[:, None] - self.sliding_window   # [T, S]
+    return mask & recent[None]
+
   def __call__(self, x, positions, input_mask, cache=None, segment_ids=None, media=None, media_index=None):
     """x [B, T, D] input embeddings, positions int [B, T], input_mask int [B, T] (0 = padding key).
 
@@ -174,6 +198,7 @@ class Llama(nn.Module):
         raise ValueError(f'sequence length {t} exceeds model.lm.max_len={self.max_len}')
       slots = jnp.arange(t)
       mask = causal_padding_mask(slots, slots, input_mask)                    # [B, T, T]
+      mask = self._window(mask, slots, slots)
       if segment_ids is not None:
         seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
         mask &= (seg_k == 0) | (seg_k == seg_q)                                # [B, T, T]
@@ -185,6 +210,7 @@ class Llama(nn.Module):
       index = cache['index']
       key_mask = jax.lax.dynamic_update_slice(cache['mask'], input_mask.astype(jnp.int32), (0, index))  # [B, S]
       mask = causal_padding_mask(index + jnp.arange(t), jnp.arange(key_mask.shape[1]), key_mask)      # [B, T, S]
+      mask = self._window(mask, index + jnp.arange(t), jnp.arange(key_mask.shape[1]))
       ks, vs = [], []
       for i, layer in enumerate(self.layers):
         x = cross_attend(i, x)

@@ -1,0 +1,77 @@
+"""Reading a Hugging Face model directory without pickle: config.json + safetensors weights.
+
+  config = read_config(path)                 # dict from config.json
+  tensors = read_safetensors(path)           # {key: float32/int numpy array}, single file or sharded index
+
+Only `*.safetensors` weights are read. A directory that holds only pickle-based weights (pytorch_model.bin,
+*.pt, *.pth, *.ckpt) fails with an error naming the file and how to convert it; nothing unpickles.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+_PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl')
+SINGLE_FILE = 'model.safetensors'
+INDEX_FILE = 'model.safetensors.index.json'
+
+
+def read_config(path: str) -> dict[str, Any]:
+  """config.json of an HF directory; ValueError naming the file when it is missing or not valid JSON."""
+  file = os.path.join(path, 'config.json')
+  if not os.path.isfile(file):
+    raise ValueError(f'{path}: no config.json (not a Hugging Face model directory)')
+  try:
+    with open(file) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{file}: malformed JSON ({e})') from None
+
+
+def weight_files(path: str) -> list[str]:
+  """The safetensors files of an HF directory, in shard order; ValueError when there are none."""
+  if not os.path.isdir(path):
+    raise ValueError(f'{path}: not a directory')
+  index = os.path.join(path, INDEX_FILE)
+  if os.path.isfile(index):
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)['weight_map']
+    except (json.JSONDecodeError, KeyError) as e:
+      raise ValueError(f'{index}: malformed safetensors index ({e!r})') from None
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+      raise ValueError(f'{index} names shard(s) that do not exist: {missing}')
+    return [os.path.join(path, f) for f in files]
+  if os.path.isfile(os.path.join(path, SINGLE_FILE)):
+    return [os.path.join(path, SINGLE_FILE)]
+  pickled = sorted(f for f in os.listdir(path) if f.endswith(_PICKLE_SUFFIXES))
+  if pickled:
+    raise ValueError(f'{path}: only pickle-based weights ({pickled[0]}); mmproj reads safetensors only. Convert '
+                     'once with transformers: AutoModel.from_pretrained(path).save_pretrained(path, '
+                     'safe_serialization=True)')
+  raise ValueError(f'{path}: no {SINGLE_FILE} or {INDEX_FILE}')
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of an HF directory as numpy arrays (bf16/f16 are widened to float32)."""
+  from safetensors import SafetensorError
+  from safetensors.flax import load_file  # jax arrays: bfloat16 included, which numpy lacks
+
+  tensors: dict[str, np.ndarray] = {}
+  for file in weight_files(path):
+    try:
+      shard = {k: np.asarray(v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) or v.dtype.name ==
+                             'bfloat16' else v) for k, v in load_file(file).items()}
+    except (SafetensorError, OSError, ValueError) as e:
+      raise ValueError(f'{file}: unreadable safetensors file ({e})') from None
+    for key, value in shard.items():
+      if key in tensors:
+        raise ValueError(f'{file}: key {key!r} appears in more than one shard')
+      tensors[key] = value
+  return tensors
+

@@ -1,0 +1,199 @@
+"""HF Llama-family causal LMs (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM) -> mmproj `Llama`.
+
+  cfg_lm = lm_config_from_hf(read_config(path))               # dict of cfg.model.lm fields
+  params = lm_params_from_hf(StateDict(tensors), cfg_lm)       # the 'lm' params subtree
+  lm, params = load_lm(path)                                   # both, from an HF directory (safetensors only)
+  lm, params = mmproj.convert.from_transformers(torch_model)   # the same from an in-memory transformers model
+
+Config mapping (HF -> cfg.model.lm): vocab_size, hidden_size -> width, num_hidden_layers -> depth,
+num_attention_heads -> num_heads, num_key_value_heads -> num_kv_heads, head_dim, intermediate_size -> mlp_dim,
+rope_theta, rms_norm_eps -> norm_eps, tie_word_embeddings -> tie_embeddings, max_position_embeddings -> max_len,
+qkv_bias (Qwen2: always True), rope_scaling (HF `rope_parameters` of transformers >= 5, or the older top-level
+`rope_theta` + `rope_scaling`; rope_type 'default', 'linear' and 'llama3'), sliding_window (Mistral; Qwen2 only
+when use_sliding_window puts every layer in sliding attention).
+Rejected with a ValueError naming the HF field: hidden_act other than silu, attention_bias / mlp_bias (Llama biases
+on o_proj / the MLP), partial_rotary_factor != 1, other rope types, Qwen2 sliding windows on only some layers.
+
+Weights: HF Linear (out, in) -> flax kernels with heads as separate axes (q_proj [D, H, Dh], k/v_proj
+[D, Hkv, Dh], o_proj [H, Dh, D]); RMSNorm weight -> scale. Tied embeddings: lm_head.weight may be absent or
+present (then it must equal embed_tokens.weight). Ignored keys: rotary `inv_freq` buffers (recomputed from the
+config), which older transformers versions saved in state dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mmproj.convert import StateDict, converter
+from mmproj.layers.rope import ROPE_SCALING_KEYS
+
+MODEL_TYPES = ('llama', 'mistral', 'qwen2')
+# prefix (decoder) and head_prefix (lm_head) of the LM inside common checkpoint layouts
+PREFIXES = {
+    'causal_lm': ('model.', 'lm_head.'),                       # LlamaForCausalLM & co.
+    'llava': ('model.language_model.', 'lm_head.'),            # LlavaForConditionalGeneration (transformers >= 4.52)
+    'llava_legacy': ('language_model.model.', 'language_model.lm_head.'),  # older LLaVA checkpoints
+}
+
+
+def _rope(hf: dict) -> tuple[float, dict | None]:
+  """HF rope fields -> (rope_theta, rope_scaling or None)."""
+  params = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
+  if params and all(isinstance(v, dict) for v in params.values()):
+    raise ValueError(f'rope_parameters per layer type ({sorted(params)}) are not supported')
+  theta = float(params.get('rope_theta', hf.get('rope_theta', 10000.0)) or 10000.0)
+  partial = params.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
+  if partial not in (None, 1, 1.0):
+    raise ValueError(f'partial_rotary_factor={partial} is not supported (model.lm rotates the whole head_dim)')
+  rope_type = params.get('rope_type', params.get('type', 'default'))
+  if rope_type == 'default':
+    return theta, None
+  if rope_type not in ROPE_SCALING_KEYS:
+    raise ValueError(f'rope_type {rope_type!r} (HF rope_parameters/rope_scaling) is not supported; supported: '
+                     f"['default'] + {sorted(ROPE_SCALING_KEYS)} (model.lm.rope_scaling)")
+  if rope_type == 'llama3':
+    params.setdefault('original_max_position_embeddings',
+                      hf.get('original_max_position_embeddings', hf['max_position_embeddings']))
+  scaling = {'rope_type': rope_type}
+  for key in ROPE_SCALING_KEYS[rope_type]:
+    if params.get(key) is None:
+      raise ValueError(f'rope_type {rope_type!r} needs {key!r} in HF rope_parameters/rope_scaling')
+    scaling[key] = params[key]
+  return theta, scaling
+
+
+def _sliding_window(hf: dict) -> int | None:
+  model_type = hf.get('model_type')
+  window = hf.get('sliding_window')
+  if model_type == 'qwen2':
+    if not hf.get('use_sliding_window', False):
+      return None
+    layer_types = hf.get('layer_types') or []
+    if any(t != 'sliding_attention' for t in layer_types):
+      raise ValueError('Qwen2 use_sliding_window with full-attention layers (max_window_layers / layer_types) is '
+                       'not supported: model.lm.sliding_window applies to every layer')
+  if model_type == 'llama':
+    return None
+  return None if window is None else int(window)
+
+
+def lm_config_from_hf(hf_config: dict) -> dict:
+  """An HF config dict (config.json of a Llama / Mistral / Qwen2 causal LM, or a VLM's text_config) -> the
+  cfg.model.lm fields. ValueError naming the HF field for anything model.lm cannot represent exactly."""
+  hf = dict(hf_config)
+  model_type = hf.get('model_type')
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f'model_type {model_type!r} is not supported; supported: {list(MODEL_TYPES)}')
+  act = hf.get('hidden_act', 'silu')
+  if act not in ('silu', 'swish'):
+    raise ValueError(f'hidden_act={act!r} is not supported (model.lm uses a SwiGLU MLP with silu)')
+  for field in ('attention_bias', 'mlp_bias'):
+    if hf.get(field):
+      raise ValueError(f'{field}=True is not supported (model.lm has biases on q/k/v only: qkv_bias)')
+  num_heads = hf['num_attention_heads']
+  theta, scaling = _rope(hf)
+  return dict(
+      vocab_size=hf['vocab_size'],
+      width=hf['hidden_size'],
+      depth=hf['num_hidden_layers'],
+      num_heads=num_heads,
+      num_kv_heads=hf.get('num_key_value_heads') or num_heads,
+      head_dim=hf.get('head_dim') or hf['hidden_size'] // num_heads,
+      mlp_dim=hf['intermediate_size'],
+      rope_theta=theta,
+      norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      max_len=hf.get('max_position_embeddings', 2048),
+      qkv_bias=model_type == 'qwen2',
+      rope_scaling=scaling,
+      sliding_window=_sliding_window(hf),
+  )
+
+
+def _heads_in(sd: StateDict, key: str, d: int, h: int, dh: int, bias: bool) -> dict:
+  """q/k/v_proj: weight [H*Dh, D] -> kernel [D, H, Dh] (+ bias [H*Dh] -> [H, Dh])."""
+  out = {'kernel': sd.take(f'{key}.weight', (h * dh, d)).T.reshape(d, h, dh)}
+  if bias:
+    out['bias'] = sd.take(f'{key}.bias', (h * dh,)).reshape(h, dh)
+  return out
+
+
+def lm_params_from_hf(sd: StateDict, cfg_lm: Any, prefix: str = 'model.', head_prefix: str = 'lm_head.') -> dict:
+  """The decoder under `prefix` and the head at `head_prefix` of an HF state dict -> mmproj Llama params.
+
+  Takes (marks used) every LM key, rotary inv_freq buffers under `prefix` included; does not call
+  `sd.finish()`, so a caller converting a larger model (e.g. LLaVA: vision tower + projector + LM) finishes once.
+  """
+  c = dict(cfg_lm)
+  d, h, hkv = c['width'], c['num_heads'], c['num_kv_heads']
+  dh = c.get('head_dim') or d // h
+  f, v = c['mlp_dim'], c['vocab_size']
+  bias = bool(c.get('qkv_bias', False))
+  embed = sd.take(f'{prefix}embed_tokens.weight', (v, d))
+  p: dict[str, Any] = {'embed_tokens': {'embedding': embed}}
+  for i in range(c['depth']):
+    q = f'{prefix}layers.{i}.'
+    p[f'layers_{i}'] = {
+        'input_layernorm': {'scale': sd.take(f'{q}input_layernorm.weight', (d,))},
+        'self_attn': {
+            'q_proj': _heads_in(sd, f'{q}self_attn.q_proj', d, h, dh, bias),
+            'k_proj': _heads_in(sd, f'{q}self_attn.k_proj', d, hkv, dh, bias),
+            'v_proj': _heads_in(sd, f'{q}self_attn.v_proj', d, hkv, dh, bias),
+            'o_proj': {'kernel': sd.take(f'{q}self_attn.o_proj.weight', (d, h * dh)).T.reshape(h, dh, d)},
+        },
+        'post_attention_layernorm': {'scale': sd.take(f'{q}post_attention_layernorm.weight', (d,))},
+        'mlp': {
+            'gate_proj': {'kernel': sd.take(f'{q}mlp.gate_proj.weight', (f, d)).T},
+            'up_proj': {'kernel': sd.take(f'{q}mlp.up_proj.weight', (f, d)).T},
+            'down_proj': {'kernel': sd.take(f'{q}mlp.down_proj.weight', (d, f)).T},
+        },
+    }
+  p['norm'] = {'scale': sd.take(f'{prefix}norm.weight', (d,))}
+  head_key = f'{head_prefix}weight'
+  if c.get('tie_embeddings', False):
+    if head_key in sd:                                   # some checkpoints save the tied head anyway
+      head = sd.take(head_key, (v, d))
+      if not np.array_equal(head, embed):
+        raise ValueError(f'{sd.where}: {head_key!r} differs from {prefix}embed_tokens.weight but '
+                         'tie_word_embeddings is set (model.lm.tie_embeddings)')
+  else:
+    p['lm_head'] = {'kernel': sd.take(head_key, (v, d)).T}
+  for key in sd.keys():                                  # non-persistent in current transformers; derived anyway
+    if key.startswith(prefix) and key.endswith('rotary_emb.inv_freq'):
+      sd.take(key)
+  return p
+
+
+def build_lm_module(cfg_lm: dict, dtype: Any = None):
+  from mmproj.lm import build_lm
+  return build_lm(cfg_lm) if dtype is None else build_lm(cfg_lm, dtype)
+
+
+@converter('LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM')
+def causal_lm(module: Any):
+  """A transformers Llama / Mistral / Qwen2 causal LM -> (mmproj Llama, params)."""
+  cfg_lm = lm_config_from_hf(module.config.to_dict())
+  sd = StateDict.of(module)
+  params = lm_params_from_hf(sd, cfg_lm)
+  sd.finish()
+  return build_lm_module(cfg_lm), params
+
+
+def load_lm(path: str, dtype: Any = None) -> tuple[Any, dict]:
+  """An HF directory holding a Llama / Mistral / Qwen2 causal LM (config.json + safetensors) -> (Llama, params).
+
+  Every tensor in the directory must be used (a ValueError names the first unused, missing or mis-shaped key).
+  """
+  from mmproj.convert.hf_dir import read_config, read_safetensors
+
+  hf = read_config(path)
+  archs = hf.get('architectures') or []
+  if archs and not set(archs) & {'LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM'}:
+    raise ValueError(f'{path}: architectures {archs} are not a Llama / Mistral / Qwen2 causal LM')
+  cfg_lm = lm_config_from_hf(hf)
+  sd = StateDict(read_safetensors(path), where=path)
+  params = lm_params_from_hf(sd, cfg_lm)
+  sd.finish()
+  return build_lm_module(cfg_lm, dtype), params

@@ -1,0 +1,207 @@
+"""CLIP / SigLIP vision towers: transformers weights -> mmproj `ViT` (mmproj/encoders/vit.py).
+
+  cfg_encoder = encoder_config_from_hf(config_dict, output_layer=-2)    # -> cfg.model.encoder (name='vit')
+  params = encoder_params_from_hf(StateDict(tensors), cfg_encoder, prefix='vision_model.')
+  vit, params = load_vision_tower('/path/to/hf_dir', output_layer=-2)  # config.json + safetensors, no pickle
+  vit, params = mmproj.convert.from_transformers(clip_or_siglip_vision_model)   # live torch module
+  tokens, grid = vit.apply({'params': params}, image)                  # image [B, H, W, 3] -> [B, N, D] (no CLS)
+
+Configs accepted by `encoder_config_from_hf`: a vision config dict (model_type 'clip_vision_model' or
+'siglip_vision_model'), or a full config that holds one under 'vision_config' (CLIP, SigLIP, LLaVA, ...). Only the
+vision config is read: a LLaVA config's vision_feature_layer / vision_feature_select_strategy are *not* applied;
+pass output_layer yourself (LLaVA's vision_feature_layer=-2 is output_layer=-2; strategy 'default' drops CLS, which
+is what the ViT returns; 'full' is not supported). SigLIP 2 (NaFlex) towers are not supported.
+
+What the ViT computes, and the HF tensor it equals (f32):
+  CLIP   (cls_token, pre_norm=pre_layrnorm, final_norm=False): HF applies post_layernorm only to the pooled CLS
+         token, never to last_hidden_state, so
+           output_layer=-1  ==  last_hidden_state[:, 1:]        output_layer=k<-1  ==  hidden_states[k][:, 1:]
+         post_layernorm is therefore skipped (listed in `skipped_prefixes`).
+  SigLIP (no CLS, no pre-norm): HF applies post_layernorm to last_hidden_state only, so final_norm defaults to
+         output_layer == -1:
+           output_layer=-1  ==  last_hidden_state (final_norm)  output_layer=k<-1  ==  hidden_states[k]
+         The attention-pooling head (`head.*`, vision_use_head) is skipped.
+  Blocks above output_layer are not built, so their weights are skipped too. Everything else must be taken:
+  a missing, mis-shaped or unexpected key raises ValueError naming it.
+
+Weight layout: conv patch weight [D, C, p, p] -> [p, p, C, D] -> [p*p*C, D] (row, col, channel, like the ViT's
+patchify); q/k/v Linear [D, D] -> kernel [D, H, Dh]; out_proj [D, D] -> o_proj kernel [H, Dh, D]; CLIP's conv has no
+bias (the ViT's patch bias is set to zero). State-dict prefixes: '' (transformers 5 CLIPVisionModel /
+SiglipVisionModel), 'vision_model.' (older ones, CLIPModel, SiglipModel), 'vision_tower.vision_model.' or
+'model.vision_tower.vision_model.' (LLaVA); `find_prefix` picks it from the keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mmproj.convert import StateDict, activation, converter
+
+# model_type -> (family, HF defaults for fields a saved (diff-only) config may omit).
+_FAMILIES = {
+    'clip_vision_model': ('clip', dict(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072,
+                                       num_hidden_layers=12, num_attention_heads=12, num_channels=3,
+                                       hidden_act='quick_gelu', layer_norm_eps=1e-5)),
+    'siglip_vision_model': ('siglip', dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
+                                           num_hidden_layers=12, num_attention_heads=12, num_channels=3,
+                                           hidden_act='gelu_pytorch_tanh', layer_norm_eps=1e-6)),
+}
+# Top-level model_type of a full config -> model_type of its vision config (when the nested dict omits it).
+_PARENT_TYPES = {'clip': 'clip_vision_model', 'siglip': 'siglip_vision_model'}
+
+# Where the tower sits in known checkpoints, tried in order by `find_prefix`.
+KNOWN_PREFIXES = ('', 'vision_model.', 'vision_tower.vision_model.', 'model.vision_tower.vision_model.',
+                  'vision_tower.', 'model.vision_tower.')
+_ANCHOR = 'embeddings.patch_embedding.weight'
+
+
+def _vision_config(hf_config: dict) -> tuple[str, dict]:
+  """(family, vision config dict with HF defaults filled in) of a vision or full config dict."""
+  cfg = dict(hf_config)
+  if 'vision_config' in cfg:
+    parent = cfg.get('model_type')
+    cfg = dict(cfg['vision_config'] or {})
+    cfg.setdefault('model_type', _PARENT_TYPES.get(parent))
+  model_type = cfg.get('model_type')
+  if model_type not in _FAMILIES:
+    raise ValueError(f'vision config model_type {model_type!r} is not supported; supported: {sorted(_FAMILIES)}')
+  family, defaults = _FAMILIES[model_type]
+  return family, {**defaults, **{k: v for k, v in cfg.items() if v is not None}}
+
+
+def _square(value: Any, name: str) -> int:
+  if isinstance(value, (list, tuple)):
+    if len(value) != 2 or value[0] != value[1]:
+      raise ValueError(f'vision config {name}={value!r}: only square sizes are supported')
+    value = value[0]
+  return int(value)
+
+
+def encoder_config_from_hf(hf_vision_config: dict, output_layer: int = -1, final_norm: bool | None = None) -> dict:
+  """HF CLIP/SigLIP vision config dict (or a full config with 'vision_config') -> cfg.model.encoder for the ViT.
+
+  `final_norm` defaults to HF's semantics (see the module docstring): False for CLIP, output_layer == -1 for
+  SigLIP. `output_layer` is checked against the depth.
+  """
+  family, c = _vision_config(hf_vision_config)
+  depth = int(c['num_hidden_layers'])
+  if not -depth <= output_layer <= -1:
+    raise ValueError(f'output_layer={output_layer} out of range [-{depth}, -1] for a {depth}-layer tower')
+  image_size, patch_size = _square(c['image_size'], 'image_size'), _square(c['patch_size'], 'patch_size')
+  if image_size % patch_size:
+    raise ValueError(f'vision config image_size={image_size} is not a multiple of patch_size={patch_size}')
+  width, heads = int(c['hidden_size']), int(c['num_attention_heads'])
+  if width % heads:
+    raise ValueError(f'vision config hidden_size={width} is not divisible by num_attention_heads={heads}')
+  if final_norm is None:
+    final_norm = family == 'siglip' and output_layer == -1
+  return dict(
+      name='vit', image_size=image_size, patch_size=patch_size, width=width, depth=depth, num_heads=heads,
+      mlp_dim=int(c['intermediate_size']), output_layer=int(output_layer), cls_token=family == 'clip',
+      pre_norm=family == 'clip', final_norm=bool(final_norm), norm_eps=float(c['layer_norm_eps']),
+      act=activation(c['hidden_act'], f'{family} vision config hidden_act'))
+
+
+def find_prefix(sd: StateDict) -> str:
+  """The key prefix of the vision tower in `sd` (one of KNOWN_PREFIXES); ValueError when there is none."""
+  for prefix in KNOWN_PREFIXES:
+    if prefix + _ANCHOR in sd:
+      return prefix
+  raise ValueError(f'{sd.where}: no vision tower found (no key {_ANCHOR!r} under any of {list(KNOWN_PREFIXES)})')
+
+
+def _num_blocks(cfg: dict) -> int:
+  return cfg['depth'] + cfg.get('output_layer', -1) + 1
+
+
+def skipped_prefixes(cfg_encoder: dict, prefix: str = '') -> tuple[str, ...]:
+  """Key prefixes of the tower that `encoder_params_from_hf` deliberately leaves: the blocks above output_layer,
+  post_layernorm when final_norm is off, SigLIP's pooling head, and the position_ids buffer of old checkpoints."""
+  cfg = dict(cfg_encoder)
+  skipped = [f'{prefix}encoder.layers.{i}.' for i in range(_num_blocks(cfg), cfg['depth'])]
+  if not cfg.get('final_norm', True):
+    skipped.append(f'{prefix}post_layernorm.')
+  skipped += [f'{prefix}head.', f'{prefix}embeddings.position_ids']
+  return tuple(skipped)
+
+
+def encoder_params_from_hf(sd: StateDict, cfg_encoder: dict, prefix: str = '') -> dict:
+  """Takes the vision tower under `prefix` from `sd` -> ViT params. Does not call `sd.finish()` (the state dict may
+  hold other towers); callers finish with `ignore=skipped_prefixes(cfg_encoder, prefix)` (+ their own keys)."""
+  cfg = dict(cfg_encoder)
+  d, p, f, h = cfg['width'], cfg['patch_size'], cfg['mlp_dim'], cfg['num_heads']
+  dh = d // h
+  e = f'{prefix}embeddings.'
+  conv = sd.take(f'{e}patch_embedding.weight')                                # [D, C, p, p]
+  if conv.ndim != 4 or conv.shape[0] != d or conv.shape[2:] != (p, p):
+    raise ValueError(f'{sd.where}: {e}patch_embedding.weight has shape {conv.shape}, expected ({d}, C, {p}, {p})')
+  params: dict[str, Any] = {'patch_embedding': {
+      'kernel': conv.transpose(2, 3, 1, 0).reshape(p * p * conv.shape[1], d),  # [p*p*C, D] (row, col, channel)
+      'bias': (sd.take(f'{e}patch_embedding.bias', (d,)) if f'{e}patch_embedding.bias' in sd
+               else np.zeros((d,), np.float32))}}
+  n = (cfg['image_size'] // p) ** 2 + (1 if cfg['cls_token'] else 0)
+  if cfg['cls_token']:
+    params['class_embedding'] = sd.take(f'{e}class_embedding', (d,))
+  params['position_embedding'] = sd.take(f'{e}position_embedding.weight', (n, d))  # [N(+1), D]
+  if cfg['pre_norm']:
+    params['pre_layernorm'] = _norm(sd, f'{prefix}pre_layrnorm', d)
+
+  for i in range(_num_blocks(cfg)):
+    b = f'{prefix}encoder.layers.{i}.'
+    attn = {}
+    for ours, theirs in (('q_proj', 'q_proj'), ('k_proj', 'k_proj'), ('v_proj', 'v_proj')):
+      attn[ours] = {'kernel': sd.kernel(f'{b}self_attn.{theirs}', d, d).reshape(d, h, dh),       # [D, H, Dh]
+                    'bias': sd.take(f'{b}self_attn.{theirs}.bias', (d,)).reshape(h, dh)}          # [H, Dh]
+    attn['o_proj'] = {'kernel': sd.kernel(f'{b}self_attn.out_proj', d, d).reshape(h, dh, d),     # [H, Dh, D]
+                      'bias': sd.take(f'{b}self_attn.out_proj.bias', (d,))}
+    params[f'layers_{i}'] = {
+        'layer_norm1': _norm(sd, f'{b}layer_norm1', d), 'self_attn': attn,
+        'layer_norm2': _norm(sd, f'{b}layer_norm2', d),
+        'mlp': {'fc1': {'kernel': sd.kernel(f'{b}mlp.fc1', d, f), 'bias': sd.take(f'{b}mlp.fc1.bias', (f,))},
+                'fc2': {'kernel': sd.kernel(f'{b}mlp.fc2', f, d), 'bias': sd.take(f'{b}mlp.fc2.bias', (d,))}}}
+  if cfg['final_norm']:
+    params['post_layernorm'] = _norm(sd, f'{prefix}post_layernorm', d)
+  return params
+
+
+def _norm(sd: StateDict, prefix: str, d: int) -> dict:
+  return {'scale': sd.take(f'{prefix}.weight', (d,)), 'bias': sd.take(f'{prefix}.bias', (d,))}
+
+
+def _build(cfg_encoder: dict):
+  from mmproj.encoders import build_encoder
+  return build_encoder(cfg_encoder)
+
+
+def vision_tower_from_state_dict(sd: StateDict, hf_config: dict, output_layer: int = -1,
+                                 prefix: str | None = None, final_norm: bool | None = None):
+  """(ViT, params) from a state dict holding *only* a vision tower (under `prefix`, found when None). Every key not
+  taken must be in `skipped_prefixes`, else ValueError naming it."""
+  cfg = encoder_config_from_hf(hf_config, output_layer, final_norm)
+  prefix = find_prefix(sd) if prefix is None else prefix
+  params = encoder_params_from_hf(sd, cfg, prefix)
+  sd.finish(ignore=skipped_prefixes(cfg, prefix))
+  return _build(cfg), params
+
+
+def load_vision_tower(path: str, output_layer: int = -1, final_norm: bool | None = None):
+  """An HF CLIPVisionModel / SiglipVisionModel directory (config.json + safetensors) -> (ViT, params).
+
+  Reads safetensors only (a pickle-only directory fails naming the file). The directory must hold just the vision
+  tower (any prefix in KNOWN_PREFIXES); for a full CLIP/LLaVA checkpoint use `encoder_params_from_hf` with the
+  prefix and finish the StateDict yourself.
+  """
+  from mmproj.convert import hf_dir
+  config = hf_dir.read_config(path)
+  sd = StateDict(hf_dir.read_safetensors(path), where=path)
+  return vision_tower_from_state_dict(sd, config, output_layer, final_norm=final_norm)
+
+
+@converter('CLIPVisionModel', 'SiglipVisionModel')
+def vision_tower(module: Any, output_layer: int = -1, final_norm: bool | None = None):
+  """A live transformers CLIPVisionModel / SiglipVisionModel -> (ViT, params); see the module docstring for which
+  HF output the ViT reproduces."""
+  return vision_tower_from_state_dict(StateDict.of(module), module.config.to_dict(), output_layer,
+                                      final_norm=final_norm)
