@@ -76,6 +76,14 @@ def validate(cfg_model: Any) -> None:
                      f'[-model.encoder.depth, -1] = [{-enc.depth}, -1]')
   if enc.get('act', 'gelu') not in ACTIVATIONS:
     raise ValueError(f'model.encoder.act={enc.act!r} is not one of {sorted(ACTIVATIONS)}')
+  mean, std = enc.get('image_mean', None), enc.get('image_std', None)
+  if (mean is None) != (std is None):
+    raise ValueError('model.encoder.image_mean and model.encoder.image_std must be set together (or both None)')
+  for field, value in (('image_mean', mean), ('image_std', std)):
+    if value is not None and len(value) != 3:
+      raise ValueError(f'model.encoder.{field}={value!r} must have 3 entries (R, G, B)')
+  if std is not None and min(std) <= 0:
+    raise ValueError(f'model.encoder.image_std={std!r} must be positive')
   projectors.validate(c.projector, in_dim=enc.width, out_dim=lm.width)
   if injects_into_lm(c):
     projectors.get(c.projector.name).check_injection(c.projector, lm.width, lm.depth)

@@ -13,6 +13,9 @@ def build_encoder(cfg: Any, dtype: Any = jnp.float32) -> ViT:
   """cfg.model.encoder (ConfigDict / FrozenConfigDict / dict) -> encoder module (compute dtype `dtype`)."""
   kwargs = dict(cfg)
   name = kwargs.pop('name', 'vit')
+  for key in ('image_mean', 'image_std'):     # ConfigDict lists -> tuples (module attributes must be hashable)
+    if kwargs.get(key) is not None:
+      kwargs[key] = tuple(float(v) for v in kwargs[key])
   if name not in ENCODERS:
     raise ValueError(f'unknown model.encoder.name {name!r}; known: {sorted(ENCODERS)}')
   return ENCODERS[name](**kwargs, dtype=dtype)

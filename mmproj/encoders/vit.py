@@ -1,7 +1,8 @@
 """Vision Transformer shaped like the CLIP / SigLIP vision towers (Dosovitskiy et al. 2021; Radford et al. 2021;
 Zhai et al. 2023).
 
-  image uint8 [B, H, W, 3] --(x / 127.5 - 1)--> float [B, H, W, 3]      (a float image is used as given)
+  image uint8 [B, H, W, 3] --(x / 127.5 - 1, or (x / 255 - image_mean) / image_std)--> float [B, H, W, 3]
+                                                                        (a float image is used as given)
   patch_embedding: stride-p conv == patchify + matmul   -> [B, N, D]    N = (H/p) * (W/p), row-major grid
   (+ class_embedding prepended when cls_token, CLIP)    -> [B, N(+1), D]
   + position_embedding (learned)                         -> [B, N(+1), D]
@@ -30,11 +31,18 @@ from mmproj.layers import Attention, GeluMLP, LayerNorm
 Dtype = Any
 
 
-def to_float_image(image):
-  """uint8 [B, H, W, C] in [0, 255] -> float32 in [-1, 1]; a floating image is returned unchanged."""
+def to_float_image(image, mean=None, std=None):
+  """uint8 [B, H, W, C] in [0, 255] -> float32: x / 127.5 - 1 when mean/std are None, else the HF image
+  processors' rescale + normalise, (x / 255 - mean) / std per channel. A floating image is returned unchanged
+  (it is taken as already normalised, e.g. the output of mmproj.data.preprocess.ImageProcessor)."""
   if jnp.issubdtype(image.dtype, jnp.floating):
     return image
-  return image.astype(jnp.float32) / 127.5 - 1.0
+  if mean is None and std is None:
+    return image.astype(jnp.float32) / 127.5 - 1.0
+  if mean is None or std is None:
+    raise ValueError('model.encoder.image_mean and image_std must be set together')
+  x = image.astype(jnp.float32) * jnp.float32(1 / 255)
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 class PatchEmbedding(nn.Module):
@@ -95,6 +103,8 @@ class ViT(nn.Module):
   final_norm: bool = True
   norm_eps: float = 1e-6
   act: str = 'gelu'
+  image_mean: tuple[float, ...] | None = None   # per-channel normalisation of uint8 input (CLIP: OPENAI_CLIP_MEAN)
+  image_std: tuple[float, ...] | None = None    # None, None: x / 127.5 - 1 (= mean 0.5, std 0.5: SigLIP's)
   dtype: Dtype = jnp.float32
 
   @property
@@ -112,7 +122,7 @@ class ViT(nn.Module):
   def __call__(self, image):                                              # [B, H, W, 3]
     if image.shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(f'image of shape {image.shape} does not match image_size={self.image_size}')
-    x = to_float_image(image).astype(self.dtype)                          # [B, H, W, 3]
+    x = to_float_image(image, self.image_mean, self.image_std).astype(self.dtype)                          # [B, H, W, 3]
     x, grid = PatchEmbedding(self.patch_size, self.width, self.dtype, name='patch_embedding')(x)
     if self.cls_token:
       cls = self.param('class_embedding',
