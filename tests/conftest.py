@@ -36,3 +36,14 @@ def shapes_data_dir(tmp_path_factory) -> str:
   cfg.data.data_dir = os.environ.get('MMPROJ_TEST_DATA_DIR') or str(tmp_path_factory.mktemp('shapes_data'))
   shapes.prepare(cfg.data)
   return cfg.data.data_dir
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(shapes_data_dir, tmp_path_factory) -> str:
+  """An mmproj workdir holding a freshly trained tiny shapes-world model (a few seconds of training)."""
+  from experiment_utils import tiny_experiment
+  from mmproj.train import trainer
+
+  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
+  trainer.train(tiny_experiment(shapes_data_dir), workdir)
+  return workdir

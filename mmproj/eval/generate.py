@@ -1,15 +1,19 @@
 """Batched autoregressive generation with the functional KV cache.
 
 prefill (whole left-padded prompt, image included) -> lax.scan of decode_step. Greedy at temperature 0,
-categorical sampling from softmax(logits / temperature) otherwise. Once a row has emitted `eos_id` it emits `pad_id`.
+categorical sampling from softmax(logits / temperature) otherwise. Once a row has emitted a stop id (`eos_id`: one
+id or several, e.g. an HF generation_config's eos_token_id list) it emits `pad_id`.
 The <image> placeholder id is never generated (a fed-back placeholder would have no visual token behind it).
-One compiled program per (model, batch shapes, max_new_tokens); eos_id, pad_id and temperature are traced.
+One compiled program per (model, batch shapes, max_new_tokens, number of stop ids); the stop ids, pad_id and
+temperature are traced.
 """
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Batch entries the model reads; others (answer strings, targets, ...) never enter the jitted function.
 _MODEL_KEYS = ('image', 'tokens', 'positions', 'input_mask')
@@ -23,7 +27,7 @@ def _sample(logits, key, temperature):
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens'))
-def _generate(model, params, batch, rng, eos_id, pad_id, temperature, *, max_new_tokens: int):
+def _generate(model, params, batch, rng, stop_ids, pad_id, temperature, *, max_new_tokens: int):
   length = batch['tokens'].shape[1]
   cache_len = length + max_new_tokens - 1          # the last sampled token is never fed back
   keys = jax.random.split(rng, max_new_tokens)     # [max_new_tokens]
@@ -42,19 +46,19 @@ def _generate(model, params, batch, rng, eos_id, pad_id, temperature, *, max_new
     token, done, cache = carry
     logits, cache = model.apply(variables, token, cache, method='decode_step')  # [B, V]
     nxt = next_token(logits, key, done)
-    return (nxt, done | (nxt == eos_id), cache), nxt
+    return (nxt, done | jnp.isin(nxt, stop_ids), cache), nxt
 
-  _, rest = jax.lax.scan(step, (first, first == eos_id, cache), keys[1:])      # [max_new_tokens - 1, B]
+  _, rest = jax.lax.scan(step, (first, jnp.isin(first, stop_ids), cache), keys[1:])      # [max_new_tokens - 1, B]
   return jnp.concatenate([first[:, None], rest.T], axis=1)                     # [B, max_new_tokens]
 
 
-def generate_tokens(model, params, batch, *, max_new_tokens: int, eos_id: int, pad_id: int = 0,
+def generate_tokens(model, params, batch, *, max_new_tokens: int, eos_id: int | Sequence[int], pad_id: int = 0,
                     temperature: float = 0.0, rng=None):
   """Generates continuations of left-padded prompts.
 
   model: a MultimodalLM; params: its params (boxed or plain); batch: dict with 'tokens', 'positions',
-  'input_mask' [B, L] (+ 'image'), prompts ending at the last column. rng: a PRNG key, required when
-  temperature > 0. Returns int32 [B, max_new_tokens] (pad_id after a row's eos_id).
+  'input_mask' [B, L] (+ 'image'), prompts ending at the last column. eos_id: the stop id or ids. rng: a PRNG
+  key, required when temperature > 0. Returns int32 [B, max_new_tokens] (pad_id after a row's stop id).
   """
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
@@ -64,6 +68,9 @@ def generate_tokens(model, params, batch, *, max_new_tokens: int, eos_id: int, p
     raise ValueError('sampling (temperature > 0) needs an rng key')
   if rng is None:
     rng = jax.random.key(0)
+  stop_ids = jnp.asarray(np.atleast_1d(np.asarray(eos_id, np.int32)))        # [K]
+  if stop_ids.size == 0:
+    raise ValueError('eos_id: at least one stop id is needed')
   inputs = {k: batch[k] for k in _MODEL_KEYS if k in batch}     # numpy or (sharded) jax arrays, kept as given
-  return _generate(model, params, inputs, rng, jnp.int32(eos_id), jnp.int32(pad_id), jnp.float32(temperature),
+  return _generate(model, params, inputs, rng, stop_ids, jnp.int32(pad_id), jnp.float32(temperature),
                    max_new_tokens=int(max_new_tokens))

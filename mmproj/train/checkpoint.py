@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the train state together with the data iterator, and `load()` for notebooks.
+"""Orbax checkpoints of the train state together with the data iterator, and the restore behind `mmproj.load`.
 
 Layout of a workdir:
   WORKDIR/config.json          the full experiment config (what `load` rebuilds the model from)
@@ -9,7 +9,6 @@ the previous steps intact and the partial one invisible.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
@@ -60,21 +59,9 @@ def save_run_files(workdir: str, cfg: ml_collections.ConfigDict, tokenizer) -> N
   tokenizer.save(os.path.join(workdir, TOKENIZER_FILE))
 
 
-@dataclasses.dataclass
-class Bundle:
-  """What a notebook needs to use a trained model."""
-  model: Any
-  params: Any
-  tokenizer: Any
-  config: ml_collections.ConfigDict
-  step: int
-
-
-def load(path: str, step: int | None = None) -> Bundle:
-  """Loads a trained model from an Orbax workdir (latest step, or `step`) onto the caller's devices.
-
-  `path` may be a workdir or one of its step directories (WORKDIR/checkpoints/<step>).
-  """
+def restore_for_inference(path: str, step: int | None = None):
+  """An Orbax workdir (latest step, or `step`) or one of its step directories -> (model, params, tokenizer, cfg,
+  step), params placed on the caller's devices (data-parallel mesh over all of them). mmproj.load wraps this."""
   from tokenizers import Tokenizer
 
   from mmproj.train import trainer  # the trainer knows how to build the abstract state for a config
@@ -87,8 +74,14 @@ def load(path: str, step: int | None = None) -> Bundle:
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f'{config_path} not found: {path} is not an mmproj workdir')
   with open(config_path) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
-  tokenizer = Tokenizer.from_file(os.path.join(path, TOKENIZER_FILE))
+    try:
+      cfg = ml_collections.ConfigDict(json.load(f))
+    except ValueError as e:
+      raise ValueError(f'{config_path}: malformed JSON ({e})') from None
+  tokenizer_path = os.path.join(path, TOKENIZER_FILE)
+  if not os.path.isfile(tokenizer_path):
+    raise FileNotFoundError(f'{tokenizer_path} not found: the workdir {path} is incomplete')
+  tokenizer = Tokenizer.from_file(tokenizer_path)
 
   cfg.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
   setup = trainer.setup(cfg, jax.devices())
@@ -98,4 +91,4 @@ def load(path: str, step: int | None = None) -> Bundle:
     raise FileNotFoundError(f'no checkpoint{"" if step is None else f" for step {step}"} in {checkpoint_dir(path)}'
                             f' (steps present: {list(manager.all_steps())})')
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(setup.abstract_state)))
-  return Bundle(model=setup.model, params=restored['state'].params, tokenizer=tokenizer, config=cfg, step=step)
+  return setup.model, restored['state'].params, tokenizer, cfg, step

@@ -1,0 +1,264 @@
+"""Using a trained or released model: `load` a checkpoint, `generate` answers about images.
+
+  bundle = mmproj.load('runs/quickstart')               # an mmproj workdir (latest step) or WORKDIR/checkpoints/N
+  bundle = mmproj.load('/models/llava-1.5-7b-hf')       # an HF LLaVA directory (config.json + safetensors)
+  texts = mmproj.generate(bundle, images, ['<image> what color is the circle ?'], max_new_tokens=8)
+
+`images` are uint8 [H, W, 3] arrays, one per prompt; `<image>` in a prompt marks where the image's visual tokens go
+(expanded to num_image_tokens(cfg.model) placeholders, as HF's LlavaProcessor does).
+
+How a prompt becomes tokens depends on where the bundle came from (`Bundle.prompt_format`):
+  'shapes'  an mmproj run in the shapes world: `<bos> <image>*M question <sep>`, the layout it trained on; the
+            image goes first when the prompt has no `<image>`. The answer is decoded as space-joined words.
+  'hf'      an HF directory: the prompt string is tokenized as is by its tokenizer.json (with the tokenizer's own
+            special tokens, e.g. Llama's <s>), so the caller writes the chat template, e.g. LLaVA-1.5's
+            'USER: <image>\\nWhat is shown? ASSISTANT:'. Images go through the directory's image processor
+            (resize, crop, normalise, equal to CLIPImageProcessor / SiglipImageProcessor).
+Generation stops at any of `Bundle.stop_ids` (<eos>; an HF generation_config's eos_token_id, one id or a list).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+PROMPT_FORMATS = ('shapes', 'hf')
+
+
+@dataclasses.dataclass
+class Bundle:
+  """What a notebook needs to use a model: model + params, tokenizer, config (cfg.model under .model), and how
+  prompts and images are prepared for it."""
+  model: Any
+  params: Any
+  tokenizer: Any                         # tokenizers.Tokenizer, or None when the HF directory has none
+  config: ml_collections.ConfigDict
+  step: int | None = None                # the Orbax step restored (None for an HF directory)
+  prompt_format: str = 'shapes'
+  stop_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+  image_processor: Any = None            # mmproj.data.preprocess.ImageProcessor for HF models, else None
+  path: str = ''
+
+  @property
+  def num_image_tokens(self) -> int:
+    from mmproj.model import num_image_tokens
+    return num_image_tokens(self.config.model)
+
+
+def _is_hf_dir(path: str) -> bool:
+  config = os.path.join(path, 'config.json')
+  if not os.path.isfile(config):
+    return False
+  try:
+    with open(config) as f:
+      content = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(content, dict) and ('model_type' in content or 'architectures' in content)
+
+
+def load(path: str, step: int | None = None) -> Bundle:
+  """An mmproj Orbax workdir (latest step, or `step`), one of its step directories, or an HF directory holding a
+  LLaVA checkpoint (config.json + safetensors; never pickle) -> Bundle with .model, .params, .tokenizer, .config."""
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: it is not an mmproj workdir or an HF directory')
+  if _is_hf_dir(path):
+    if step is not None:
+      raise ValueError(f'step={step}: {path} is an HF directory, which holds one set of weights')
+    return _load_hf(path)
+  return _load_workdir(path, step)
+
+
+def _load_workdir(path: str, step: int | None) -> Bundle:
+  from mmproj.data import tokenizer as tokenizer_lib
+  from mmproj.train import checkpoint
+
+  model, params, tokenizer, cfg, step = checkpoint.restore_for_inference(path, step)
+  data_name = cfg.get('data', {}).get('name', 'shapes')
+  if data_name == 'shapes':
+    return Bundle(model=model, params=params, tokenizer=tokenizer, config=cfg, step=step, prompt_format='shapes',
+                  stop_ids=(tokenizer_lib.EOS_ID,), pad_id=tokenizer_lib.PAD_ID, path=path)
+  eos = tokenizer.token_to_id(cfg.data.get('eos_token', '</s>'))
+  return Bundle(model=model, params=params, tokenizer=tokenizer, config=cfg, step=step, prompt_format='hf',
+                stop_ids=() if eos is None else (eos,), image_processor=_data_image_processor(cfg), path=path)
+
+
+def _data_image_processor(cfg):
+  """The resize/crop a run's LLaVA-format data used, as an ImageProcessor (normalisation happens in the model,
+  so the processor returns the model's uint8 input for these bundles)."""
+  from mmproj.data import preprocess
+  size = int(cfg.model.encoder.image_size)
+  return preprocess.ImageProcessor.clip(size=size, crop_size=(size, size), do_rescale=False, do_normalize=False)
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except ValueError as e:
+      raise ValueError(f'{path}: malformed JSON ({e})') from None
+
+
+def _ids(value) -> tuple[int, ...]:
+  if value is None:
+    return ()
+  return tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+
+
+def _load_hf(path: str) -> Bundle:
+  from tokenizers import Tokenizer
+
+  from mmproj.convert import llava
+  from mmproj.data import preprocess
+  from mmproj.model import build_model
+
+  cfg_model, params = llava.load_llava(path)
+  cfg = ml_collections.ConfigDict({'model': cfg_model})
+  model = build_model(cfg.model)
+  tok_file = os.path.join(path, 'tokenizer.json')
+  tokenizer = Tokenizer.from_file(tok_file) if os.path.isfile(tok_file) else None
+  hf_config = _read_json(os.path.join(path, 'config.json'))
+  text_config = hf_config.get('text_config') or {}
+  generation = _read_json(os.path.join(path, 'generation_config.json'))
+  stop_ids = (_ids(generation.get('eos_token_id')) or _ids(text_config.get('eos_token_id'))
+              or _ids(hf_config.get('eos_token_id')))
+  if not stop_ids and tokenizer is not None and tokenizer.token_to_id('</s>') is not None:
+    stop_ids = (tokenizer.token_to_id('</s>'),)
+  pad = generation.get('pad_token_id', text_config.get('pad_token_id', hf_config.get('pad_token_id')))
+  if os.path.isfile(os.path.join(path, 'preprocessor_config.json')):
+    processor = preprocess.ImageProcessor.from_dir(path)
+  else:
+    size = int(cfg_model['encoder']['image_size'])
+    kind = 'clip' if cfg_model['encoder'].get('cls_token') else 'siglip'
+    processor = (preprocess.ImageProcessor.clip(size=size, crop_size=(size, size)) if kind == 'clip'
+                 else preprocess.ImageProcessor.siglip(size=(size, size)))
+  params = jax.device_put(params)
+  return Bundle(model=model, params=params, tokenizer=tokenizer, config=cfg, step=None, prompt_format='hf',
+                stop_ids=stop_ids, pad_id=int(pad or 0), image_processor=processor, path=path)
+
+
+def _expand_images(ids: list[int], image_id: int, count: int, where: str) -> list[int]:
+  """Each image placeholder id -> `count` copies (a prompt holds at most one image)."""
+  n = ids.count(image_id)
+  if n > 1:
+    raise ValueError(f'{where} has {n} <image> markers; generate takes one image per prompt')
+  out = []
+  for i in ids:
+    out.extend([i] * count if i == image_id else [i])
+  return out
+
+
+def encode_prompt(bundle: Bundle, prompt: str, where: str = 'prompt') -> list[int]:
+  """A prompt string -> token ids with the image block expanded (see the module docstring for the formats)."""
+  cfg = bundle.config.model
+  m = bundle.num_image_tokens
+  image_id = int(cfg.image_token_id)
+  if bundle.tokenizer is None:
+    raise ValueError(f'{bundle.path} has no tokenizer.json: generate needs one to encode prompts')
+  if bundle.prompt_format == 'shapes':
+    from mmproj.data import tokenizer as tokenizer_lib
+    encoding = bundle.tokenizer.encode(prompt, add_special_tokens=False)
+    ids = encoding.ids
+    bad = [prompt[a:b] for (a, b), i in zip(encoding.offsets, ids) if i == tokenizer_lib.UNK_ID]
+    if bad:
+      raise ValueError(f'{where}: words {bad} are not in the vocabulary of {bundle.path}')
+    if cfg.use_image and image_id not in ids:
+      ids = [image_id] + ids
+    if not cfg.use_image:
+      ids = [i for i in ids if i != image_id]
+    return [tokenizer_lib.BOS_ID] + _expand_images(ids, image_id, m, where) + [tokenizer_lib.SEP_ID]
+  if bundle.prompt_format == 'hf':
+    ids = bundle.tokenizer.encode(prompt, add_special_tokens=True).ids
+    if '<image>' in prompt and image_id not in ids:
+      raise ValueError(f'{where}: the tokenizer does not map <image> to model.image_token_id={image_id}')
+    return _expand_images(ids, image_id, m, where)
+  raise ValueError(f'Bundle.prompt_format={bundle.prompt_format!r} is not one of {PROMPT_FORMATS}')
+
+
+def prepare_images(bundle: Bundle, images: Sequence[np.ndarray]) -> np.ndarray:
+  """uint8 [H, W, 3] images -> the model's image input [B, S, S, 3] (uint8, or float32 already normalised)."""
+  size = int(bundle.config.model.encoder.image_size)
+  arrays = []
+  for i, image in enumerate(images):
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f'images[{i}]: expected a uint8 [H, W, 3] array, got {image.dtype} {image.shape}')
+    arrays.append(image)
+  if bundle.image_processor is not None:
+    return np.asarray(bundle.image_processor(arrays))
+  for i, image in enumerate(arrays):
+    if image.shape[:2] != (size, size):
+      raise ValueError(f'images[{i}] is {image.shape[0]}x{image.shape[1]}; this model takes {size}x{size}')
+  return np.stack(arrays)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def generate(bundle: Bundle, images: Sequence[np.ndarray] | np.ndarray | None, prompts: Sequence[str], *,
+             max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, rng=None,
+             return_ids: bool = False) -> list[str] | tuple[list[str], np.ndarray]:
+  """Answers `prompts` about `images` (one uint8 [H, W, 3] image per prompt): batched greedy (temperature 0) or
+  sampled decoding with the model's KV cache, in one jitted program, stopping at the bundle's stop ids.
+
+  Prompts are left-padded to a common length (rounded up to a multiple of 16, so similar batches reuse the
+  compiled program). Returns the decoded continuations (special tokens dropped) and, with return_ids, also the
+  generated ids int32 [B, max_new_tokens] (pad_id after a row's stop id).
+  """
+  from mmproj.data import pipeline
+  from mmproj.eval.generate import generate_tokens
+
+  if isinstance(prompts, str):
+    raise TypeError('prompts must be a list of strings (one per image), not a single string')
+  prompts = list(prompts)
+  if not prompts:
+    return ([], np.zeros((0, max_new_tokens), np.int32)) if return_ids else []
+  cfg = bundle.config.model
+  if cfg.use_image:
+    if images is None or len(images) != len(prompts):
+      raise ValueError(f'{len(prompts)} prompts need {len(prompts)} images, got '
+                       f'{0 if images is None else len(images)}')
+  rows = [encode_prompt(bundle, p, where=f'prompts[{i}]') for i, p in enumerate(prompts)]
+  length = _round_up(max(len(r) for r in rows), 16)
+  if length + max_new_tokens - 1 > int(cfg.lm.max_len):
+    raise ValueError(f'prompt ({length} tokens after padding) + max_new_tokens={max_new_tokens} exceeds '
+                     f'model.lm.max_len={cfg.lm.max_len}')
+  tokens = np.full((len(rows), length), bundle.pad_id, np.int32)                  # [B, L] left-padded
+  mask = np.zeros((len(rows), length), np.int32)                                  # [B, L]
+  for b, row in enumerate(rows):
+    tokens[b, length - len(row):] = row
+    mask[b, length - len(row):] = 1
+  batch = {'tokens': tokens, 'input_mask': mask, 'positions': np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)}
+  if cfg.use_image:
+    batch['image'] = prepare_images(bundle, images)
+  if temperature > 0 and rng is None:
+    rng = jax.random.key(seed)
+  if not bundle.stop_ids:
+    raise ValueError(f'{bundle.path}: no stop token known (no eos_token_id in generation_config.json / config.json '
+                     'and no </s> in the tokenizer)')
+  ids = np.asarray(jax.device_get(generate_tokens(
+      bundle.model, bundle.params, batch, max_new_tokens=max_new_tokens, eos_id=list(bundle.stop_ids),
+      pad_id=bundle.pad_id, temperature=temperature, rng=rng)))                  # [B, max_new_tokens]
+  texts = []
+  for row in ids:
+    cut = [int(i) for i in row]
+    for k, i in enumerate(cut):
+      if i in bundle.stop_ids:
+        cut = cut[:k]
+        break
+    if bundle.prompt_format == 'shapes':
+      texts.append(pipeline.decode(bundle.tokenizer, cut))
+    else:
+      texts.append(bundle.tokenizer.decode(cut, skip_special_tokens=True))
+  return (texts, ids) if return_ids else texts
