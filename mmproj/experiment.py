@@ -2,6 +2,8 @@
 
 The blind baseline is the same LM and training budget with no visual tokens (`model.use_image=False`); the gap
 between the two is what the projector carries. It trains in WORKDIR/blind/.
+Shapes-world runs are evaluated by VQA accuracy and caption loss; other data (LLaVA-format JSON) reports the
+training loss of the last log interval (evaluate those with mmproj.load + mmproj.generate).
 """
 from __future__ import annotations
 
@@ -45,11 +47,32 @@ def format_table(results: dict) -> str:
   return '\n'.join(lines)
 
 
+def _last_metrics(workdir: str) -> dict:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  return json.loads(lines[-1]) if lines else {}
+
+
 def run(cfg, workdir: str) -> dict:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   baseline = str(cfg.get('baseline') or '').lower()
   if baseline not in ('blind', '', 'none'):
     raise ValueError(f'baseline={cfg.baseline!r}: the only baseline is "blind" ("" or "none" for no baseline)')
+  if cfg.data.get('name', 'shapes') != 'shapes':
+    if baseline == 'blind':
+      raise ValueError(f'baseline="blind" is evaluated in the shapes world only (data.name={cfg.data.name!r})')
+    main = trainer.train(cfg, workdir)
+    results = {'steps': int(cfg.train.steps), 'train_seconds': round(main.train_seconds, 1),
+               'last_metrics': _last_metrics(workdir)}
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=2)
+      print(f'trained {results["steps"]} steps in {results["train_seconds"]:.0f}s; last log: '
+            f'{results["last_metrics"]}\nresults: {os.path.join(workdir, "results.json")}', flush=True)
+    return results
   main = trainer.train(cfg, workdir, name='[image] ' if baseline == 'blind' else '')
   accuracy, cap_loss = _evaluate(main, cfg)
   results = {'vqa_accuracy': accuracy, 'caption_loss': cap_loss, 'steps': int(cfg.train.steps),

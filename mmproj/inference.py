@@ -92,11 +92,15 @@ def _load_workdir(path: str, step: int | None) -> Bundle:
 
 
 def _data_image_processor(cfg):
-  """The resize/crop a run's LLaVA-format data used, as an ImageProcessor (normalisation happens in the model,
-  so the processor returns the model's uint8 input for these bundles)."""
-  from mmproj.data import preprocess
-  size = int(cfg.model.encoder.image_size)
-  return preprocess.ImageProcessor.clip(size=size, crop_size=(size, size), do_rescale=False, do_normalize=False)
+  """The image steps of a run's LLaVA-format data (mmproj.data.llava_json: pad/crop/resize to data.image_size),
+  as a callable images -> uint8 [B, S, S, 3]; the model normalises uint8 input itself."""
+  from mmproj.data import llava_json
+  size, aspect = int(cfg.data.image_size), str(cfg.data.get('image_aspect', 'pad'))
+  mean = cfg.data.get('image_mean', None)
+
+  def process(images):
+    return np.stack([llava_json.resize_image(image, size=size, aspect=aspect, mean=mean) for image in images])
+  return process
 
 
 def _read_json(path: str) -> dict:

@@ -1,1 +1,33 @@
-"""Data: the procedural 'shapes' world (TFDS array_record builder), its tokenizer, and the grain pipeline."""
+"""Data: the procedural 'shapes' world and LLaVA-format JSON + image folders (TFDS array_record builders), their
+tokenizers, and the grain pipelines. The trainer reaches them only through `prepare` and `train_loader`, which
+dispatch on cfg.data.name."""
+from __future__ import annotations
+
+from typing import Any
+
+DATASETS = ('shapes', 'llava_json')
+
+
+def _module(data_cfg: Any):
+  name = data_cfg.get('name', 'shapes') if hasattr(data_cfg, 'get') else 'shapes'
+  if name == 'shapes':
+    from mmproj.data import shapes
+    return shapes
+  if name == 'llava_json':
+    from mmproj.data import llava_json
+    return llava_json
+  raise ValueError(f'unknown data.name {name!r}; known: {list(DATASETS)}')
+
+
+def prepare(data_cfg: Any):
+  """Builds the dataset once (under data.data_dir) -> (dataset dir, tokenizers.Tokenizer)."""
+  return _module(data_cfg).prepare(data_cfg)
+
+
+def train_loader(data_cfg: Any, tok, **kwargs):
+  """The infinite, shuffled, per-process training loader (see mmproj.data.pipeline.train_loader for the
+  contract; LLaVA data: mmproj.data.llava_json.train_loader)."""
+  if _module(data_cfg).__name__.endswith('shapes'):
+    from mmproj.data import pipeline
+    return pipeline.train_loader(data_cfg, tok, **kwargs)
+  return _module(data_cfg).train_loader(data_cfg, tok, **kwargs)

@@ -219,8 +219,12 @@ class ImageProcessor:
     new_short, new_long = self.size, int(self.size * long / short)
     return (new_long, new_short) if width <= height else (new_short, new_long)
 
-  def process_one(self, image: np.ndarray) -> np.ndarray:
-    """One uint8 [H, W, C] image -> float32 [h, w, 3]."""
+  def resize_and_crop(self, image: np.ndarray) -> np.ndarray:
+    """Steps 1-3 only (RGB conversion, resize, center crop): one uint8 [H, W, C] image -> uint8 [h, w, 3].
+
+    For pipelines that leave rescaling and normalisation to the model (which takes uint8 images);
+    `process_one(x)` is exactly rescale + normalise of `resize_and_crop(x)`.
+    """
     image = np.asarray(image)
     if image.dtype != np.uint8:
       raise ValueError(f'images must be uint8, got {image.dtype}')
@@ -235,6 +239,11 @@ class ImageProcessor:
       image = np.asarray(Image.fromarray(image).resize((w, h), resample=self.resample))
     if self.do_center_crop:
       image = _center_crop(image, self.crop_size)
+    return image
+
+  def process_one(self, image: np.ndarray) -> np.ndarray:
+    """One uint8 [H, W, C] image -> float32 [h, w, 3]."""
+    image = self.resize_and_crop(image)
     if self.do_rescale:
       image = (image.astype(np.float64) * self.rescale_factor).astype(np.float32)
     else:

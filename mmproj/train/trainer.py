@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mmproj import model as model_lib
 from mmproj.train import checkpoint as ckpt_lib
 from mmproj.train import optimizer as opt_lib
+from mmproj.train import pretrained
 from mmproj.train import sharding as shard_lib
 from mmproj.train.metrics import MetricWriter
 
@@ -122,13 +123,22 @@ def _like_params(opt_state, params, params_sharding, default):
 
 
 def init_state(s: Setup, seed: int) -> TrainState:
+  """A fresh train state: random params, with the parts named in cfg.init replaced by pretrained weights
+  (mmproj/train/pretrained.py), and the optimizer state of those params."""
   batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in dummy_batch(s.cfg, 1).items()}
 
-  def init():
-    params = flax.linen.unbox(s.model.init(jax.random.key(seed), batch)['params'])
+  def init_params():
+    return flax.linen.unbox(s.model.init(jax.random.key(seed), batch)['params'])
+
+  def init_opt(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=s.tx.init(params))
+
   with jax.set_mesh(s.mesh):
-    return jax.jit(init, out_shardings=s.state_sharding)()
+    params = jax.jit(init_params, out_shardings=s.state_sharding.params)()
+    loaded = pretrained.load(s.cfg)
+    if loaded:
+      params = pretrained.place(params, loaded, s.state_sharding.params)
+    return jax.jit(init_opt, out_shardings=s.state_sharding, donate_argnums=0)(params)
 
 
 def token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -180,14 +190,15 @@ class TrainResult:
 
 def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
   """Trains (or resumes, or just restores a finished run) in `workdir`."""
-  from mmproj.data import pipeline, shapes
+  from mmproj import data
 
   s = setup(cfg)
-  _, tokenizer = shapes.prepare(cfg.data)
+  pretrained.check(cfg)            # cfg.init paths exist and match cfg.model, before any data build or compile
+  _, tokenizer = data.prepare(cfg.data)
   check_tokenizer(cfg, tokenizer)
   ckpt_lib.save_run_files(workdir, cfg, tokenizer)
 
-  loader = pipeline.train_loader(cfg.data, tokenizer, num_image_tokens=s.num_image_tokens,
+  loader = data.train_loader(cfg.data, tokenizer, num_image_tokens=s.num_image_tokens,
                                  global_batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
                                  process_index=jax.process_index(), process_count=jax.process_count())
   data_iter = iter(loader)

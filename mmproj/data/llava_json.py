@@ -1,0 +1,557 @@
+"""LLaVA-format training data (LCS-558K stage-1 and LLaVA-665K stage-2 layouts) as TFDS array_record + grain.
+
+Input: a JSON file holding a list of records
+
+    {"id": str, "image": "relative/path.jpg" (optional: text-only records),
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is in the picture?"},
+                       {"from": "gpt", "value": "A cat."}, ...]}
+
+and the image folder the paths are relative to. `LlavaJson` (a TFDS `GeneratorBasedBuilder`, array_record, no
+TensorFlow needed) stores one example per JSON record, in file order:
+
+    index       int32       position of the record in the JSON list
+    id          text        the record's "id" (str() of it)
+    image       bytes       the image file's raw encoded bytes (b'' for text-only records); decoding, resizing and
+                            cropping happen at read time, so the data set stays the size of the image folder
+    image_path  text        the record's "image" ('' for text-only records), for error messages
+    has_image   bool
+    roles       text [n]    the turns' "from"
+    values      text [n]    the turns' "value"
+
+The builder config's name is `<json file stem>_<first 16 hex digits of the JSON's sha256>`, so an edited JSON
+builds a new data set next to the old one (images are not hashed: a changed image folder with the same JSON
+needs a new data_dir). `prepare(cfg.data)` builds it once under data.data_dir (file-locked, interrupted builds
+never read as complete) and returns (dataset dir, tokenizer). Build-time errors (naming the record id, the JSON
+entry and the file): missing image file, a record without conversations, a malformed conversation. A file that
+is not a decodable image fails when the loader reads that record, naming the record id and file.
+
+`train_loader` yields batches of B = global_batch_size // process_count rows (L = num_image_tokens + text_len):
+
+    image       uint8   [B, S, S, 3]  S = data.image_size; all zeros for text-only records
+    tokens      int32   [B, L]        <bos>, the template's text with '<image>' -> num_image_tokens image ids
+                                      (none for text-only records), right-padded with 0
+    positions   int32   [B, L]        max(cumsum(input_mask) - 1, 0)
+    input_mask  int32   [B, L]
+    targets     int32   [B, L]        tokens shifted left by one, 0 at the end
+    loss_mask   float32 [B, L]        1 where targets[t] is an assistant token (see mmproj.data.conversation)
+
+Images (PIL, converted to RGB as LLaVA does) by data.image_aspect:
+    'pad'     LLaVA-1.5: paste centred on a square of colour int(mean * 255) (LLaVA's `expand2square` colour,
+              truncated as LLaVA does, mean = data.image_mean), then the CLIP processor's steps;
+    'crop'    the CLIP processor: shortest edge -> S (bicubic), center crop S x S;
+    'resize'  the SigLIP processor: bicubic resize to S x S (aspect ratio not kept).
+The resize/crop steps are `mmproj.data.preprocess.ImageProcessor.resize_and_crop`; rescaling/normalisation happen
+in the model. `resize_image(array, ...)` applies the same steps to a decoded image (inference).
+
+data_cfg fields (ml_collections.ConfigDict, dict or attribute object):
+    name          'llava_json' (required to be this value when given)
+    json          path of the LLaVA JSON file (required)
+    image_dir     folder the "image" paths are relative to (required unless every record is text-only)
+    data_dir      where the TFDS data set is built (required)
+    tokenizer     a tokenizer.json, or a directory holding one (required)
+    template      'plain' (stage 1) | 'vicuna_v1' (stage 2); default 'vicuna_v1'
+    text_len      text tokens per row, L = num_image_tokens + text_len; default 1472 (LLaVA-1.5: 2048 - 576)
+    image_size    S; default 336
+    image_aspect  'pad' | 'crop' | 'resize'; default 'pad'
+    image_mean    3 floats, the 'pad' colour; default OPENAI_CLIP_MEAN (LLaVA-1.5's CLIP-L/336 processor)
+    overflow      'truncate' | 'skip' | 'error' for rows longer than L; default 'truncate'
+    image_token   default '<image>';  bos_token default '<s>';  eos_token default '</s>'
+    worker_count  grain worker processes, 0 = in the calling process; default 0
+    read_threads  threads reading + decoding records ahead; default 2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+import tokenizers
+from etils import epath
+from PIL import Image
+
+from mmproj.data import conversation
+from mmproj.data import preprocess
+from mmproj.data import shapes  # get_field; importing it also quiets TFDS's 'custom data configuration' warning
+
+NAME = 'llava_json'
+ASPECTS = ('pad', 'crop', 'resize')
+SPLITS = ('train',)
+DEFAULTS = dict(template='vicuna_v1', text_len=1472, image_size=336, image_aspect='pad',
+                image_mean=preprocess.OPENAI_CLIP_MEAN, overflow='truncate', image_token=conversation.IMAGE_TOKEN,
+                bos_token=conversation.BOS_TOKEN, eos_token=conversation.EOS_TOKEN, worker_count=0, read_threads=2)
+TOKENIZER_FILENAME = 'tokenizer.json'
+_log = logging.getLogger(__name__)
+
+
+def _cfg(data_cfg: Any, key: str) -> Any:
+  return shapes.get_field(data_cfg, key, DEFAULTS.get(key))
+
+
+def _path_field(data_cfg: Any, key: str) -> str:
+  value = _cfg(data_cfg, key)
+  if not value:
+    raise ValueError(f'data.{key}: must be set')
+  return os.path.abspath(os.path.expanduser(os.fspath(value)))
+
+
+def _check_name(data_cfg: Any) -> None:
+  name = shapes.get_field(data_cfg, 'name', NAME)
+  if name != NAME:
+    raise ValueError(f'data.name: LLaVA-JSON data needs name={NAME!r}, got {name!r}')
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+  del mtime_ns, size  # cache key only: an edited file is hashed again
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      h.update(block)
+  return h.hexdigest()
+
+
+def json_hash(json_path: str) -> str:
+  """sha256 hex digest of the JSON file's bytes (cached per path, mtime and size)."""
+  st = os.stat(json_path)
+  return _sha256(json_path, st.st_mtime_ns, st.st_size)
+
+
+@dataclasses.dataclass
+class LlavaJsonConfig(tfds.core.BuilderConfig):
+  """Where the JSON and images are; `name` (set from the JSON's stem and content hash) picks the directory."""
+  name: str = ''
+  json_path: str = ''
+  image_dir: str = ''
+
+
+def config_from(data_cfg: Any) -> LlavaJsonConfig:
+  """cfg.data -> LlavaJsonConfig (hashes the JSON; FileNotFoundError naming data.json when it is missing)."""
+  _check_name(data_cfg)
+  json_path = _path_field(data_cfg, 'json')
+  if not os.path.isfile(json_path):
+    raise FileNotFoundError(f'data.json: {json_path} is not a file')
+  image_dir = _cfg(data_cfg, 'image_dir')
+  image_dir = os.path.abspath(os.path.expanduser(os.fspath(image_dir))) if image_dir else ''
+  stem = re.sub(r'[^A-Za-z0-9_]+', '_', os.path.splitext(os.path.basename(json_path))[0])[:48] or 'data'
+  return LlavaJsonConfig(name=f'{stem}_{json_hash(json_path)[:16]}', json_path=json_path, image_dir=image_dir)
+
+
+# ----------------------------------------------------------------------------------------------- TFDS builder
+
+
+def _where(json_path: str, index: int, rec: Any = None) -> str:
+  rid = rec.get('id') if isinstance(rec, Mapping) else None
+  return (f'record {str(rid)!r} (' if rid is not None else '(') + f'entry {index} of {json_path})'
+
+
+def tfds_example(rec: Any, index: int, json_path: str, image_dir: str) -> dict[str, Any]:
+  """JSON record `index` -> the builder's feature dict (reads the image bytes). ValueError / FileNotFoundError
+  naming the record id, JSON entry and file when the record is malformed or its image is missing."""
+  where = _where(json_path, index, rec)
+  if not isinstance(rec, Mapping):
+    raise ValueError(f'{where}: a record must be a JSON object, got {type(rec).__name__}')
+  if rec.get('id') is None:
+    raise ValueError(f'{where}: the record has no "id"')
+  rid = str(rec['id'])
+  conv = rec.get('conversations')
+  if not isinstance(conv, list) or not conv:
+    raise ValueError(f'{where}: the record has no "conversations" (got {conv!r:.80})')
+  roles, values = [], []
+  for j, turn in enumerate(conv):
+    if not isinstance(turn, Mapping) or not isinstance(turn.get('from'), str) or not isinstance(
+        turn.get('value'), str):
+      raise ValueError(f'{where}: conversations[{j}] must be {{"from": str, "value": str}}, got {turn!r:.80}')
+    roles.append(turn['from'])
+    values.append(turn['value'])
+  image_rel = rec.get('image') or ''
+  if not isinstance(image_rel, str):
+    raise ValueError(f'{where}: "image" must be one relative path (one image per record), got {image_rel!r:.80}')
+  try:
+    conversation.rounds(roles, values, record_id=rid, has_image=bool(image_rel))  # template-independent checks
+  except ValueError as e:
+    raise ValueError(f"{where}: {str(e).removeprefix(f'record {rid!r}: ')}") from None
+  data = b''
+  if image_rel:
+    if not image_dir:
+      raise ValueError(f'{where} has image {image_rel!r} but data.image_dir is not set')
+    path = os.path.join(image_dir, image_rel)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{where}: image file {path} not found')
+    with open(path, 'rb') as f:
+      data = f.read()
+  return dict(index=index, id=rid, image=data, image_path=image_rel, has_image=bool(image_rel), roles=roles,
+              values=values)
+
+
+class LlavaJson(tfds.core.GeneratorBasedBuilder):
+  """TFDS builder for one LLaVA JSON + image folder (array_record; records in JSON order)."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  code_path = epath.Path(__file__)  # see ShapesWorld.code_path
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    text = tfds.features.Text
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__,
+        features=tfds.features.FeaturesDict({
+            'index': tfds.features.Scalar(dtype=np.int32),
+            'id': text(),
+            # Raw file bytes: a scalar string tensor (Text would insist on UTF-8; Image would decode/re-encode).
+            'image': tfds.features.Tensor(shape=(), dtype=np.object_),
+            'image_path': text(),
+            'has_image': tfds.features.Scalar(dtype=np.bool_),
+            'roles': tfds.features.Sequence(text()),
+            'values': tfds.features.Sequence(text()),
+        }),
+        disable_shuffling=True,  # record i of 'train' is JSON entry i
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    c = self.builder_config
+    with open(c.json_path, 'rb') as f:
+      try:
+        records = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'data.json: {c.json_path} is not valid JSON: {e}') from None
+    if not isinstance(records, list):
+      raise ValueError(f'data.json: {c.json_path} must hold a list of records, got {type(records).__name__}')
+    if not records:
+      raise ValueError(f'data.json: {c.json_path} holds no records')
+    for i, rec in enumerate(records):
+      yield i, tfds_example(rec, i, c.json_path, c.image_dir)
+
+
+# ----------------------------------------------------------------------------------------------- prepare / read
+
+
+def builder(data_cfg: Any) -> LlavaJson:
+  """The TFDS builder for cfg.data (nothing is built)."""
+  return LlavaJson(config=config_from(data_cfg), data_dir=_path_field(data_cfg, 'data_dir'),
+                   file_format='array_record')
+
+
+def is_prepared(data_cfg: Any) -> bool:
+  return builder(data_cfg).data_path.exists()
+
+
+@contextlib.contextmanager
+def _lock(path: str):
+  """Exclusive inter-process file lock, so concurrent prepare() calls build once."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_tokenizer(data_cfg: Any) -> tokenizers.Tokenizer:
+  """data.tokenizer (a tokenizer.json or a directory holding one), checked for data.image_token/bos_token/
+  eos_token (ValueError naming the field)."""
+  path = _path_field(data_cfg, 'tokenizer')
+  if os.path.isdir(path):
+    path = os.path.join(path, TOKENIZER_FILENAME)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'data.tokenizer: {path} not found')
+  try:
+    tok = tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'data.tokenizer: cannot load {path}: {e}') from None
+  special_tokens(data_cfg, tok)
+  return tok
+
+
+def special_tokens(data_cfg: Any, tok: tokenizers.Tokenizer) -> conversation.SpecialTokens:
+  return conversation.SpecialTokens.from_tokenizer(
+      tok, image_token=_cfg(data_cfg, 'image_token'), bos_token=_cfg(data_cfg, 'bos_token'),
+      eos_token=_cfg(data_cfg, 'eos_token'))
+
+
+def prepare(data_cfg: Any) -> tuple[str, tokenizers.Tokenizer]:
+  """Builds the data set on first use under data.data_dir and returns (dataset dir, tokenizer).
+
+  A no-op when already built. TFDS generates into `incomplete.*` and renames the directory at the end, so an
+  interrupted build never reads as complete; its leftovers are removed by the next prepare().
+  """
+  tok = load_tokenizer(data_cfg)  # fail fast, before a long build
+  b = builder(data_cfg)
+  path = b.data_path  # <data_dir>/llava_json/<stem>_<hash>/<version>
+  if not path.exists():
+    with _lock(os.path.join(_path_field(data_cfg, 'data_dir'), f'.{b.name}.{b.builder_config.name}.lock')):
+      if not path.exists():
+        for stale in path.parent.glob(f'incomplete.*_{path.name}'):  # left by killed builds
+          stale.rmtree(missing_ok=True)
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  return os.fspath(path), tok
+
+
+def data_source(data_cfg: Any, split: str = 'train'):
+  """Random-access source of the stored records of a prepared split (tfds.data_source over array_record)."""
+  if split not in SPLITS:
+    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+  config = config_from(data_cfg)
+  data_dir = _path_field(data_cfg, 'data_dir')
+  if not LlavaJson(config=config, data_dir=data_dir, file_format='array_record').data_path.exists():
+    raise FileNotFoundError(f'{config.json_path} is not built under {data_dir} (config {config.name}); call '
+                            'mmproj.data.llava_json.prepare(cfg.data) first')
+  return tfds.data_source(NAME, split=split, data_dir=data_dir, download=False,
+                          builder_kwargs={'config': config, 'file_format': 'array_record'})
+
+
+def _txt(v: Any) -> str:
+  return v.decode('utf-8') if isinstance(v, bytes) else str(v)
+
+
+def decode_record(record: Mapping[str, Any]) -> dict[str, Any]:
+  """A record from `data_source` with text as str and the image as raw bytes."""
+  return {
+      'index': int(record['index']),
+      'id': _txt(record['id']),
+      'image': bytes(record['image']),
+      'image_path': _txt(record['image_path']),
+      'has_image': bool(record['has_image']),
+      'roles': [_txt(v) for v in record['roles']],
+      'values': [_txt(v) for v in record['values']],
+  }
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+@functools.lru_cache(maxsize=None)
+def image_processor(aspect: str, size: int) -> preprocess.ImageProcessor:
+  """The resize/crop steps of `aspect` at S = size (see module docstring)."""
+  if aspect in ('pad', 'crop'):
+    return preprocess.ImageProcessor.clip(size=size, crop_size=(size, size))
+  if aspect == 'resize':
+    return preprocess.ImageProcessor.siglip(size=(size, size))
+  raise ValueError(f'data.image_aspect: {aspect!r} is not one of {ASPECTS}')
+
+
+def pad_color(mean: Sequence[float]) -> tuple[int, int, int]:
+  """LLaVA's expand2square background: int(m * 255) per channel (truncated, as LLaVA)."""
+  return tuple(int(m * 255) for m in mean)
+
+
+def _pad_to_square(img: Image.Image, color: tuple[int, int, int]) -> Image.Image:
+  w, h = img.size
+  if w == h:
+    return img
+  side = max(w, h)
+  out = Image.new(img.mode, (side, side), color)
+  out.paste(img, ((side - w) // 2, (side - h) // 2))
+  return out
+
+
+def _resize_pil(img: Image.Image, size: int, aspect: str, mean: Sequence[float] | None) -> np.ndarray:
+  proc = image_processor(aspect, size)
+  img = img.convert('RGB')  # as LLaVA: grayscale repeated, alpha dropped
+  if aspect == 'pad':
+    img = _pad_to_square(img, pad_color(preprocess.OPENAI_CLIP_MEAN if mean is None else mean))
+  return proc.resize_and_crop(np.asarray(img))  # [S, S, 3]
+
+
+def resize_image(image: np.ndarray, *, size: int, aspect: str,
+                 mean: Sequence[float] | None = None) -> np.ndarray:
+  """A decoded uint8 image [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] -> uint8 [size, size, 3], exactly as the
+  training loader treats a decoded file (`aspect`: 'pad' | 'crop' | 'resize'; `mean`: the 'pad' colour's
+  source, None = OPENAI_CLIP_MEAN)."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f'images must be uint8, got {image.dtype}')
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
+    raise ValueError(f'an image must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got shape {image.shape}')
+  return _resize_pil(Image.fromarray(image), size, aspect, mean)
+
+
+def load_image(data: bytes, *, size: int, aspect: str, mean: Sequence[float] | None = None,
+               where: str = 'image') -> np.ndarray:
+  """Encoded image bytes -> uint8 [size, size, 3] (see `resize_image`). ValueError naming `where` when the bytes
+  do not decode."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()
+      img = im.convert('RGB')
+  except Exception as e:  # pylint: disable=broad-except  (PIL raises several types for bad files)
+    raise ValueError(f'{where}: cannot decode the image: {type(e).__name__}: {e}') from None
+  return _resize_pil(img, size, aspect, mean)
+
+
+# ----------------------------------------------------------------------------------------------- loader
+
+
+def _check_options(data_cfg: Any) -> dict[str, Any]:
+  """The row options from cfg.data, validated (ValueError naming the field)."""
+  o = {k: _cfg(data_cfg, k) for k in ('template', 'text_len', 'image_size', 'image_aspect', 'image_mean',
+                                       'overflow')}
+  if o['template'] not in conversation.TEMPLATES:
+    raise ValueError(f'data.template: {o["template"]!r} is not one of {conversation.TEMPLATES}')
+  if o['overflow'] not in conversation.OVERFLOW_POLICIES:
+    raise ValueError(f'data.overflow: {o["overflow"]!r} is not one of {conversation.OVERFLOW_POLICIES}')
+  if o['image_aspect'] not in ASPECTS:
+    raise ValueError(f'data.image_aspect: {o["image_aspect"]!r} is not one of {ASPECTS}')
+  for k in ('text_len', 'image_size'):
+    if isinstance(o[k], bool) or not isinstance(o[k], (int, np.integer)) or o[k] < 1:
+      raise ValueError(f'data.{k}: must be a positive int, got {o[k]!r}')
+    o[k] = int(o[k])
+  mean = o['image_mean']
+  if (not isinstance(mean, Sequence) or isinstance(mean, str) or len(mean) != 3
+      or not all(isinstance(m, (int, float)) and 0 <= m <= 1 for m in mean)):
+    raise ValueError(f'data.image_mean: must be 3 floats in [0, 1], got {mean!r}')
+  o['image_mean'] = tuple(float(m) for m in mean)
+  return o
+
+
+@dataclasses.dataclass
+class LlavaRow(grain.transforms.Map):
+  """A stored record -> one training row (layout in the module docstring), or {} for a record dropped by
+  overflow='skip' (removed by the Filter that follows). Skips are counted (`skipped`) and logged."""
+  tok: tokenizers.Tokenizer
+  special: conversation.SpecialTokens
+  template: str
+  num_image_tokens: int
+  text_len: int
+  overflow: str
+  image_size: int
+  image_aspect: str
+  image_mean: tuple[float, float, float]
+  num_records: int
+  skipped: int = dataclasses.field(default=0, init=False)
+  _skip_run: int = dataclasses.field(default=0, init=False)
+
+  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    rec = decode_record(element)
+    rid = rec['id']
+    segs = conversation.segments(self.template, rec['roles'], rec['values'], record_id=rid,
+                                 has_image=rec['has_image'], image_token=self.special.image,
+                                 eos_token=self.special.eos)
+    row = conversation.tokenize(self.tok, segs, self.special,
+                                num_image_tokens=self.num_image_tokens if rec['has_image'] else 0,
+                                text_len=self.text_len + (0 if rec['has_image'] else self.num_image_tokens),
+                                overflow=self.overflow, record_id=rid)
+    if row is None:
+      self.skipped += 1
+      self._skip_run += 1
+      _log.warning('skipping record %r (entry %d): longer than L = %d (data.overflow=skip); '
+                      '%d skipped so far in this process', rid, rec['index'],
+                      self.num_image_tokens + self.text_len, self.skipped)
+      if self._skip_run > self.num_records:
+        raise ValueError(f'every record is longer than L = {self.num_image_tokens + self.text_len} '
+                         '(data.overflow=skip would never yield a row); raise data.text_len')
+      return {}
+    self._skip_run = 0
+    s = self.image_size
+    if rec['has_image']:
+      where = f"record {rid!r} (entry {rec['index']}), image file {rec['image_path']!r}"
+      row['image'] = load_image(rec['image'], size=s, aspect=self.image_aspect, mean=self.image_mean, where=where)
+    else:
+      row['image'] = np.zeros((s, s, 3), np.uint8)
+    return row
+
+
+@dataclasses.dataclass
+class DropSkipped(grain.transforms.Filter):
+  """Drops the empty rows LlavaRow returns for skipped records."""
+
+  def filter(self, element: Mapping[str, Any]) -> bool:
+    return bool(element)
+
+
+def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: int, global_batch_size: int,
+                 seed: int, process_index: int | None = None, process_count: int | None = None,
+                 worker_count: int | None = None, worker_buffer_size: int = 1, read_threads: int | None = None,
+                 split: str = 'train') -> grain.DataLoader:
+  """Infinite, shuffled (by `seed`, reshuffled every epoch) training loader for this process's shard; the same
+  contract as `mmproj.data.pipeline.train_loader` (batch layout in the module docstring).
+
+  Each process reads a disjoint contiguous shard of the records and yields batches of
+  global_batch_size // process_count rows (drop_remainder). `iter(loader)` has get_state()/set_state() (and is
+  saved with grain.checkpoint.CheckpointSave inside ocp.args.Composite). process_index/count default to
+  jax.process_index()/process_count(); worker_count to data.worker_count; read_threads to data.read_threads.
+  With data.overflow='skip' the dropped records are logged and counted; a batch then holds the next records.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, process_count={process_count})')
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of '
+                     f'process_count={process_count}')
+  if not 0 <= int(seed) < 2 ** 32:
+    raise ValueError(f'seed={seed}: grain needs a non-negative 32-bit seed')
+  if num_image_tokens < 0:
+    raise ValueError(f'num_image_tokens={num_image_tokens} must be >= 0')
+  o = _check_options(data_cfg)
+  special = special_tokens(data_cfg, tok)
+  if worker_count is None:
+    worker_count = int(_cfg(data_cfg, 'worker_count') or 0)
+  if read_threads is None:
+    read_threads = int(_cfg(data_cfg, 'read_threads'))
+  if worker_count > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app use defaults
+      flags.FLAGS.mark_as_parsed()
+
+  source = data_source(data_cfg, split)
+  if len(source) < process_count:
+    raise ValueError(f'{split} split has {len(source)} records, fewer than process_count={process_count}')
+  per_process = global_batch_size // process_count
+  if per_process > len(source) // process_count:
+    raise ValueError(f'per-process batch {per_process} > records per shard {len(source) // process_count}')
+  shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
+  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
+                                        num_epochs=None, seed=int(seed))
+  row = LlavaRow(tok, special, o['template'], num_image_tokens, o['text_len'], o['overflow'], o['image_size'],
+                 o['image_aspect'], o['image_mean'], num_records=len(source))
+  return grain.DataLoader(
+      data_source=source, sampler=sampler, shard_options=shard, worker_count=worker_count,
+      worker_buffer_size=worker_buffer_size,
+      read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64 * max(read_threads, 1)),
+      operations=[row, DropSkipped(), grain.transforms.Batch(batch_size=per_process, drop_remainder=True)])
+
+
+def token_lengths(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: int,
+                  split: str = 'train') -> np.ndarray:
+  """int32 [N]: every record's untruncated row length (<bos> + image block + text) under cfg.data's template,
+  in record order; e.g. to choose data.text_len or count what overflow='skip' would drop. Reads all records."""
+  o = _check_options(data_cfg)
+  special = special_tokens(data_cfg, tok)
+  source = data_source(data_cfg, split)
+  out = np.zeros(len(source), np.int32)
+  for i in range(len(source)):
+    rec = decode_record(source[i])
+    segs = conversation.segments(o['template'], rec['roles'], rec['values'], record_id=rec['id'],
+                                 has_image=rec['has_image'], image_token=special.image, eos_token=special.eos)
+    ids, _, _ = conversation.encode_segments(tok, segs, special,
+                                             num_image_tokens=num_image_tokens if rec['has_image'] else 0,
+                                             record_id=rec['id'])
+    out[i] = len(ids)
+  return out

@@ -1,0 +1,185 @@
+"""Starting a run from released weights or an earlier run: `cfg.init` names where each part's params come from.
+
+  cfg.init = dict(
+      encoder='/models/clip-vit-large-patch14-336',  # HF dir: CLIPVisionModel / SiglipVisionModel, or a full
+                                                     #   CLIPModel / SiglipModel (its text tower is skipped)
+      lm='/models/vicuna-7b-v1.5',                   # HF dir: Llama / Mistral / Qwen2 causal LM
+      projector='runs/llava15_stage1',               # an mmproj workdir: params['projector'] of its latest step
+  )
+
+Missing entries (or None) keep the random initialisation. Weights are read from safetensors only (never pickle).
+`check(cfg)` runs before anything is compiled: every named path must exist and its architecture must equal
+cfg.model's (a ValueError names the differing cfg.model field and the file). The LM may have a larger
+vocabulary than the checkpoint (LLaVA appends <image> and <pad> to Vicuna's 32000 tokens): the new embedding and
+lm_head rows start at the mean of the checkpoint's rows, as transformers' resize_token_embeddings does.
+Loaded params are only used on a fresh start; a resumed run restores everything from its own checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+PARTS = ('encoder', 'lm', 'projector')
+# Keys of a full CLIPModel / SiglipModel that are not its vision tower.
+_OTHER_TOWERS = ('text_model.', 'visual_projection.', 'text_projection.', 'logit_scale', 'logit_bias')
+# cfg.model.lm fields that may legitimately differ from the HF checkpoint's config.
+_LM_FREE_FIELDS = ('vocab_size', 'max_len')
+# cfg.model.encoder fields the HF vision config does not describe.
+_ENCODER_FREE_FIELDS = ('name', 'image_mean', 'image_std')
+
+
+def _sources(cfg) -> dict[str, str]:
+  init = cfg.get('init') or {}
+  unknown = sorted(set(init) - set(PARTS))
+  if unknown:
+    raise ValueError(f'init.{unknown[0]}: unknown part; cfg.init takes {list(PARTS)}')
+  out = {}
+  for part in PARTS:
+    path = init.get(part)
+    if path:
+      path = os.path.abspath(os.path.expanduser(str(path)))
+      if not os.path.exists(path):
+        raise FileNotFoundError(f'init.{part}={init.get(part)!r}: {path} does not exist')
+      out[part] = path
+  if out and not cfg.model.use_image and set(out) - {'lm'}:
+    raise ValueError('cfg.init names encoder/projector weights but model.use_image is False')
+  return out
+
+
+def _same(a: Any, b: Any) -> bool:
+  if hasattr(a, 'to_dict'):
+    a = a.to_dict()
+  if isinstance(a, dict) or isinstance(b, dict):
+    a, b = dict(a or {}), dict(b or {})
+    return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+  if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+    a, b = list(a or []), list(b or [])
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+  if isinstance(a, float) or isinstance(b, float):
+    return a is not None and b is not None and bool(np.isclose(float(a), float(b), rtol=1e-6))
+  return a == b
+
+
+def _compare(field_prefix: str, ours: Any, theirs: dict, where: str, skip: tuple[str, ...]) -> None:
+  for key, value in theirs.items():
+    if key in skip:
+      continue
+    mine = ours.get(key, None)
+    if not _same(mine, value):
+      raise ValueError(f'{field_prefix}.{key}={mine!r} but {where} gives {value!r}')
+
+
+def _encoder_config(cfg, path: str) -> dict:
+  from mmproj.convert import hf_dir, vision
+  enc = cfg.model.encoder
+  return vision.encoder_config_from_hf(hf_dir.read_config(path), output_layer=int(enc.output_layer),
+                                       final_norm=bool(enc.get('final_norm', True)))
+
+
+def _lm_config(path: str) -> dict:
+  from mmproj.convert import hf_dir, llama
+  return llama.lm_config_from_hf(hf_dir.read_config(path))
+
+
+def _workdir_config(path: str) -> dict:
+  config = os.path.join(path, 'config.json')
+  if not os.path.isfile(config):
+    raise FileNotFoundError(f'init.projector: {config} not found ({path} is not an mmproj workdir)')
+  with open(config) as f:
+    return json.load(f)
+
+
+def check(cfg) -> None:
+  """Every cfg.init path exists and describes the architecture in cfg.model (ValueError naming the field)."""
+  sources = _sources(cfg)
+  if 'encoder' in sources:
+    _compare('model.encoder', cfg.model.encoder, _encoder_config(cfg, sources['encoder']),
+             f'init.encoder ({sources["encoder"]}/config.json)', _ENCODER_FREE_FIELDS)
+  if 'lm' in sources:
+    theirs = _lm_config(sources['lm'])
+    _compare('model.lm', cfg.model.lm, theirs, f'init.lm ({sources["lm"]}/config.json)', _LM_FREE_FIELDS)
+    if int(cfg.model.lm.vocab_size) < int(theirs['vocab_size']):
+      raise ValueError(f'model.lm.vocab_size={cfg.model.lm.vocab_size} is smaller than the vocabulary of init.lm '
+                       f'({sources["lm"]}: {theirs["vocab_size"]})')
+  if 'projector' in sources:
+    theirs = _workdir_config(sources['projector']).get('model', {})
+    for section in ('projector', 'encoder'):
+      _compare(f'model.{section}', cfg.model[section], theirs.get(section, {}),
+               f'init.projector ({sources["projector"]}/config.json model.{section})', ())
+    if int(theirs.get('lm', {}).get('width', -1)) != int(cfg.model.lm.width):
+      raise ValueError(f'model.lm.width={cfg.model.lm.width} but init.projector ({sources["projector"]}) '
+                       f'was trained for an LM of width {theirs.get("lm", {}).get("width")}')
+
+
+def _pad_vocab(lm: dict, vocab_size: int) -> dict:
+  """Grows embed_tokens [V0, D] (and an untied lm_head kernel [D, V0]) to vocab_size rows, new rows = mean."""
+  embed = lm['embed_tokens']['embedding']
+  extra = vocab_size - embed.shape[0]
+  if extra <= 0:
+    return lm
+  lm['embed_tokens']['embedding'] = np.concatenate(
+      [embed, np.repeat(embed.mean(0, keepdims=True), extra, 0)], 0)                 # [V, D]
+  if 'lm_head' in lm:
+    kernel = lm['lm_head']['kernel']                                                    # [D, V0]
+    lm['lm_head']['kernel'] = np.concatenate([kernel, np.repeat(kernel.mean(1, keepdims=True), extra, 1)], 1)
+  return lm
+
+
+def _load_encoder(cfg, path: str) -> dict:
+  from mmproj.convert import StateDict, hf_dir, vision
+  sd = StateDict(hf_dir.read_safetensors(path), where=path)
+  prefix = vision.find_prefix(sd)
+  params = vision.encoder_params_from_hf(sd, _encoder_config(cfg, path), prefix)
+  sd.finish(ignore=vision.skipped_prefixes(_encoder_config(cfg, path), prefix) + _OTHER_TOWERS)
+  return params
+
+
+def _load_lm(cfg, path: str) -> dict:
+  from mmproj.convert import StateDict, hf_dir, llama
+  sd = StateDict(hf_dir.read_safetensors(path), where=path)
+  params = llama.lm_params_from_hf(sd, _lm_config(path))
+  sd.finish()
+  return _pad_vocab(params, int(cfg.model.lm.vocab_size))
+
+
+def _load_projector(path: str) -> dict:
+  from mmproj.train import checkpoint
+  import jax
+  _, params, _, _, _ = checkpoint.restore_for_inference(path)
+  return jax.device_get(params['projector'])
+
+
+def load(cfg) -> dict[str, Any]:
+  """{part: numpy params subtree} for every part cfg.init names (after `check`)."""
+  check(cfg)
+  loaders = {'encoder': lambda p: _load_encoder(cfg, p), 'lm': lambda p: _load_lm(cfg, p),
+             'projector': _load_projector}
+  return {part: loaders[part](path) for part, path in _sources(cfg).items()}
+
+
+def place(params: dict, loaded: dict[str, Any], shardings: dict) -> dict:
+  """Replaces params[part] by loaded[part] on the same shardings; ValueError naming a param whose path or shape
+  differs from the model's."""
+  import jax
+  from mmproj.train.optimizer import path_str
+
+  out = dict(params)
+  for part, tree in loaded.items():
+    want = jax.tree_util.tree_flatten_with_path(params[part])[0]
+    got = dict((path_str(p), v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0])
+    missing = [path_str(p) for p, _ in want if path_str(p) not in got]
+    extra = sorted(set(got) - {path_str(p) for p, _ in want})
+    if missing or extra:
+      raise ValueError(f'init.{part}: params {part}/{(missing or extra)[0]} '
+                       f'{"missing from" if missing else "not in the model but in"} the loaded weights')
+    leaves = []
+    for (p, ref), sharding in zip(want, jax.tree.leaves(shardings[part])):
+      value = np.asarray(got[path_str(p)])
+      if value.shape != ref.shape:
+        raise ValueError(f'init.{part}: {part}/{path_str(p)} has shape {value.shape}, the model expects {ref.shape}')
+      leaves.append(jax.device_put(value.astype(ref.dtype), sharding))
+    out[part] = jax.tree.unflatten(jax.tree.structure(params[part]), leaves)
+  return out

@@ -1,0 +1,131 @@
+"""LLaVA-1.5 recipe end to end at tiny scale: HF CLIP + Llama directories and a LLaVA-format fixture (JSON + PNGs)
+-> configs/llava15_stage1.py (projector only) -> configs/llava15_stage2.py (projector + LM, from stage 1) ->
+mmproj.load + mmproj.generate on the stage-2 workdir."""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from parity_utils import randomize_, seeded
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+import llava_fixture  # noqa: E402
+import mmproj  # noqa: E402
+from experiment_utils import load_config  # noqa: E402
+from mmproj.convert import vision  # noqa: E402
+from mmproj.convert.llama import load_lm  # noqa: E402
+from mmproj.train import pretrained, trainer  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def parts(tmp_path_factory):
+  """Tiny HF directories (CLIPVisionModel, LlamaForCausalLM), the fixture's tokenizer and data."""
+  root = tmp_path_factory.mktemp('llava15')
+  tok = llava_fixture.make_tokenizer(root / 'tokenizer')
+  seeded(0)
+  clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+      image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2))
+  randomize_(clip, seed=1, std=0.1).save_pretrained(root / 'clip')
+  lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=llava_fixture.vocab_size(tok) - 6, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+  randomize_(lm, seed=2, std=0.1).save_pretrained(root / 'llama')
+  json_path, image_dir = llava_fixture.make_llava_json(root / 'data', n=12)
+  return dict(vision=str(root / 'clip'), lm=str(root / 'llama'), tokenizer=tok, json=json_path, images=image_dir,
+              data_dir=str(root / 'tfds'), root=root)
+
+
+def _config(path, parts, **extra):
+  args = dict(vision=parts['vision'], lm=parts['lm'], tokenizer=parts['tokenizer'], json=parts['json'],
+              images=parts['images'], data_dir=parts['data_dir'], text_len=96, dtype='float32', steps=2, batch=4,
+              save_every=2, log_every=1, **extra)
+  return load_config(path, ','.join(f'{k}={v}' for k, v in args.items()))
+
+
+def _flat(tree):
+  return {'/'.join(str(getattr(k, 'key', k)) for k in p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+
+def _assert_same(a, b):
+  fa, fb = _flat(a), _flat(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def _changed(a, b):
+  fa, fb = _flat(a), _flat(b)
+  return {k for k in fa if not np.array_equal(fa[k], fb[k])}
+
+
+def test_stage1_then_stage2(parts, tmp_path):
+  cfg1 = _config('configs/llava15_stage1.py', parts)
+  # The model's sizes come from the HF directories; the vocabulary grows to cover the tokenizer (as LLaVA's
+  # <image> and <pad> extend Vicuna's), rounded up to a multiple of 64.
+  assert cfg1.model.encoder.width == 32 and cfg1.model.encoder.output_layer == -2
+  assert cfg1.model.lm.width == 48 and cfg1.model.lm.vocab_size == 256
+  assert cfg1.model.image_token_id == llava_fixture.IMAGE_TOKEN_ID
+  s1 = tmp_path / 'stage1'
+  r1 = trainer.train(cfg1, str(s1))
+  p1 = r1.state.params
+
+  # Stage 1: the CLIP tower and the LM are exactly the released weights; only the projector trained.
+  _, clip_params = vision.load_vision_tower(parts['vision'], output_layer=-2)
+  _assert_same(p1['encoder'], clip_params)
+  _, lm_params = load_lm(parts['lm'])
+  lm_loaded = pretrained.load(cfg1)['lm']
+  _assert_same({k: v for k, v in p1['lm'].items() if k not in ('embed_tokens', 'lm_head')},
+               {k: v for k, v in lm_params.items() if k not in ('embed_tokens', 'lm_head')})
+  v0 = lm_params['embed_tokens']['embedding'].shape[0]
+  assert v0 == 250
+  for name, table, axis in (('embed_tokens', 'embedding', 0), ('lm_head', 'kernel', 1)):
+    ours, theirs = np.asarray(p1['lm'][name][table]), lm_params[name][table]
+    np.testing.assert_array_equal(np.take(ours, np.arange(v0), axis), theirs)        # the checkpoint's rows
+    new_rows = np.take(ours, np.arange(v0, 256), axis)                                # rows added: their mean
+    np.testing.assert_allclose(new_rows, np.broadcast_to(theirs.mean(axis, keepdims=True), new_rows.shape),
+                               rtol=1e-6)
+  _assert_same(p1['lm'], lm_loaded)
+  fresh = trainer.init_state(trainer.setup(cfg1), 0).params
+  assert _changed(fresh['projector'], p1['projector']) == set(_flat(p1['projector']))
+
+  # Stage 2 starts from stage 1's projector and trains projector + LM; the tower stays frozen.
+  cfg2 = _config('configs/llava15_stage2.py', parts, projector=str(s1))
+  assert cfg2.data.template == 'vicuna_v1'
+  _assert_same(pretrained.load(cfg2)['projector'], p1['projector'])
+  s2 = tmp_path / 'stage2'
+  p2 = trainer.train(cfg2, str(s2)).state.params
+  _assert_same(p2['encoder'], clip_params)
+  assert _changed(p1['projector'], p2['projector']) and _changed(p1['lm'], p2['lm'])
+  losses = [line for line in (s2 / 'metrics.jsonl').read_text().splitlines()]
+  assert len(losses) == 2 and all('"loss"' in line for line in losses)
+
+  # The stage-2 run loads as a bundle and answers in the chat template it trained with.
+  bundle = mmproj.load(str(s2))
+  assert bundle.prompt_format == 'hf' and bundle.stop_ids == (llava_fixture.EOS_ID,)
+  images = [np.full((40, 60, 3), 200, np.uint8), np.zeros((32, 32, 3), np.uint8)]
+  prompts = ['USER: <image>\nWhat color is the circle? ASSISTANT:', 'USER: <image>\nHow many shapes are there? '
+             'ASSISTANT:']
+  texts = mmproj.generate(bundle, images, prompts, max_new_tokens=5)
+  assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_init_errors_name_the_field(parts, tmp_path):
+  cfg = _config('configs/llava15_stage1.py', parts)
+  cfg.model.lm.width = 64
+  with pytest.raises(ValueError, match=r'model\.lm\.width=64 but init\.lm .* gives 48'):
+    pretrained.check(cfg)
+  cfg = _config('configs/llava15_stage1.py', parts)
+  cfg.init.encoder = str(tmp_path / 'nowhere')
+  with pytest.raises(FileNotFoundError, match='init.encoder'):
+    pretrained.check(cfg)
+  with pytest.raises(ValueError, match="bad argument 'colour=red'"):
+    load_config('configs/llava15_stage1.py', 'colour=red')
+  cfg = _config('configs/llava15_stage2.py', parts, projector=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match='not an mmproj workdir'):
+    pretrained.check(cfg)
+  os.makedirs(tmp_path / 'empty', exist_ok=True)
