@@ -2,6 +2,8 @@
 
   bundle = mmproj.load('runs/quickstart')               # an mmproj workdir (latest step) or WORKDIR/checkpoints/N
   bundle = mmproj.load('/models/llava-1.5-7b-hf')       # an HF LLaVA directory (config.json + safetensors)
+  bundle = mmproj.load('/models/vicuna-7b-v1.5')        # an HF causal LM: text-only generation
+  bundle = mmproj.load('/models/clip-vit-large-patch14-336')   # a CLIP / SigLIP tower: bundle.model is the ViT
   texts = mmproj.generate(bundle, images, ['<image> what color is the circle ?'], max_new_tokens=8)
 
 `images` are uint8 [H, W, 3] arrays, one per prompt; `<image>` in a prompt marks where the image's visual tokens go
@@ -10,7 +12,7 @@
 How a prompt becomes tokens depends on where the bundle came from (`Bundle.prompt_format`):
   'shapes'  an mmproj run in the shapes world: `<bos> <image>*M question <sep>`, the layout it trained on; the
             image goes first when the prompt has no `<image>`. The answer is decoded as space-joined words.
-  'hf'      an HF directory: the prompt string is tokenized as is by its tokenizer.json (with the tokenizer's own
+  'hf'      an HF directory (or a run on LLaVA-format data): the prompt string is tokenized as is by its tokenizer.json (with the tokenizer's own
             special tokens, e.g. Llama's <s>), so the caller writes the chat template, e.g. LLaVA-1.5's
             'USER: <image>\\nWhat is shown? ASSISTANT:'. Images go through the directory's image processor
             (resize, crop, normalise, equal to CLIPImageProcessor / SiglipImageProcessor).
@@ -119,19 +121,67 @@ def _ids(value) -> tuple[int, ...]:
   return tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
 
 
+VISION_TYPES = ('clip_vision_model', 'siglip_vision_model', 'clip', 'siglip')
+LM_TYPES = ('llama', 'mistral', 'qwen2')
+
+
+def hf_kind(hf_config: dict, path: str = 'config.json') -> str:
+  """'llava', 'vision' (CLIP / SigLIP, vision or full model) or 'lm' (Llama / Mistral / Qwen2) from config.json."""
+  model_type = hf_config.get('model_type')
+  if model_type == 'llava':
+    return 'llava'
+  if model_type in VISION_TYPES:
+    return 'vision'
+  if model_type in LM_TYPES:
+    return 'lm'
+  raise ValueError(f'{path}: model_type {model_type!r} is not supported by mmproj.load; supported: '
+                   f"['llava'] + {list(VISION_TYPES)} + {list(LM_TYPES)}")
+
+
 def _load_hf(path: str) -> Bundle:
+  """An HF directory -> Bundle. LLaVA: the whole MultimodalLM. A causal LM: a MultimodalLM without images
+  (model.use_image=False), so generate works on text prompts. A CLIP / SigLIP tower: bundle.model is the ViT
+  (image [B, H, W, 3] -> (tokens [B, N, D], grid); all layers, output_layer=-1) and generate does not apply."""
   from tokenizers import Tokenizer
 
-  from mmproj.convert import llava
+  from mmproj.convert import hf_dir, llama, llava, vision
   from mmproj.data import preprocess
   from mmproj.model import build_model
 
-  cfg_model, params = llava.load_llava(path)
+  hf_config = hf_dir.read_config(path)
+  kind = hf_kind(hf_config, os.path.join(path, 'config.json'))
+  processor_config = llava.read_preprocessor_config(path)     # preprocessor_config.json or processor_config.json
+
+  def image_processor(cfg_encoder):
+    family = 'clip' if cfg_encoder.get('cls_token') else 'siglip'
+    if processor_config is not None:
+      return preprocess.ImageProcessor.from_hf_config(processor_config, kind=family)
+    size = int(cfg_encoder['image_size'])
+    return (preprocess.ImageProcessor.clip(size=size, crop_size=(size, size)) if family == 'clip'
+            else preprocess.ImageProcessor.siglip(size=(size, size)))
+  if kind == 'vision':
+    from mmproj.convert import StateDict
+    from mmproj.train import pretrained
+    cfg_encoder = vision.encoder_config_from_hf(hf_config)
+    sd = StateDict(hf_dir.read_safetensors(path), where=path)
+    prefix = vision.find_prefix(sd)
+    params = vision.encoder_params_from_hf(sd, cfg_encoder, prefix)
+    sd.finish(ignore=vision.skipped_prefixes(cfg_encoder, prefix) + pretrained.OTHER_TOWERS)
+    cfg = ml_collections.ConfigDict({'model': {'encoder': cfg_encoder}})
+    from mmproj.encoders import build_encoder
+    return Bundle(model=build_encoder(cfg_encoder), params=jax.device_put(params),
+                  tokenizer=None, config=cfg, prompt_format='none', image_processor=image_processor(cfg_encoder),
+                  path=path)
+  if kind == 'llava':
+    cfg_model, params = llava.load_llava(path)
+  else:
+    cfg_model = dict(use_image=False, image_token_id=0, dtype='float32', lm=llama.lm_config_from_hf(hf_config))
+    _, lm_params = llama.load_lm(path)
+    params = {'lm': lm_params}
   cfg = ml_collections.ConfigDict({'model': cfg_model})
   model = build_model(cfg.model)
   tok_file = os.path.join(path, 'tokenizer.json')
   tokenizer = Tokenizer.from_file(tok_file) if os.path.isfile(tok_file) else None
-  hf_config = _read_json(os.path.join(path, 'config.json'))
   text_config = hf_config.get('text_config') or {}
   generation = _read_json(os.path.join(path, 'generation_config.json'))
   stop_ids = (_ids(generation.get('eos_token_id')) or _ids(text_config.get('eos_token_id'))
@@ -139,16 +189,9 @@ def _load_hf(path: str) -> Bundle:
   if not stop_ids and tokenizer is not None and tokenizer.token_to_id('</s>') is not None:
     stop_ids = (tokenizer.token_to_id('</s>'),)
   pad = generation.get('pad_token_id', text_config.get('pad_token_id', hf_config.get('pad_token_id')))
-  if os.path.isfile(os.path.join(path, 'preprocessor_config.json')):
-    processor = preprocess.ImageProcessor.from_dir(path)
-  else:
-    size = int(cfg_model['encoder']['image_size'])
-    kind = 'clip' if cfg_model['encoder'].get('cls_token') else 'siglip'
-    processor = (preprocess.ImageProcessor.clip(size=size, crop_size=(size, size)) if kind == 'clip'
-                 else preprocess.ImageProcessor.siglip(size=(size, size)))
-  params = jax.device_put(params)
-  return Bundle(model=model, params=params, tokenizer=tokenizer, config=cfg, step=None, prompt_format='hf',
-                stop_ids=stop_ids, pad_id=int(pad or 0), image_processor=processor, path=path)
+  processor = image_processor(cfg_model['encoder']) if kind == 'llava' else None
+  return Bundle(model=model, params=jax.device_put(params), tokenizer=tokenizer, config=cfg, step=None,
+                prompt_format='hf', stop_ids=stop_ids, pad_id=int(pad or 0), image_processor=processor, path=path)
 
 
 def _expand_images(ids: list[int], image_id: int, count: int, where: str) -> list[int]:
@@ -165,7 +208,7 @@ def _expand_images(ids: list[int], image_id: int, count: int, where: str) -> lis
 def encode_prompt(bundle: Bundle, prompt: str, where: str = 'prompt') -> list[int]:
   """A prompt string -> token ids with the image block expanded (see the module docstring for the formats)."""
   cfg = bundle.config.model
-  m = bundle.num_image_tokens
+  m = bundle.num_image_tokens if cfg.use_image else 0
   image_id = int(cfg.image_token_id)
   if bundle.tokenizer is None:
     raise ValueError(f'{bundle.path} has no tokenizer.json: generate needs one to encode prompts')
@@ -183,6 +226,8 @@ def encode_prompt(bundle: Bundle, prompt: str, where: str = 'prompt') -> list[in
     return [tokenizer_lib.BOS_ID] + _expand_images(ids, image_id, m, where) + [tokenizer_lib.SEP_ID]
   if bundle.prompt_format == 'hf':
     ids = bundle.tokenizer.encode(prompt, add_special_tokens=True).ids
+    if not cfg.use_image:
+      return ids
     if '<image>' in prompt and image_id not in ids:
       raise ValueError(f'{where}: the tokenizer does not map <image> to model.image_token_id={image_id}')
     return _expand_images(ids, image_id, m, where)
@@ -223,6 +268,8 @@ def generate(bundle: Bundle, images: Sequence[np.ndarray] | np.ndarray | None, p
   from mmproj.data import pipeline
   from mmproj.eval.generate import generate_tokens
 
+  if bundle.prompt_format not in PROMPT_FORMATS:
+    raise ValueError(f'{bundle.path} holds a {type(bundle.model).__name__}, which does not generate text')
   if isinstance(prompts, str):
     raise TypeError('prompts must be a list of strings (one per image), not a single string')
   prompts = list(prompts)

@@ -6,6 +6,11 @@
 Each supported transformers class has a converter registered with `@converter('ClassName')` in a family file
 (`mmproj/convert/<family>.py`); the converter reads the module's state dict through a `StateDict`, which
 fails on a missing key, a shape mismatch or a key left unused, naming the key.
+
+Whole HF directories: `llama.load_lm`, `vision.load_vision_tower`, `llava.load_llava` (config.json + safetensors).
+The way back (mmproj params -> HF tensors) lives next to each forward mapping (`vision.encoder_params_to_hf`,
+`llama.lm_params_to_hf`, `llava.export_llava`); it reads params through a `ParamReader`, the export-side twin of
+`StateDict` (missing / mis-shaped / leftover params raise ValueError naming the path).
 """
 
 from __future__ import annotations
@@ -138,6 +143,64 @@ def activation(act: Any, where: str = 'activation') -> str:
   return HF_ACTIVATIONS[name]
 
 
+# mmproj activation -> the HF ACT2FN name an exporter writes (inverse of `activation` on the canonical names).
+HF_ACTIVATION_NAMES = {'gelu': 'gelu', 'gelu_tanh': 'gelu_pytorch_tanh', 'quick_gelu': 'quick_gelu', 'silu': 'silu',
+                       'relu': 'relu'}
+
+
+def hf_activation(name: str, where: str = 'activation') -> str:
+  """mmproj activation name -> HF ACT2FN name; ValueError naming `where` for a name HF does not have."""
+  if name not in HF_ACTIVATION_NAMES:
+    raise ValueError(f'{where}={name!r} has no HF equivalent; supported: {sorted(HF_ACTIVATION_NAMES)}')
+  return HF_ACTIVATION_NAMES[name]
+
+
+class ParamReader:
+  """The export-side twin of `StateDict`: reads leaves of an mmproj params tree by '/'-joined path.
+
+  `take(path, shape)` returns the leaf as float32 numpy and marks it used; a missing path or a wrong shape raises
+  ValueError naming the path. `finish()` raises if a leaf was never taken, so an exporter cannot silently drop
+  weights (e.g. gated cross-attention layers that the target format has no place for). Boxed leaves (flax
+  logical-partitioning metadata) are unboxed; bf16 is widened to float32.
+  """
+
+  def __init__(self, tree: Mapping[str, Any], where: str = 'params'):
+    self.where = where
+    self._leaves: dict[str, Any] = {}
+    self._used: set[str] = set()
+    self._flatten(tree, '')
+
+  def _flatten(self, tree: Any, path: str) -> None:
+    if hasattr(tree, 'unbox'):
+      tree = tree.unbox()
+    if isinstance(tree, Mapping):
+      for key, value in tree.items():
+        self._flatten(value, f'{path}/{key}' if path else str(key))
+    else:
+      self._leaves[path] = tree
+
+  def __contains__(self, path: str) -> bool:
+    return path in self._leaves
+
+  def take(self, path: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    if path not in self._leaves:
+      raise ValueError(f'{self.where}: missing param {path!r}')
+    value = np.asarray(self._leaves[path]).astype(np.float32)
+    if shape is not None and tuple(value.shape) != tuple(shape):
+      raise ValueError(f'{self.where}: {path!r} has shape {tuple(value.shape)}, expected {tuple(shape)}')
+    self._used.add(path)
+    return value
+
+  def unused(self) -> list[str]:
+    return sorted(set(self._leaves) - self._used)
+
+  def finish(self) -> None:
+    left = self.unused()
+    if left:
+      raise ValueError(f'{self.where}: {len(left)} param(s) with no place in the export, first {left[0]!r}: '
+                       f'{left[:8]}')
+
+
 # Family converters register themselves on import (after `converter` is defined). Each family file adds its line.
 from mmproj.convert import llava as llava  # noqa: E402
 from mmproj.convert import blip2 as blip2  # noqa: E402
@@ -150,4 +213,5 @@ from mmproj.convert import perceiver as perceiver  # noqa: E402
 from mmproj.convert import llama as llama_convert  # noqa: E402
 from mmproj.convert import vision as vision  # noqa: E402
 
-__all__ = ['CONVERTERS', 'HF_ACTIVATIONS', 'StateDict', 'activation', 'converter', 'from_transformers']
+__all__ = ['CONVERTERS', 'HF_ACTIVATIONS', 'HF_ACTIVATION_NAMES', 'ParamReader', 'StateDict', 'activation', 'converter',
+           'from_transformers', 'hf_activation']

@@ -4,6 +4,8 @@
   params = lm_params_from_hf(StateDict(tensors), cfg_lm)       # the 'lm' params subtree
   lm, params = load_lm(path)                                   # both, from an HF directory (safetensors only)
   lm, params = mmproj.convert.from_transformers(torch_model)   # the same from an in-memory transformers model
+  hf_text_config = lm_config_to_hf(cfg_lm)                     # export: the inverse mappings
+  tensors = lm_params_to_hf(params, cfg_lm, prefix='model.', head_prefix='lm_head.')
 
 Config mapping (HF -> cfg.model.lm): vocab_size, hidden_size -> width, num_hidden_layers -> depth,
 num_attention_heads -> num_heads, num_key_value_heads -> num_kv_heads, head_dim, intermediate_size -> mlp_dim,
@@ -18,6 +20,14 @@ Weights: HF Linear (out, in) -> flax kernels with heads as separate axes (q_proj
 [D, Hkv, Dh], o_proj [H, Dh, D]); RMSNorm weight -> scale. Tied embeddings: lm_head.weight may be absent or
 present (then it must equal embed_tokens.weight). Ignored keys: rotary `inv_freq` buffers (recomputed from the
 config), which older transformers versions saved in state dicts.
+
+Saved configs may be diff-only (transformers 4 wrote only non-default fields, e.g. a released LLaVA's text_config):
+missing fields take the HF class defaults of the model_type (`HF_DEFAULTS`).
+
+Export (`lm_config_to_hf`, `lm_params_to_hf`) inverts both mappings. The model_type is 'qwen2' when qkv_bias is set,
+else 'mistral' when sliding_window is set, else 'llama' (or name one). RoPE goes into transformers 5's `rope_parameters` and
+also the older `rope_theta` / `rope_scaling` fields (5 ignores them when rope_parameters is set, 4 reads only them);
+a tied head writes no lm_head.weight (as HF's save_pretrained does).
 """
 
 from __future__ import annotations
@@ -35,6 +45,23 @@ PREFIXES = {
     'causal_lm': ('model.', 'lm_head.'),                       # LlamaForCausalLM & co.
     'llava': ('model.language_model.', 'lm_head.'),            # LlavaForConditionalGeneration (transformers >= 4.52)
     'llava_legacy': ('language_model.model.', 'language_model.lm_head.'),  # older LLaVA checkpoints
+}
+
+
+# HF config class defaults (transformers 5) for the fields `lm_config_from_hf` reads; a diff-only config.json omits
+# fields equal to these.
+HF_DEFAULTS = {
+    'llama': dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=None, hidden_act='silu', max_position_embeddings=2048,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False),
+    'mistral': dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, hidden_act='silu',
+                    max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                    sliding_window=4096),
+    'qwen2': dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, hidden_act='silu', max_position_embeddings=32768,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096,
+                  max_window_layers=28),
 }
 
 
@@ -86,6 +113,7 @@ def lm_config_from_hf(hf_config: dict) -> dict:
   model_type = hf.get('model_type')
   if model_type not in MODEL_TYPES:
     raise ValueError(f'model_type {model_type!r} is not supported; supported: {list(MODEL_TYPES)}')
+  hf = {**HF_DEFAULTS[model_type], **hf}              # diff-only configs: absent fields are the class defaults
   act = hf.get('hidden_act', 'silu')
   if act not in ('silu', 'swish'):
     raise ValueError(f'hidden_act={act!r} is not supported (model.lm uses a SwiGLU MLP with silu)')
@@ -197,3 +225,84 @@ def load_lm(path: str, dtype: Any = None) -> tuple[Any, dict]:
   params = lm_params_from_hf(sd, cfg_lm)
   sd.finish()
   return build_lm_module(cfg_lm, dtype), params
+
+
+# -- export: mmproj Llama -> HF Llama / Mistral / Qwen2 -----------------------------------------------------------
+
+
+def lm_config_to_hf(cfg_lm: Any, model_type: str | None = None) -> dict:
+  """cfg.model.lm -> an HF LlamaConfig / MistralConfig / Qwen2Config dict (transformers >= 5 field names) that
+  `lm_config_from_hf` maps back to the same fields. ValueError naming the model.lm field the chosen model_type
+  cannot represent (qkv_bias outside Qwen2, a sliding window on Llama, gated cross-attention)."""
+  c = dict(cfg_lm)
+  if c.get('cross_attention') is not None:
+    raise ValueError('model.lm.cross_attention is set: HF Llama / Mistral / Qwen2 have no gated cross-attention')
+  bias, window = bool(c.get('qkv_bias', False)), c.get('sliding_window')
+  if model_type is None:
+    model_type = 'qwen2' if bias else 'mistral' if window is not None else 'llama'
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f'model_type {model_type!r} is not supported; supported: {list(MODEL_TYPES)}')
+  if bias != (model_type == 'qwen2'):
+    raise ValueError(f'model.lm.qkv_bias={bias} does not fit model_type {model_type!r} (only qwen2 has q/k/v '
+                     'biases, and always)')
+  if window is not None and model_type == 'llama':
+    raise ValueError(f'model.lm.sliding_window={window}: Llama has no sliding window (use mistral or qwen2)')
+  h = int(c['num_heads'])
+  rope_parameters = {'rope_type': 'default', 'rope_theta': float(c.get('rope_theta', 10000.0))}
+  scaling = c.get('rope_scaling')
+  if scaling is not None:
+    rope_parameters.update(dict(scaling))
+  out = dict(
+      model_type=model_type, vocab_size=int(c['vocab_size']), hidden_size=int(c['width']),
+      intermediate_size=int(c['mlp_dim']), num_hidden_layers=int(c['depth']), num_attention_heads=h,
+      num_key_value_heads=int(c.get('num_kv_heads') or h), head_dim=int(c.get('head_dim') or c['width'] // h),
+      hidden_act='silu', max_position_embeddings=int(c.get('max_len', 2048)),
+      rms_norm_eps=float(c.get('norm_eps', 1e-6)), tie_word_embeddings=bool(c.get('tie_embeddings', False)),
+      rope_parameters=rope_parameters, rope_theta=rope_parameters['rope_theta'])   # rope_theta: for transformers 4
+  if scaling is not None:
+    out['rope_scaling'] = dict(scaling)                                            # transformers 4's field
+  if model_type == 'llama':
+    out.update(attention_bias=False, mlp_bias=False)
+  elif model_type == 'mistral':
+    out['sliding_window'] = None if window is None else int(window)
+  else:                                    # qwen2: one window on every layer, or none
+    n = int(c['depth'])
+    out.update(use_sliding_window=window is not None, sliding_window=None if window is None else int(window),
+               max_window_layers=0 if window is not None else n,
+               layer_types=['sliding_attention' if window is not None else 'full_attention'] * n)
+  return out
+
+
+def lm_params_to_hf(params: Any, cfg_lm: Any, prefix: str = 'model.', head_prefix: str = 'lm_head.'
+                    ) -> dict[str, np.ndarray]:
+  """mmproj Llama params -> {HF key: float32 array}: the decoder under `prefix`, the head at `head_prefix` (absent
+  when tied). Inverse of `lm_params_from_hf`; every param must be used and have the configured shape (ValueError
+  naming the param path otherwise)."""
+  from mmproj.convert import ParamReader
+
+  c = dict(cfg_lm)
+  d, h = int(c['width']), int(c['num_heads'])
+  hkv = int(c.get('num_kv_heads') or h)
+  dh = int(c.get('head_dim') or d // h)
+  f, v = int(c['mlp_dim']), int(c['vocab_size'])
+  bias = bool(c.get('qkv_bias', False))
+  r = ParamReader(params, where='lm params')
+  out: dict[str, np.ndarray] = {f'{prefix}embed_tokens.weight': r.take('embed_tokens/embedding', (v, d))}
+  for i in range(int(c['depth'])):
+    q, k = f'{prefix}layers.{i}.', f'layers_{i}/'
+    out[f'{q}input_layernorm.weight'] = r.take(f'{k}input_layernorm/scale', (d,))
+    for name, heads in (('q_proj', h), ('k_proj', hkv), ('v_proj', hkv)):
+      kernel = r.take(f'{k}self_attn/{name}/kernel', (d, heads, dh))                 # [D, H, Dh]
+      out[f'{q}self_attn.{name}.weight'] = kernel.reshape(d, heads * dh).T           # [H*Dh, D]
+      if bias:
+        out[f'{q}self_attn.{name}.bias'] = r.take(f'{k}self_attn/{name}/bias', (heads, dh)).reshape(-1)
+    out[f'{q}self_attn.o_proj.weight'] = r.take(f'{k}self_attn/o_proj/kernel', (h, dh, d)).reshape(h * dh, d).T
+    out[f'{q}post_attention_layernorm.weight'] = r.take(f'{k}post_attention_layernorm/scale', (d,))
+    out[f'{q}mlp.gate_proj.weight'] = r.take(f'{k}mlp/gate_proj/kernel', (d, f)).T                # [F, D]
+    out[f'{q}mlp.up_proj.weight'] = r.take(f'{k}mlp/up_proj/kernel', (d, f)).T                    # [F, D]
+    out[f'{q}mlp.down_proj.weight'] = r.take(f'{k}mlp/down_proj/kernel', (f, d)).T                # [D, F]
+  out[f'{prefix}norm.weight'] = r.take('norm/scale', (d,))
+  if not c.get('tie_embeddings', False):
+    out[f'{head_prefix}weight'] = r.take('lm_head/kernel', (d, v)).T                               # [V, D]
+  r.finish()
+  return {key: np.ascontiguousarray(value, np.float32) for key, value in out.items()}

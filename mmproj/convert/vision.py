@@ -5,6 +5,8 @@
   vit, params = load_vision_tower('/path/to/hf_dir', output_layer=-2)  # config.json + safetensors, no pickle
   vit, params = mmproj.convert.from_transformers(clip_or_siglip_vision_model)   # live torch module
   tokens, grid = vit.apply({'params': params}, image)                  # image [B, H, W, 3] -> [B, N, D] (no CLS)
+  hf_vision_config = encoder_config_to_hf(cfg_encoder)                 # export: the inverse mappings
+  tensors = encoder_params_to_hf(params, cfg_encoder, prefix='vision_tower.vision_model.')
 
 Configs accepted by `encoder_config_from_hf`: a vision config dict (model_type 'clip_vision_model' or
 'siglip_vision_model'), or a full config that holds one under 'vision_config' (CLIP, SigLIP, LLaVA, ...). Only the
@@ -29,6 +31,16 @@ patchify); q/k/v Linear [D, D] -> kernel [D, H, Dh]; out_proj [D, D] -> o_proj k
 bias (the ViT's patch bias is set to zero). State-dict prefixes: '' (transformers 5 CLIPVisionModel /
 SiglipVisionModel), 'vision_model.' (older ones, CLIPModel, SiglipModel), 'vision_tower.vision_model.' or
 'model.vision_tower.vision_model.' (LLaVA); `find_prefix` picks it from the keys.
+
+Export (`encoder_config_to_hf`, `encoder_params_to_hf`) inverts the above for a CLIP-shaped (cls_token and pre_norm)
+or SigLIP-shaped (neither) ViT. Only the blocks up to output_layer exist in mmproj params, so the exported tower has
+num_hidden_layers = the number of built blocks and its last block is the selected one:
+  CLIP   hidden_states[-1] (== last_hidden_state) of the export == our output (final_norm=True is refused: HF never
+         normalises the patch tokens). post_layernorm (HF always builds it; it only touches the pooled CLS token) is
+         written as the identity LayerNorm (weight 1, bias 0). The patch bias must be zero (HF's conv has none).
+  SigLIP final_norm=True: last_hidden_state of the export == our output (post_layernorm written from params);
+         final_norm=False: hidden_states[-1] == our output, post_layernorm written as the identity. vision_use_head
+         is set False (no pooling head in mmproj).
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from mmproj.convert import StateDict, activation, converter
+from mmproj.convert import ParamReader, StateDict, activation, converter, hf_activation
 
 # model_type -> (family, HF defaults for fields a saved (diff-only) config may omit).
 _FAMILIES = {
@@ -205,3 +217,95 @@ def vision_tower(module: Any, output_layer: int = -1, final_norm: bool | None = 
   HF output the ViT reproduces."""
   return vision_tower_from_state_dict(StateDict.of(module), module.config.to_dict(), output_layer,
                                       final_norm=final_norm)
+
+
+# -- export: mmproj ViT -> HF CLIP / SigLIP vision tower ----------------------------------------------------------
+
+# ViT field defaults (mmproj/encoders/vit.py), for cfg.model.encoder dicts that leave fields out.
+_VIT_DEFAULTS = dict(output_layer=-1, cls_token=False, pre_norm=False, final_norm=True, norm_eps=1e-6, act='gelu')
+
+
+def _vit_config(cfg_encoder: Any) -> dict:
+  cfg = {**_VIT_DEFAULTS, **dict(cfg_encoder)}
+  if cfg.get('name', 'vit') != 'vit':
+    raise ValueError(f"model.encoder.name={cfg['name']!r}: only the 'vit' encoder exports to CLIP / SigLIP")
+  return cfg
+
+
+def encoder_family(cfg_encoder: Any) -> str:
+  """'clip' (cls_token and pre_norm) or 'siglip' (neither) for a ViT config; ValueError naming the fields else."""
+  cfg = _vit_config(cfg_encoder)
+  if cfg['cls_token'] and cfg['pre_norm']:
+    return 'clip'
+  if not cfg['cls_token'] and not cfg['pre_norm']:
+    return 'siglip'
+  raise ValueError(f"model.encoder.cls_token={cfg['cls_token']} with model.encoder.pre_norm={cfg['pre_norm']} is "
+                   'neither CLIP-shaped (both True) nor SigLIP-shaped (both False): no HF vision tower matches')
+
+
+def encoder_config_to_hf(cfg_encoder: Any) -> dict:
+  """cfg.model.encoder (ViT) -> an HF CLIPVisionConfig / SiglipVisionConfig dict of the *built* tower
+  (num_hidden_layers = blocks up to output_layer); see the module docstring for which HF output equals ours."""
+  cfg = _vit_config(cfg_encoder)
+  family = encoder_family(cfg)
+  if family == 'clip' and cfg['final_norm']:
+    raise ValueError('model.encoder.final_norm=True on a CLIP-shaped ViT: HF CLIP applies post_layernorm to the '
+                     'pooled CLS token only, so no HF output normalises the patch tokens')
+  out = dict(
+      model_type=f'{family}_vision_model', hidden_size=int(cfg['width']), intermediate_size=int(cfg['mlp_dim']),
+      num_hidden_layers=_num_blocks(cfg), num_attention_heads=int(cfg['num_heads']), num_channels=3,
+      image_size=int(cfg['image_size']), patch_size=int(cfg['patch_size']),
+      hidden_act=hf_activation(cfg['act'], 'model.encoder.act'), layer_norm_eps=float(cfg['norm_eps']))
+  if family == 'siglip':
+    out['vision_use_head'] = False
+  return out
+
+
+def encoder_params_to_hf(params: Any, cfg_encoder: Any, prefix: str = '') -> dict[str, np.ndarray]:
+  """ViT params -> {HF key: float32 array} of a CLIPVisionModel / SiglipVisionModel under `prefix`, for the tower
+  `encoder_config_to_hf(cfg_encoder)` describes. Every param must be used and have the configured shape (ValueError
+  naming the param path otherwise)."""
+  cfg = _vit_config(cfg_encoder)
+  family = encoder_family(cfg)
+  encoder_config_to_hf(cfg)                                                  # the same refusals
+  r = ParamReader(params, where='encoder params')
+  d, p, f, h = int(cfg['width']), int(cfg['patch_size']), int(cfg['mlp_dim']), int(cfg['num_heads'])
+  dh = d // h
+  e = f'{prefix}embeddings.'
+  out: dict[str, np.ndarray] = {}
+  kernel = r.take('patch_embedding/kernel', (p * p * 3, d))                 # [p*p*C, D] (row, col, channel)
+  out[f'{e}patch_embedding.weight'] = kernel.reshape(p, p, 3, d).transpose(3, 2, 0, 1)  # [D, C, p, p]
+  bias = r.take('patch_embedding/bias', (d,))
+  if family == 'siglip':
+    out[f'{e}patch_embedding.bias'] = bias
+  elif np.any(bias != 0):
+    raise ValueError('encoder params: patch_embedding/bias is non-zero, but HF CLIP\'s patch conv has no bias')
+  n = (int(cfg['image_size']) // p) ** 2 + (1 if family == 'clip' else 0)
+  if family == 'clip':
+    out[f'{e}class_embedding'] = r.take('class_embedding', (d,))
+  out[f'{e}position_embedding.weight'] = r.take('position_embedding', (n, d))   # [N(+1), D]
+  if family == 'clip':
+    out[f'{prefix}pre_layrnorm.weight'] = r.take('pre_layernorm/scale', (d,))
+    out[f'{prefix}pre_layrnorm.bias'] = r.take('pre_layernorm/bias', (d,))
+  for i in range(_num_blocks(cfg)):
+    b, q = f'{prefix}encoder.layers.{i}.', f'layers_{i}/'
+    for norm in ('layer_norm1', 'layer_norm2'):
+      out[f'{b}{norm}.weight'] = r.take(f'{q}{norm}/scale', (d,))
+      out[f'{b}{norm}.bias'] = r.take(f'{q}{norm}/bias', (d,))
+    for name in ('q_proj', 'k_proj', 'v_proj'):
+      out[f'{b}self_attn.{name}.weight'] = r.take(f'{q}self_attn/{name}/kernel', (d, h, dh)).reshape(d, d).T
+      out[f'{b}self_attn.{name}.bias'] = r.take(f'{q}self_attn/{name}/bias', (h, dh)).reshape(d)
+    out[f'{b}self_attn.out_proj.weight'] = r.take(f'{q}self_attn/o_proj/kernel', (h, dh, d)).reshape(d, d).T
+    out[f'{b}self_attn.out_proj.bias'] = r.take(f'{q}self_attn/o_proj/bias', (d,))
+    out[f'{b}mlp.fc1.weight'] = r.take(f'{q}mlp/fc1/kernel', (d, f)).T                    # [F, D]
+    out[f'{b}mlp.fc1.bias'] = r.take(f'{q}mlp/fc1/bias', (f,))
+    out[f'{b}mlp.fc2.weight'] = r.take(f'{q}mlp/fc2/kernel', (f, d)).T                    # [D, F]
+    out[f'{b}mlp.fc2.bias'] = r.take(f'{q}mlp/fc2/bias', (d,))
+  if cfg['final_norm']:
+    out[f'{prefix}post_layernorm.weight'] = r.take('post_layernorm/scale', (d,))
+    out[f'{prefix}post_layernorm.bias'] = r.take('post_layernorm/bias', (d,))
+  else:                                       # HF always builds it; the identity keeps its (unused here) output plain
+    out[f'{prefix}post_layernorm.weight'] = np.ones((d,), np.float32)
+    out[f'{prefix}post_layernorm.bias'] = np.zeros((d,), np.float32)
+  r.finish()
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}

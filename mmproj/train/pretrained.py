@@ -24,7 +24,7 @@ import numpy as np
 
 PARTS = ('encoder', 'lm', 'projector')
 # Keys of a full CLIPModel / SiglipModel that are not its vision tower.
-_OTHER_TOWERS = ('text_model.', 'visual_projection.', 'text_projection.', 'logit_scale', 'logit_bias')
+OTHER_TOWERS = ('text_model.', 'visual_projection.', 'text_projection.', 'logit_scale', 'logit_bias')
 # cfg.model.lm fields that may legitimately differ from the HF checkpoint's config.
 _LM_FREE_FIELDS = ('vocab_size', 'max_len')
 # cfg.model.encoder fields the HF vision config does not describe.
@@ -133,7 +133,7 @@ def _load_encoder(cfg, path: str) -> dict:
   sd = StateDict(hf_dir.read_safetensors(path), where=path)
   prefix = vision.find_prefix(sd)
   params = vision.encoder_params_from_hf(sd, _encoder_config(cfg, path), prefix)
-  sd.finish(ignore=vision.skipped_prefixes(_encoder_config(cfg, path), prefix) + _OTHER_TOWERS)
+  sd.finish(ignore=vision.skipped_prefixes(_encoder_config(cfg, path), prefix) + OTHER_TOWERS)
   return params
 
 
