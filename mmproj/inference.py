@@ -313,3 +313,22 @@ def generate(bundle: Bundle, images: Sequence[np.ndarray] | np.ndarray | None, p
     else:
       texts.append(bundle.tokenizer.decode(cut, skip_special_tokens=True))
   return (texts, ids) if return_ids else texts
+
+
+def export_hf(bundle: Bundle, out_dir: str) -> str:
+  """Writes a LLaVA-style bundle (ViT + 2-layer MLP projector + Llama-family LM, e.g. a run of
+  configs/llava15_stage2.py) as an HF LLaVA directory that `transformers.LlavaForConditionalGeneration` loads:
+  weights, config, image processor, generation config (the bundle's stop and pad ids) and tokenizer.json.
+  Returns out_dir. See mmproj.convert.llava.export_llava for what can be exported."""
+  from mmproj.convert import llava
+
+  if bundle.prompt_format != 'hf' or not bundle.config.model.get('use_image', False):
+    raise ValueError(f'{bundle.path}: only LLaVA-style models (trained on LLaVA-format data, or loaded from an HF '
+                     'LLaVA directory) export to an HF LLaVA directory')
+  tokenizer_file = os.path.join(bundle.path, 'tokenizer.json')
+  bos = bundle.tokenizer.token_to_id(bundle.config.get('data', {}).get('bos_token', '<s>')) if bundle.tokenizer else None
+  stops = list(bundle.stop_ids)
+  return llava.export_llava(bundle.config.model.to_dict(), jax.device_get(bundle.params), out_dir,
+                            tokenizer_file=tokenizer_file if os.path.isfile(tokenizer_file) else None,
+                            eos_token_id=stops[0] if len(stops) == 1 else (stops or None), bos_token_id=bos,
+                            pad_token_id=bundle.pad_id)

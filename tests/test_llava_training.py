@@ -110,8 +110,33 @@ def test_stage1_then_stage2(parts, tmp_path):
   images = [np.full((40, 60, 3), 200, np.uint8), np.zeros((32, 32, 3), np.uint8)]
   prompts = ['USER: <image>\nWhat color is the circle? ASSISTANT:', 'USER: <image>\nHow many shapes are there? '
              'ASSISTANT:']
-  texts = mmproj.generate(bundle, images, prompts, max_new_tokens=5)
+  texts, ids = mmproj.generate(bundle, images, prompts, max_new_tokens=5, return_ids=True)
   assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+  # Exported to an HF directory, the trained model loads in transformers with every key used, gives the same
+  # logits, and greedy-generates the same ids.
+  from mmproj import inference
+  out = inference.export_hf(bundle, str(tmp_path / 'hf'))
+  hf, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+  assert not any(info[k] for k in ('missing_keys', 'unexpected_keys', 'mismatched_keys')), info
+  rows = [inference.encode_prompt(bundle, p) for p in prompts]
+  length = max(len(r) for r in rows)
+  tokens = np.zeros((2, length), np.int32)
+  mask = np.zeros((2, length), np.int32)
+  for b, r in enumerate(rows):
+    tokens[b, length - len(r):], mask[b, length - len(r):] = r, 1
+  positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+  image = inference.prepare_images(bundle, images)                                 # uint8 [2, 32, 32, 3]
+  ours = bundle.model.apply({'params': bundle.params}, {'image': image, 'tokens': tokens, 'positions': positions,
+                                                        'input_mask': mask})
+  reloaded = mmproj.load(out)
+  pixels = reloaded.image_processor(list(image)).transpose(0, 3, 1, 2)          # HF normalises outside
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.from_numpy(tokens.astype(np.int64)), attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                position_ids=torch.from_numpy(positions.astype(np.int64)), pixel_values=torch.from_numpy(pixels)).logits
+  np.testing.assert_allclose(np.asarray(ours) * mask[..., None], theirs.numpy() * mask[..., None], atol=1e-4)
+  np.testing.assert_array_equal(mmproj.generate(reloaded, [np.asarray(i) for i in image], prompts,
+                                                max_new_tokens=5, return_ids=True)[1], ids)
 
 
 def test_init_errors_name_the_field(parts, tmp_path):
