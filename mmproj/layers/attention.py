@@ -43,11 +43,12 @@ def causal_padding_mask(query_slots, key_slots, key_mask):
   return causal[None, :, :] & key_mask.astype(bool)[:, None, :]               # [B, T, S]
 
 
-def dot_product_attention(q, k, v, mask=None):
+def dot_product_attention(q, k, v, mask=None, return_probs: bool = False):
   """Grouped-query softmax attention.
 
   q [B, T, H, Dh], k/v [B, S, Hkv, Dh], mask bool [B, T, S] or None.  -> [B, T, H, Dh] in q.dtype.
-  Logits and softmax in float32.
+  Logits and softmax in float32. return_probs=True also returns the float32 softmax probabilities
+  [B, H, T, S] (head h = query head h; fully masked rows are zero), i.e. (out, probs).
   """
   b, t, h, dh = q.shape
   hkv = k.shape[2]
@@ -60,9 +61,11 @@ def dot_product_attention(q, k, v, mask=None):
   probs = jax.nn.softmax(logits, axis=-1)                                     # [B, Hkv, G, T, S]
   if mask is not None:
     probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)     # fully masked query -> 0
-  probs = probs.astype(v.dtype)
-  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)                             # [B, T, Hkv, G, Dh]
-  return out.reshape(b, t, h, dh)                                             # [B, T, H, Dh]
+  out = jnp.einsum('bkgts,bskd->btkgd', probs.astype(v.dtype), v)            # [B, T, Hkv, G, Dh]
+  out = out.reshape(b, t, h, dh)                                              # [B, T, H, Dh]
+  if return_probs:
+    return out, probs.reshape(b, h, t, k.shape[1])                            # [B, H, T, S]
+  return out
 
 
 def _dense(features, axis, names, bias_names, use_bias, dtype, name):
@@ -118,7 +121,11 @@ class Attention(nn.Module):
       new_cache = (k, v)
       k, v = k.astype(self.dtype), v.astype(self.dtype)
 
-    out = dot_product_attention(q, k, v, mask)                                # [B, T, H, Dh]
+    if self.is_mutable_collection('intermediates'):  # apply(..., mutable=['intermediates']): mmproj/eval/attention.py
+      out, probs = dot_product_attention(q, k, v, mask, return_probs=True)    # [B, T, H, Dh], [B, H, T, S]
+      self.sow('intermediates', 'attention_probs', probs)
+    else:
+      out = dot_product_attention(q, k, v, mask)                              # [B, T, H, Dh]
     y = _dense(d, (-2, -1), ('heads', 'head_dim', 'embed'), ('embed',),
                self.use_bias, self.dtype, 'o_proj')(out)                      # [B, T, D]
     return y, new_cache

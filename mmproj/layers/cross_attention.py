@@ -72,7 +72,11 @@ class CrossAttention(nn.Module):
     if self.qk_norm is not None:
       q = make_norm(self.qk_norm, self.norm_eps, self.dtype, 'q_norm')(q)     # [B, T, H, Dh]
       k = make_norm(self.qk_norm, self.norm_eps, self.dtype, 'k_norm')(k)     # [B, S, Hkv, Dh]
-    out = dot_product_attention(q, k, v, mask)                                # [B, T, H, Dh]
+    if self.is_mutable_collection('intermediates'):  # apply(..., mutable=['intermediates']): mmproj/eval/attention.py
+      out, probs = dot_product_attention(q, k, v, mask, return_probs=True)    # [B, T, H, Dh], [B, H, T, S]
+      self.sow('intermediates', 'attention_probs', probs)
+    else:
+      out = dot_product_attention(q, k, v, mask)                              # [B, T, H, Dh]
     d_out = self.out_features or queries.shape[-1]
     return _dense(d_out, (-2, -1), ('heads', 'head_dim', 'embed'), ('embed',),
                   self.use_bias, self.dtype, 'o_proj')(out)                   # [B, T, Dout]
