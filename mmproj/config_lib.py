@@ -182,3 +182,17 @@ def llava15_experiment(arg: str, *, stage: int, name: str) -> mlc.ConfigDict:
   c.log_every = a.log_every
   c.eval = dict(batch_size=8, max_new_tokens=32, max_examples=None)
   return c
+
+
+def load_config_file(spec: str) -> mlc.ConfigDict:
+  """'configs/x.py[:ARG]' -> get_config(ARG), as `--config` of mmproj.main reads it."""
+  import importlib.util
+  import os
+
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path} not found')
+  module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()

@@ -76,9 +76,12 @@ def validate(cfg) -> None:
     raise ValueError(f'checkpoint.every={cfg.checkpoint.every} must be positive')
 
 
-def setup(cfg, devices: Sequence[jax.Device] | None = None) -> Setup:
+def setup(cfg, devices: Sequence[jax.Device] | None = None, *, mesh: Any = None) -> Setup:
+  """devices: the devices to lay cfg.mesh over (default all); or mesh: a ready Mesh, or a
+  jax.sharding.AbstractMesh to plan shardings and memory for a topology this host does not have."""
   validate(cfg)
-  mesh = shard_lib.make_mesh(cfg.mesh, devices)
+  if mesh is None:
+    mesh = shard_lib.make_mesh(cfg.mesh, devices)
   rules = shard_lib.rules_from_config(cfg)
   shard_lib.check_batch_divisible(int(cfg.train.batch_size), mesh, rules)
 
