@@ -90,6 +90,7 @@ CLIP_L14_336 = dict(name='vit', image_size=336, patch_size=14, width=1024, depth
 VICUNA_7B = dict(vocab_size=32064, width=4096, depth=32, num_heads=32, num_kv_heads=32, head_dim=128,
                  mlp_dim=11008, rope_theta=10_000.0, norm_eps=1e-5, tie_embeddings=False, max_len=4096,
                  qkv_bias=False, rope_scaling=None, sliding_window=None)
+VICUNA_13B = dict(VICUNA_7B, width=5120, depth=40, num_heads=40, num_kv_heads=40, mlp_dim=13824)
 LLAVA_IMAGE_TOKEN_ID = 32000   # <image> in llava-hf/llava-1.5-7b-hf's tokenizer.json
 
 
@@ -98,7 +99,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def hf_model_parts(vision_dir: str, lm_dir: str, tokenizer_path: str, *, output_layer: int = -2,
-                   image_token: str = '<image>') -> tuple[dict, dict, int]:
+                   image_token: str = '<image>', default_lm: dict | None = None) -> tuple[dict, dict, int]:
   """(cfg.model.encoder, cfg.model.lm, image_token_id) from HF directories when they exist, else LLaVA-1.5-7B's.
 
   The LM's vocabulary is the larger of the checkpoint's and the tokenizer's, rounded up to a multiple of 64
@@ -121,7 +122,7 @@ def hf_model_parts(vision_dir: str, lm_dir: str, tokenizer_path: str, *, output_
     if os.path.isfile(os.path.join(vision_dir, 'preprocessor_config.json')):
       processor = preprocess.ImageProcessor.from_dir(vision_dir)
       encoder['image_mean'], encoder['image_std'] = list(processor.image_mean), list(processor.image_std)
-  lm, image_token_id = dict(VICUNA_7B), LLAVA_IMAGE_TOKEN_ID
+  lm, image_token_id = dict(default_lm or VICUNA_7B), LLAVA_IMAGE_TOKEN_ID
   if os.path.isfile(os.path.join(lm_dir, 'config.json')):
     lm = llama.lm_config_from_hf(hf_dir.read_config(lm_dir))
   tok_file = os.path.join(tokenizer_path, 'tokenizer.json') if os.path.isdir(tokenizer_path) else tokenizer_path
@@ -138,8 +139,13 @@ def hf_model_parts(vision_dir: str, lm_dir: str, tokenizer_path: str, *, output_
   return encoder, lm, image_token_id
 
 
-def llava15_experiment(arg: str, *, stage: int, name: str) -> mlc.ConfigDict:
-  """LLaVA-1.5 training on LLaVA-format data with a released CLIP and LM (see configs/llava15_stage*.py)."""
+def llava15_experiment(arg: str, *, stage: int, name: str, size: str = '7b', fsdp: int = 1, scan: bool = False,
+                       remat: str = 'none') -> mlc.ConfigDict:
+  """LLaVA-1.5 training on LLaVA-format data with a released CLIP and LM (see configs/llava15_stage*.py).
+
+  size: '7b' | '13b' (the Vicuna v1.5 the defaults describe); fsdp: the fsdp mesh axis (-1 = every device,
+  params and optimizer state sharded; the data axis takes the rest); scan/remat: model.*.scan_layers and
+  model.remat, the memory levers for large models."""
   where = f'configs/{name}.py'
   if stage == 1:
     defaults = dict(json='~/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json', images='~/data/LLaVA-Pretrain/images',
@@ -147,10 +153,13 @@ def llava15_experiment(arg: str, *, stage: int, name: str) -> mlc.ConfigDict:
   else:
     defaults = dict(json='~/data/LLaVA-Instruct/llava_v1_5_mix665k.json', images='~/data/LLaVA-Instruct',
                     steps=5198, batch=128, lr=2e-5, projector='runs/llava15_stage1')
-  a = parse_arg(arg, where, vision='~/models/clip-vit-large-patch14-336', lm='~/models/vicuna-7b-v1.5',
+  a = parse_arg(arg, where, vision='~/models/clip-vit-large-patch14-336', lm=f'~/models/vicuna-{size}-v1.5',
                 tokenizer='~/models/llava-1.5-7b-hf/tokenizer.json', data_dir='~/.cache/mmproj/data',
-                text_len=1472, dtype='bfloat16', save_every=500, log_every=10, **defaults)
-  encoder, lm, image_token_id = hf_model_parts(a.vision, a.lm, a.tokenizer)
+                text_len=1472, dtype='bfloat16', save_every=500, log_every=10, fsdp=fsdp, tensor=1,
+                scan=int(scan), remat=remat, **defaults)
+  encoder, lm, image_token_id = hf_model_parts(a.vision, a.lm, a.tokenizer,
+                                               default_lm={'7b': VICUNA_7B, '13b': VICUNA_13B}[size])
+  lm['scan_layers'] = encoder['scan_layers'] = bool(a.scan)
 
   c = mlc.ConfigDict()
   c.name = name
@@ -168,6 +177,7 @@ def llava15_experiment(arg: str, *, stage: int, name: str) -> mlc.ConfigDict:
   c.model.use_image = True
   c.model.image_token_id = image_token_id
   c.model.dtype = a.dtype
+  c.model.remat = a.remat
   c.model.encoder = encoder
   c.model.projector = dict(name='mlp', depth=2, act='gelu', use_bias=True)
   c.model.lm = lm
@@ -176,7 +186,7 @@ def llava15_experiment(arg: str, *, stage: int, name: str) -> mlc.ConfigDict:
   c.train = dict(steps=a.steps, batch_size=a.batch, learning_rate=a.lr, warmup_steps=max(1, round(0.03 * a.steps)),
                  end_lr_frac=0.0, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999,
                  trainable=['projector/.*'] if stage == 1 else ['projector/.*', 'lm/.*'], frozen=[])
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = dict(data=-1 if a.fsdp != -1 else 1, fsdp=a.fsdp, tensor=a.tensor)
   c.sharding_rules = None
   c.checkpoint = dict(every=a.save_every, keep=3, async_save=True)
   c.log_every = a.log_every

@@ -328,7 +328,9 @@ def export_hf(bundle: Bundle, out_dir: str) -> str:
   tokenizer_file = os.path.join(bundle.path, 'tokenizer.json')
   bos = bundle.tokenizer.token_to_id(bundle.config.get('data', {}).get('bos_token', '<s>')) if bundle.tokenizer else None
   stops = list(bundle.stop_ids)
-  return llava.export_llava(bundle.config.model.to_dict(), jax.device_get(bundle.params), out_dir,
+  from mmproj.convert import unstack_model_params
+  params = unstack_model_params(jax.device_get(bundle.params), bundle.config.model)   # scanned towers -> layers_{i}
+  return llava.export_llava(bundle.config.model.to_dict(), params, out_dir,
                             tokenizer_file=tokenizer_file if os.path.isfile(tokenizer_file) else None,
                             eos_token_id=stops[0] if len(stops) == 1 else (stops or None), bos_token_id=bos,
                             pad_token_id=bundle.pad_id)

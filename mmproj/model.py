@@ -27,8 +27,10 @@ from mmproj import projectors
 from mmproj.encoders import ENCODERS, build_encoder
 from mmproj.layers import ACTIVATIONS
 from mmproj.layers.rope import check_rope_scaling
+from mmproj.layers.scan import check_remat, check_scan
 from mmproj.lm import build_lm
 from mmproj.projectors import gated_xattn
+from mmproj.train.sharding import constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -61,6 +63,10 @@ def validate(cfg_model: Any) -> None:
   window = lm.get('sliding_window', None)
   if window is not None and window < 1:
     raise ValueError(f'model.lm.sliding_window={window} must be None or >= 1')
+  check_remat(c.get('remat', 'none'), 'model.remat')                  # mmproj/layers/scan.py
+  if lm.get('remat', None) is not None:                               # per-tower override of model.remat
+    check_remat(lm.remat, 'model.lm.remat')
+  check_scan(lm.get('scan_layers', False), 'model.lm.scan_layers')
 
   if not c.use_image:
     return
@@ -84,9 +90,16 @@ def validate(cfg_model: Any) -> None:
       raise ValueError(f'model.encoder.{field}={value!r} must have 3 entries (R, G, B)')
   if std is not None and min(std) <= 0:
     raise ValueError(f'model.encoder.image_std={std!r} must be positive')
+  check_scan(enc.get('scan_layers', False), 'model.encoder.scan_layers')
+  if enc.get('remat', None) is not None:
+    check_remat(enc.remat, 'model.encoder.remat')
   projectors.validate(c.projector, in_dim=enc.width, out_dim=lm.width)
   if injects_into_lm(c):
     projectors.get(c.projector.name).check_injection(c.projector, lm.width, lm.depth)
+    if lm.get('scan_layers', False):
+      raise ValueError(f'model.lm.scan_layers=True is not supported with an injecting projector '
+                       f'(model.projector.name={c.projector.name!r} puts gated cross-attention blocks between the '
+                       f'LM blocks); set it False')
 
 
 def encoder_grid(cfg_model: Any) -> tuple[int, int]:
@@ -159,13 +172,16 @@ class MultimodalLM(nn.Module):
 
   def setup(self):
     c = self.config
+    remat = c.get('remat', 'none')
     cross_attention = None
     if c.use_image:
-      self.encoder = build_encoder(c.encoder, self.dtype)
+      # model.remat applies to both towers unless a tower sets its own (model.encoder.remat / model.lm.remat).
+      self.encoder = build_encoder({**dict(c.encoder), 'remat': c.encoder.get('remat', None) or remat}, self.dtype)
       self.projector = projectors.build(c.projector, in_dim=c.encoder.width, out_dim=c.lm.width, dtype=self.dtype)
       if self.injects:
         cross_attention = projectors.get(c.projector.name).lm_injection(c.projector, c.lm.width)
-    self.lm = build_lm(c.lm, self.dtype, cross_attention=cross_attention)
+    self.lm = build_lm({**dict(c.lm), 'remat': c.lm.get('remat', None) or remat}, self.dtype,
+                       cross_attention=cross_attention)
 
   def encode_image(self, image, deterministic: bool = True):
     """image [B, H, W, 3] (uint8, or float in [-1, 1]) -> visual tokens [B, M, Dt].
@@ -179,9 +195,11 @@ class MultimodalLM(nn.Module):
                        f'(model.projector.name={self.config.projector.name!r} merges tokens)')
     lead = image.shape[:-3]                                                  # (B,) or (B, T_img)
     feats, grid = self.encoder(image.reshape((-1,) + image.shape[-3:]))      # [B*T_img, N, Dv]
+    feats = constrain(feats, 'act_batch', 'act_seq', 'act_embed')
     if not self.encoder_trainable:
       feats = jax.lax.stop_gradient(feats)
     visual = self.projector(feats, grid=grid, deterministic=deterministic)   # [B*T_img, M, Dt]
+    visual = constrain(visual, 'act_batch', 'act_seq', 'act_embed')
     if not self.injects:
       return visual                                                          # [B, M, Dt]
     return visual.reshape((lead[0], -1) + visual.shape[1:])                  # [B, T_img, M, Dt]
@@ -193,7 +211,7 @@ class MultimodalLM(nn.Module):
     embeddings (markers included) and the media go to the LM's cross-attention.
     """
     tokens = jnp.asarray(batch['tokens'])
-    x = self.lm.embed(tokens)                                                # [B, L, Dt]
+    x = constrain(self.lm.embed(tokens), 'act_batch', 'act_seq', 'act_embed')  # [B, L, Dt]
     if not self.config.use_image:
       return x, None, None
     visual = self.encode_image(batch['image'], deterministic)               # [B, M, Dt] | [B, T_img, M, Dt]
@@ -201,7 +219,7 @@ class MultimodalLM(nn.Module):
       index = gated_xattn.media_index(tokens, self.config.image_token_id, batch['input_mask'])  # [B, L]
       return x, visual, index
     x = merge_visual_tokens(x, visual, tokens, self.config.image_token_id, batch['input_mask'])
-    return x, None, None
+    return constrain(x, 'act_batch', 'act_seq', 'act_embed'), None, None
 
   def embed_inputs(self, batch, deterministic: bool = True):
     """Token embeddings with visual tokens merged in: batch['tokens'] [B, L] -> [B, L, Dt] (an injecting
@@ -216,7 +234,7 @@ class MultimodalLM(nn.Module):
     logits, _ = self.lm(x, jnp.asarray(batch['positions']), jnp.asarray(batch['input_mask']),
                         segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
                         media=media, media_index=index)
-    return logits                                                            # [B, L, V]
+    return constrain(logits, 'act_batch', 'act_seq', 'act_vocab')           # [B, L, V]
 
   def prefill(self, batch, cache_len: int, deterministic: bool = True):
     """Runs the whole left-padded prompt (image included) into a fresh KV cache of `cache_len` slots.

@@ -11,6 +11,14 @@ Whole HF directories: `llama.load_lm`, `vision.load_vision_tower`, `llava.load_l
 The way back (mmproj params -> HF tensors) lives next to each forward mapping (`vision.encoder_params_to_hf`,
 `llama.lm_params_to_hf`, `llava.export_llava`); it reads params through a `ParamReader`, the export-side twin of
 `StateDict` (missing / mis-shaped / leftover params raise ValueError naming the path).
+
+Scanned models (model.lm.scan_layers / model.encoder.scan_layers, mmproj/layers/scan.py) keep their blocks as one
+stacked tree `layers/...` with a leading layer axis instead of `layers_0/...`, `layers_1/...`. Converters always
+produce and exporters always read the unscanned `layers_{i}` layout; `stack_layers` / `unstack_layers` (one
+subtree) and `stack_model_params` / `unstack_model_params` (a whole {'encoder', 'projector', 'lm'} tree, as
+cfg.model says) convert between the two. mmproj.train.pretrained stacks loaded HF weights for a scanned model; an
+export of a scanned run unstacks first:
+    export_llava(unstack_model_params(params, cfg.model), cfg, ...)
 """
 
 from __future__ import annotations
@@ -201,6 +209,98 @@ class ParamReader:
                        f'{left[:8]}')
 
 
+def _unboxed(tree: Any) -> Any:
+  """Drops flax logical-partitioning boxes (nn.Partitioned): their axis names would be stale after (un)stacking."""
+  import jax
+  return jax.tree.map(lambda x: x.unbox() if hasattr(x, 'unbox') else x, tree, is_leaf=lambda x: hasattr(x, 'unbox'))
+
+
+def stack_layers(params: Mapping[str, Any], depth: int, prefix: str = 'layers_',
+                 stacked_name: str = 'layers') -> dict:
+  """Unscanned -> scanned layout of one subtree: {prefix0: t0, ..., prefix{depth-1}: t_{depth-1}, other: o} ->
+  {stacked_name: tree of [depth, ...] leaves, other: o}.
+
+  Every layer tree must have the same structure and shapes (ValueError naming the first differing layer), all of
+  prefix0 .. prefix{depth-1} must be there and no other key may start with `prefix` (ValueError naming the key).
+  Leaves are stacked with numpy (host arrays: jax arrays are fetched); boxes are dropped.
+  """
+  import jax
+
+  params = dict(_unboxed(params))
+  names = [f'{prefix}{i}' for i in range(depth)]
+  missing = [n for n in names if n not in params]
+  if depth < 1 or missing:
+    raise ValueError(f'stack_layers: {missing[0] if missing else prefix + "0"!r} missing (depth={depth}); '
+                     f'keys: {sorted(params)[:8]}')
+  extra = sorted(k for k in params if k.startswith(prefix) and k not in names)
+  if extra:
+    raise ValueError(f'stack_layers: {extra[0]!r} is beyond depth={depth} (layers {prefix}0..{prefix}{depth - 1})')
+  if stacked_name in params:
+    raise ValueError(f'stack_layers: {stacked_name!r} is already in the params (already stacked?)')
+  layers = [params.pop(n) for n in names]
+  ref = jax.tree.structure(layers[0])
+  ref_shapes = [np.shape(x) for x in jax.tree.leaves(layers[0])]
+  for name, layer in zip(names, layers):
+    if jax.tree.structure(layer) != ref or [np.shape(x) for x in jax.tree.leaves(layer)] != ref_shapes:
+      raise ValueError(f'stack_layers: {name!r} differs in structure or shapes from {names[0]!r}')
+  params[stacked_name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+  return params
+
+
+def unstack_layers(params: Mapping[str, Any], prefix: str = 'layers_', stacked_name: str = 'layers') -> dict:
+  """Scanned -> unscanned layout of one subtree (inverse of `stack_layers`): {stacked_name: [depth, ...] leaves,
+  other: o} -> {prefix0: t0, ..., other: o}. Depth is read from the leading axis (all leaves must agree). Leaves
+  keep their array type (numpy or jax); boxes are dropped. ValueError when `stacked_name` is absent."""
+  import jax
+
+  params = dict(_unboxed(params))
+  if stacked_name not in params:
+    raise ValueError(f'unstack_layers: no {stacked_name!r} in the params (keys: {sorted(params)[:8]})')
+  stacked = params.pop(stacked_name)
+  depths = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(stacked)}
+  if len(depths) != 1 or None in depths:
+    raise ValueError(f'unstack_layers: leaves of {stacked_name!r} disagree on the leading (layer) axis: {depths}')
+  depth = depths.pop()
+  clash = sorted(k for k in params if k.startswith(prefix))
+  if clash:
+    raise ValueError(f'unstack_layers: {clash[0]!r} is already in the params next to {stacked_name!r}')
+  for i in range(depth):
+    params[f'{prefix}{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params
+
+
+def scanned_depths(cfg_model: Any) -> dict[str, int]:
+  """{part: number of stacked blocks} for the parts of cfg.model that scan their layers: 'lm' (model.lm.depth)
+  when model.lm.scan_layers, 'encoder' (the blocks the ViT builds, up to output_layer) when
+  model.encoder.scan_layers and model.use_image."""
+  out = {}
+  if cfg_model.lm.get('scan_layers', False):
+    out['lm'] = int(cfg_model.lm.depth)
+  if cfg_model.get('use_image', True) and cfg_model.encoder.get('scan_layers', False):
+    enc = cfg_model.encoder
+    out['encoder'] = int(enc.depth) + int(enc.get('output_layer', -1)) + 1
+  return out
+
+
+def stack_model_params(params: Mapping[str, Any], cfg_model: Any) -> dict:
+  """A whole params tree ({'encoder', 'projector', 'lm'}, any subset) in the unscanned layout -> the layout cfg.model
+  builds: `stack_layers` on each part that scans (see `scanned_depths`); other parts are returned as they are."""
+  out = dict(params)
+  for part, depth in scanned_depths(cfg_model).items():
+    if part in out:
+      out[part] = stack_layers(out[part], depth)
+  return out
+
+
+def unstack_model_params(params: Mapping[str, Any], cfg_model: Any) -> dict:
+  """Inverse of `stack_model_params`: the unscanned `layers_{i}` layout that the exporters read."""
+  out = dict(params)
+  for part in scanned_depths(cfg_model):
+    if part in out:
+      out[part] = unstack_layers(out[part])
+  return out
+
+
 # Family converters register themselves on import (after `converter` is defined). Each family file adds its line.
 from mmproj.convert import llava as llava  # noqa: E402
 from mmproj.convert import blip2 as blip2  # noqa: E402
@@ -214,4 +314,5 @@ from mmproj.convert import llama as llama_convert  # noqa: E402
 from mmproj.convert import vision as vision  # noqa: E402
 
 __all__ = ['CONVERTERS', 'HF_ACTIVATIONS', 'HF_ACTIVATION_NAMES', 'ParamReader', 'StateDict', 'activation', 'converter',
-           'from_transformers', 'hf_activation']
+           'from_transformers', 'hf_activation', 'scanned_depths', 'stack_layers', 'stack_model_params',
+           'unstack_layers', 'unstack_model_params']

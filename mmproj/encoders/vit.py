@@ -16,6 +16,10 @@ Zhai et al. 2023).
 
 Parameter names follow HF CLIPVisionTransformer: patch_embedding, class_embedding, position_embedding,
 pre_layernorm, layers_{i}/{layer_norm1, self_attn/{q,k,v,o}_proj, layer_norm2, mlp/{fc1, fc2}}, post_layernorm.
+With scan_layers the blocks run as one nn.scan and their params are one stacked tree, layers/{layer_norm1, ...}
+with a leading [num_blocks] axis (logical 'layers'; mmproj/layers/scan.py); remat ('none' | 'dots' | 'minimal' |
+'full', from cfg.model.remat) wraps each block in nn.remat. mmproj.convert.stack_layers / unstack_layers convert
+between layers_{i} and the stacked layout.
 The patch kernel is stored flattened as [p*p*3, D] ('patch', 'embed') in (row, col, channel) order, i.e. the HF conv
 weight [D, 3, p, p] transposed to [p, p, 3, D] and reshaped: a 4-d kernel would need the logical name 'patch' on
 three axes, which flax's logical partitioning rejects.
@@ -27,6 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmproj.layers import Attention, GeluMLP, LayerNorm
+from mmproj.layers.scan import check_remat, check_scan, remat_block, scan_blocks
 
 Dtype = Any
 
@@ -88,6 +93,13 @@ class EncoderBlock(nn.Module):
     return x                                                              # [B, N, D]
 
 
+class ScanEncoderBlock(EncoderBlock):
+  """EncoderBlock with the (carry) -> (carry, y) signature nn.scan wants: x [B, N, D] -> ([B, N, D], None)."""
+
+  def __call__(self, x):                                                  # [B, N, D]
+    return super().__call__(x), None
+
+
 class ViT(nn.Module):
   """CLIP/SigLIP-shaped vision tower returning patch tokens [B, N, D] and the patch grid (h, w)."""
 
@@ -105,6 +117,8 @@ class ViT(nn.Module):
   act: str = 'gelu'
   image_mean: tuple[float, ...] | None = None   # per-channel normalisation of uint8 input (CLIP: OPENAI_CLIP_MEAN)
   image_std: tuple[float, ...] | None = None    # None, None: x / 127.5 - 1 (= mean 0.5, std 0.5: SigLIP's)
+  scan_layers: bool = False     # one nn.scan over the num_blocks blocks (params under layers/ with a leading axis)
+  remat: str = 'none'           # 'none' | 'dots' | 'minimal' | 'full' (mmproj/layers/scan.py)
   dtype: Dtype = jnp.float32
 
   @property
@@ -136,8 +150,15 @@ class ViT(nn.Module):
     x = x + pos.astype(self.dtype)[None]
     if self.pre_norm:
       x = LayerNorm(self.norm_eps, self.dtype, name='pre_layernorm')(x)
-    for i in range(self.num_blocks):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, self.act, self.norm_eps, self.dtype, name=f'layers_{i}')(x)
+    check_remat(self.remat)
+    block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act, norm_eps=self.norm_eps,
+                 dtype=self.dtype)
+    if check_scan(self.scan_layers, 'model.encoder.scan_layers'):
+      x, _ = scan_blocks(ScanEncoderBlock, self.num_blocks, remat=self.remat)(**block, name='layers')(x)
+    else:
+      block_cls = remat_block(EncoderBlock, self.remat)
+      for i in range(self.num_blocks):
+        x = block_cls(**block, name=f'layers_{i}')(x)                     # [B, N(+1), D]
     if self.final_norm:
       x = LayerNorm(self.norm_eps, self.dtype, name='post_layernorm')(x)
     if self.cls_token:

@@ -263,7 +263,11 @@ def _last_token_attention(model, params, batch, layer: int):
   """Full forward with 'intermediates' mutable -> LM block `layer`'s attention of the last column, mean over
   heads: [B, L]."""
   _, state = model.apply({'params': params}, batch, mutable=['intermediates'])
-  probs = state['intermediates']['lm'][f'layers_{layer}']['self_attn'][PROBS][0]    # [B, H, L, L]
+  lm = state['intermediates']['lm']
+  if 'layers' in lm:                                    # scanned LM (model.lm.scan_layers): stacked [depth, ...]
+    probs = lm['layers']['self_attn'][PROBS][0][layer]                             # [B, H, L, L]
+  else:
+    probs = lm[f'layers_{layer}']['self_attn'][PROBS][0]                           # [B, H, L, L]
   return jnp.mean(probs[:, :, -1, :], axis=1)                                      # [B, L]
 
 

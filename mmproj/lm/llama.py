@@ -29,8 +29,17 @@ mask built from media_index [B, T] (images at or before each token). The blocks 
   'media_index': [B] int32                              images seen so far (every decoded token sees them too)
 A cache without these keys (no injection) keeps the format above.
 
+Memory levers (mmproj/layers/scan.py):
+  remat        'none' | 'dots' | 'minimal' | 'full': each block wrapped in nn.remat with that policy (cfg.model.remat).
+  scan_layers  True: the blocks run as one nn.scan (one block body in the compiled program, whatever the depth);
+               full forward, prefill and decode_step alike (the scan runs over the layer params and the cache's
+               k/v [layers, ...] jointly). Not supported with cross_attention (ValueError naming
+               model.lm.scan_layers): the gated blocks sit between some of the decoder blocks.
+
 Parameter names follow HF LlamaForCausalLM: embed_tokens, layers_{i}/{input_layernorm, self_attn/{q,k,v,o}_proj,
-post_attention_layernorm, mlp/{gate,up,down}_proj}, norm, lm_head.
+post_attention_layernorm, mlp/{gate,up,down}_proj}, norm, lm_head. With scan_layers the blocks' params are one
+stacked tree instead, layers/{input_layernorm, self_attn/..., ...} with a leading [depth] axis (logical name
+'layers'; layer i is leaf[i]); mmproj.convert.stack_layers / unstack_layers convert between the two layouts.
 """
 
 from typing import Any
@@ -41,8 +50,10 @@ import jax.numpy as jnp
 
 from mmproj.layers import Attention, RMSNorm, SwiGLU, causal_padding_mask, dense
 from mmproj.layers.rope import check_rope_scaling
+from mmproj.layers.scan import check_remat, check_scan, remat_block, scan_blocks
 from mmproj.projectors.gated_xattn import (GatedCrossAttentionBlock, media_attention_mask, media_ids,
                                            xattn_layer_ids)
+from mmproj.train.sharding import constrain
 
 Dtype = Any
 
@@ -60,7 +71,12 @@ def make_cache(depth: int, batch_size: int, cache_len: int, num_kv_heads: int, h
 
 
 class DecoderBlock(nn.Module):
-  """Pre-RMSNorm Llama block.  x [B, T, D] -> ([B, T, D], new (k, v) cache of this layer or None)."""
+  """Pre-RMSNorm Llama block.  x [B, T, D] -> ([B, T, D], new (k, v) cache of this layer or None).
+
+  Arguments are positional-or-keyword so that nn.remat / nn.scan can pass them positionally: mask bool [B, T, S],
+  positions int [B, T], kv_cache (k, v) each [B, S, Hkv, Dh] or None, cache_index int32 scalar or None. The
+  signature (carry, *xs) -> (carry, y) is the one nn.scan wants (y = this layer's new cache).
+  """
 
   num_heads: int
   num_kv_heads: int
@@ -73,7 +89,7 @@ class DecoderBlock(nn.Module):
   rope_scaling: Any = None
 
   @nn.compact
-  def __call__(self, x, *, mask, positions, kv_cache=None, cache_index=None):
+  def __call__(self, x, mask, positions, kv_cache=None, cache_index=None):
     h = RMSNorm(self.norm_eps, self.dtype, name='input_layernorm')(x)
     h, kv_cache = Attention(self.num_heads, self.num_kv_heads, self.head_dim, use_bias=False, use_rope=True,
                             rope_theta=self.rope_theta, rope_scaling=self.rope_scaling, qkv_bias=self.qkv_bias,
@@ -103,6 +119,8 @@ class Llama(nn.Module):
   rope_scaling: Any = None               # None, or {'rope_type': 'linear' | 'llama3', ...} (mmproj/layers/rope.py)
   sliding_window: int | None = None      # Mistral: attend to the last `sliding_window` slots only
   cross_attention: Any = None            # None, or {every, media_mask, GatedCrossAttentionBlock fields}
+  scan_layers: bool = False              # one nn.scan over the blocks (params under layers/ with a [depth] axis)
+  remat: str = 'none'                    # 'none' | 'dots' | 'minimal' | 'full' (mmproj/layers/scan.py)
   dtype: Dtype = jnp.float32
 
   @property
@@ -116,11 +134,20 @@ class Llama(nn.Module):
     self.embed_tokens = nn.Embed(
         self.vocab_size, self.width, dtype=self.dtype, param_dtype=jnp.float32,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ('vocab', 'embed')))
-    self.layers = [
-        DecoderBlock(self.num_heads, self.num_kv_heads, self.dim_per_head, self.mlp_dim, self.rope_theta,
-                     self.norm_eps, self.dtype, qkv_bias=self.qkv_bias,
-                     rope_scaling=None if rope_scaling is None else tuple(sorted(rope_scaling.items())))
-        for _ in range(self.depth)]
+    check_remat(self.remat)
+    if check_scan(self.scan_layers, 'model.lm.scan_layers') and self.cross_attention is not None:
+      raise ValueError('model.lm.scan_layers=True is not supported with gated cross-attention (an injecting '
+                       'projector such as gated_xattn puts blocks between the decoder blocks); set it False')
+    block = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.dim_per_head,
+                 mlp_dim=self.mlp_dim, rope_theta=self.rope_theta, norm_eps=self.norm_eps, dtype=self.dtype,
+                 qkv_bias=self.qkv_bias,
+                 rope_scaling=None if rope_scaling is None else tuple(sorted(rope_scaling.items())))
+    if self.scan_layers:        # args (mask, positions, kv_cache, cache_index): the cache is sliced per layer
+      self.layers = scan_blocks(DecoderBlock, self.depth, remat=self.remat,
+                                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))(**block)
+    else:
+      block_cls = remat_block(DecoderBlock, self.remat)
+      self.layers = [block_cls(**block) for _ in range(self.depth)]
     if self.cross_attention is not None:
       fields = {k: v for k, v in dict(self.cross_attention).items() if k not in ('every', 'media_mask')}
       self.xattn_layers = {i: GatedCrossAttentionBlock(**fields, dtype=self.dtype)
@@ -130,8 +157,13 @@ class Llama(nn.Module):
       self.lm_head = dense(self.vocab_size, ('embed', 'vocab'), use_bias=False, dtype=self.dtype)
 
   def embed(self, tokens):
-    """tokens int [B, T] -> embeddings [B, T, D] (compute dtype)."""
-    return self.embed_tokens(tokens)
+    """tokens int [B, T] -> embeddings [B, T, D] (compute dtype).
+
+    Under the trainer's activation rules the table is first gathered whole along 'embed' (FSDP's all-gather before
+    use; vocab stays split over 'tensor'), so the lookup yields batch-sharded rows instead of rows split along the
+    model width that XLA would have to replicate and re-split."""
+    table = constrain(self.embed_tokens.embedding, 'act_vocab', None)          # [V, D]
+    return jnp.take(table, tokens, axis=0).astype(self.dtype)                   # [B, T, D]
 
   def init_cache(self, batch_size: int, cache_len: int) -> dict:
     """An empty KV cache for this LM (compute dtype); needs no params."""
@@ -202,23 +234,29 @@ class Llama(nn.Module):
       if segment_ids is not None:
         seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
         mask &= (seg_k == 0) | (seg_k == seg_q)                                # [B, T, T]
-      for i, layer in enumerate(self.layers):
-        x = cross_attend(i, x)
-        x, _ = layer(x, mask=mask, positions=positions)
+      if self.scan_layers:
+        x, _ = self.layers(x, mask, positions, None, None)                    # [B, T, D]
+      else:
+        for i, layer in enumerate(self.layers):
+          x = cross_attend(i, x)
+          x, _ = layer(x, mask, positions)
       new_cache = None
     else:
       index = cache['index']
       key_mask = jax.lax.dynamic_update_slice(cache['mask'], input_mask.astype(jnp.int32), (0, index))  # [B, S]
       mask = causal_padding_mask(index + jnp.arange(t), jnp.arange(key_mask.shape[1]), key_mask)      # [B, T, S]
       mask = self._window(mask, index + jnp.arange(t), jnp.arange(key_mask.shape[1]))
-      ks, vs = [], []
-      for i, layer in enumerate(self.layers):
-        x = cross_attend(i, x)
-        x, (k, v) = layer(x, mask=mask, positions=positions, kv_cache=(cache['k'][i], cache['v'][i]),
-                          cache_index=index)
-        ks.append(k)
-        vs.append(v)
-      new_cache = {'k': jnp.stack(ks), 'v': jnp.stack(vs), 'mask': key_mask, 'index': index + t}
+      if self.scan_layers:       # layer i reads and writes cache['k'][i], cache['v'][i]
+        x, (k, v) = self.layers(x, mask, positions, (cache['k'], cache['v']), index)  # k, v [layers, B, S, Hkv, Dh]
+      else:
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+          x = cross_attend(i, x)
+          x, (k, v) = layer(x, mask, positions, (cache['k'][i], cache['v'][i]), index)
+          ks.append(k)
+          vs.append(v)
+        k, v = jnp.stack(ks), jnp.stack(vs)
+      new_cache = {'k': k, 'v': v, 'mask': key_mask, 'index': index + t}
       if xattn is not None:
         new_cache.update(xattn[2])
     x = self.norm(x)                                                           # [B, T, D]

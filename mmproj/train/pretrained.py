@@ -13,6 +13,9 @@ cfg.model's (a ValueError names the differing cfg.model field and the file). The
 vocabulary than the checkpoint (LLaVA appends <image> and <pad> to Vicuna's 32000 tokens): the new embedding and
 lm_head rows start at the mean of the checkpoint's rows, as transformers' resize_token_embeddings does.
 Loaded params are only used on a fresh start; a resumed run restores everything from its own checkpoint.
+HF weights come out of the converters as layers_{i}; for a model that scans its blocks (model.lm.scan_layers,
+model.encoder.scan_layers) `load` stacks them into the scanned layout (layers/... with a leading layer axis,
+mmproj.convert.stack_layers). A projector from a workdir is taken as saved.
 """
 from __future__ import annotations
 
@@ -153,11 +156,17 @@ def _load_projector(path: str) -> dict:
 
 
 def load(cfg) -> dict[str, Any]:
-  """{part: numpy params subtree} for every part cfg.init names (after `check`)."""
+  """{part: numpy params subtree} for every part cfg.init names (after `check`), in the layout cfg.model builds
+  (HF encoder / LM layers stacked when that part scans its layers)."""
+  from mmproj.convert import stack_layers, scanned_depths
   check(cfg)
   loaders = {'encoder': lambda p: _load_encoder(cfg, p), 'lm': lambda p: _load_lm(cfg, p),
              'projector': _load_projector}
-  return {part: loaders[part](path) for part, path in _sources(cfg).items()}
+  loaded = {part: loaders[part](path) for part, path in _sources(cfg).items()}
+  for part, depth in scanned_depths(cfg.model).items():
+    if part in loaded:
+      loaded[part] = stack_layers(loaded[part], depth)
+  return loaded
 
 
 def place(params: dict, loaded: dict[str, Any], shardings: dict) -> dict:
