@@ -1,6 +1,9 @@
 """Command-line entry: `python -m mmproj.main --config=configs/X.py[:ARG] --workdir=DIR [--config.key=value ...]`.
 
-launch.sh calls this; see the README for the short form.
+launch.sh calls this; see the README for the short form. Multi-process runs (TPU pods, GPU clusters, several
+processes on one machine) start every process with this same command; mmproj.train.distributed.initialize()
+reads the MMPROJ_* environment (launch.sh tpu / multinode / local-multiprocess set it) before anything else
+touches JAX. Only process 0 prints.
 """
 from __future__ import annotations
 
@@ -16,17 +19,25 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and 
 
 def main(argv):
   del argv
-  import tensorflow_datasets as tfds
   from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax, tfds and jax.distributed log every save/read/connect at INFO
+
+  from mmproj.train import distributed
+  distributed.initialize()  # before any other JAX use
+
+  import jax
+  import tensorflow_datasets as tfds
 
   from mmproj import experiment
 
-  logging.set_verbosity(logging.WARNING)  # orbax and tfds log every save/read at INFO
   tfds.disable_progress_bar()
 
   cfg = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join('runs', cfg.get('name', 'experiment'))
-  print(f'workdir: {os.path.abspath(workdir)}', flush=True)
+  if distributed.is_main_process():
+    shown = workdir if '://' in workdir else os.path.abspath(workdir)
+    print(f'workdir: {shown}' + (f' ({jax.process_count()} processes, {jax.device_count()} devices)'
+                                  if jax.process_count() > 1 else ''), flush=True)
   experiment.run(cfg, workdir)
 
 

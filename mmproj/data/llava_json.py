@@ -84,6 +84,7 @@ from PIL import Image
 
 from mmproj.data import conversation
 from mmproj.data import preprocess
+from mmproj.data import sampling
 from mmproj.data import shapes  # get_field; importing it also quiets TFDS's 'custom data configuration' warning
 
 NAME = 'llava_json'
@@ -486,27 +487,26 @@ class DropSkipped(grain.transforms.Filter):
 def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: int, global_batch_size: int,
                  seed: int, process_index: int | None = None, process_count: int | None = None,
                  worker_count: int | None = None, worker_buffer_size: int = 1, read_threads: int | None = None,
-                 split: str = 'train') -> grain.DataLoader:
-  """Infinite, shuffled (by `seed`, reshuffled every epoch) training loader for this process's shard; the same
-  contract as `mmproj.data.pipeline.train_loader` (batch layout in the module docstring).
+                 split: str = 'train') -> grain.IterDataset:
+  """Infinite, shuffled (by `seed`, reshuffled every epoch) training batches for one process; the same contract
+  as `mmproj.data.pipeline.train_loader` (batch layout in the module docstring).
 
-  Each process reads a disjoint contiguous shard of the records and yields batches of
-  global_batch_size // process_count rows (drop_remainder). `iter(loader)` has get_state()/set_state() (and is
-  saved with grain.checkpoint.CheckpointSave inside ocp.args.Composite). process_index/count default to
-  jax.process_index()/process_count(); worker_count to data.worker_count; read_threads to data.read_threads.
-  With data.overflow='skip' the dropped records are logged and counted; a batch then holds the next records.
+  Global batch k holds positions [k*B, (k+1)*B) of one seeded record order (mmproj.data.sampling) and process p of
+  P reads rows [p*B/P, (p+1)*B/P) of it, so the global batch at a step does not depend on the process count.
+  `iter(loader)` has get_state()/set_state() (and is saved with grain.checkpoint.CheckpointSave inside
+  ocp.args.Composite). process_index/count default to jax.process_index()/process_count(); worker_count to
+  data.worker_count; read_threads to data.read_threads.
+  With data.overflow='skip' the order is over the records that fit in L only: every record's length is computed
+  when the loader is built (reading the whole split once; cached beside the data set per tokenizer, template and
+  num_image_tokens) and the records left out are logged.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} not in [0, process_count={process_count})')
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of '
-                     f'process_count={process_count}')
+  sampling.check_process(process_index, process_count, global_batch_size)
   if not 0 <= int(seed) < 2 ** 32:
-    raise ValueError(f'seed={seed}: grain needs a non-negative 32-bit seed')
+    raise ValueError(f'seed={seed}: the data order needs a non-negative 32-bit seed')
   if num_image_tokens < 0:
     raise ValueError(f'num_image_tokens={num_image_tokens} must be >= 0')
   o = _check_options(data_cfg)
@@ -521,21 +521,59 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
       flags.FLAGS.mark_as_parsed()
 
   source = data_source(data_cfg, split)
-  if len(source) < process_count:
-    raise ValueError(f'{split} split has {len(source)} records, fewer than process_count={process_count}')
-  per_process = global_batch_size // process_count
-  if per_process > len(source) // process_count:
-    raise ValueError(f'per-process batch {per_process} > records per shard {len(source) // process_count}')
-  shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
-                                        num_epochs=None, seed=int(seed))
+  records = None
+  if o['overflow'] == 'skip':
+    records = _records_that_fit(data_cfg, tok, source, num_image_tokens=num_image_tokens,
+                                seq_len=num_image_tokens + o['text_len'], split=split, log=process_index == 0)
   row = LlavaRow(tok, special, o['template'], num_image_tokens, o['text_len'], o['overflow'], o['image_size'],
                  o['image_aspect'], o['image_mean'], num_records=len(source))
-  return grain.DataLoader(
-      data_source=source, sampler=sampler, shard_options=shard, worker_count=worker_count,
-      worker_buffer_size=worker_buffer_size,
-      read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64 * max(read_threads, 1)),
-      operations=[row, DropSkipped(), grain.transforms.Batch(batch_size=per_process, drop_remainder=True)])
+  return sampling.train_dataset(source, row, global_batch_size=global_batch_size, seed=int(seed),
+                                process_index=process_index, process_count=process_count, records=records,
+                                read_threads=read_threads, worker_count=worker_count,
+                                worker_buffer_size=worker_buffer_size, split=split)
+
+
+_MAX_SKIPS_LOGGED = 100
+
+
+def _records_that_fit(data_cfg: Any, tok: tokenizers.Tokenizer, source, *, num_image_tokens: int, seq_len: int,
+                      split: str, log: bool = True) -> np.ndarray:
+  """int64 [K]: the indices of the records whose untruncated row fits in seq_len (data.overflow='skip'); logs the
+  others when `log` (the first process only, in a multi-process run). Lengths come from `token_lengths`, cached
+  as .npy in the data set directory (keyed by the tokenizer, the template, the special tokens and
+  num_image_tokens; not cached when that directory is read-only)."""
+  key = hashlib.sha256('\n'.join(map(str, (tok.to_str(), _cfg(data_cfg, 'template'), special_tokens(data_cfg, tok),
+                                            num_image_tokens, split))).encode()).hexdigest()[:16]
+  cache = os.path.join(os.fspath(builder(data_cfg).data_path), f'token_lengths-{split}-{key}.npy')
+  lengths = None
+  if os.path.isfile(cache):
+    try:
+      lengths = np.load(cache)
+    except (OSError, ValueError):  # unreadable: computed again below
+      lengths = None
+    if lengths is not None and lengths.shape != (len(source),):
+      lengths = None
+  if lengths is None:
+    lengths = token_lengths(data_cfg, tok, num_image_tokens=num_image_tokens, split=split)
+    try:
+      tmp = f'{cache}.{os.getpid()}.tmp.npy'
+      np.save(tmp, lengths)
+      os.replace(tmp, cache)  # atomic: processes building the same cache at once all write the same array
+    except OSError as e:
+      _log.info('not caching token lengths in %s: %s', cache, e)
+  too_long = np.flatnonzero(lengths > seq_len)
+  for i in too_long[:_MAX_SKIPS_LOGGED if log else 0]:
+    rec = source[int(i)]
+    _log.warning('skipping record %r (entry %d): %d tokens > L = %d (data.overflow=skip)', _txt(rec['id']),
+                 int(rec['index']), int(lengths[i]), seq_len)
+  if len(too_long) and log:
+    _log.warning('data.overflow=skip: %d of the %d %s records are longer than L = %d and are not trained on%s',
+                 len(too_long), len(lengths), split, seq_len,
+                 f' (the first {_MAX_SKIPS_LOGGED} are named above)' if len(too_long) > _MAX_SKIPS_LOGGED else '')
+  if len(too_long) == len(lengths):
+    raise ValueError(f'every record is longer than L = {seq_len} (data.overflow=skip would never yield a row); '
+                     'raise data.text_len')
+  return np.flatnonzero(lengths <= seq_len)
 
 
 def token_lengths(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: int,

@@ -27,6 +27,7 @@ import grain
 import numpy as np
 import tokenizers
 
+from mmproj.data import sampling
 from mmproj.data import shapes
 from mmproj.data import tokenizer as tokenizer_lib
 
@@ -177,27 +178,25 @@ class SampleText(grain.transforms.RandomMap):
 def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: int, global_batch_size: int,
                  seed: int, process_index: int | None = None, process_count: int | None = None,
                  worker_count: int | None = None, worker_buffer_size: int = 1, read_threads: int | None = None,
-                 split: str = 'train') -> grain.DataLoader:
-  """Infinite, shuffled (by `seed`, reshuffled every epoch) training loader for this process's shard.
+                 split: str = 'train') -> grain.IterDataset:
+  """Infinite, shuffled (by `seed`, reshuffled every epoch) training batches for one process.
 
-  Each process reads a disjoint contiguous shard of the records (ShardOptions + IndexSampler) and yields
-  batches of global_batch_size // process_count rows (drop_remainder). `iter(loader)` has get_state() /
-  set_state() and is saved with grain.checkpoint.CheckpointSave / CheckpointRestore inside ocp.args.Composite.
-  process_index/count default to jax.process_index()/process_count(); worker_count to data.worker_count (0 =
-  transform in the calling process); read_threads to data.read_threads or 2 (threads reading + decoding records
+  The order is global (mmproj.data.sampling): global batch k holds stream positions [k*B, (k+1)*B) of one seeded
+  record order, B = global_batch_size, and process p of P reads only rows [p*B/P, (p+1)*B/P) of it, so the global
+  batch at a step is the same whatever the process count. Each row's text is drawn with a generator seeded by
+  (seed, stream position). `iter(loader)` has get_state() / set_state() and is saved with
+  grain.checkpoint.CheckpointSave / CheckpointRestore inside ocp.args.Composite. process_index/count default to
+  jax.process_index()/process_count(); worker_count to data.worker_count (0 = batches built by threads of the
+  calling process; > 0 = grain worker processes); read_threads to data.read_threads or 2 (threads building batches
   ahead of the consumer; decoding is Python-bound, so more threads only add GIL contention on few cores).
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} not in [0, process_count={process_count})')
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of '
-                     f'process_count={process_count}')
+  sampling.check_process(process_index, process_count, global_batch_size)
   if not 0 <= int(seed) < 2 ** 32:
-    raise ValueError(f'seed={seed}: grain needs a non-negative 32-bit seed')
+    raise ValueError(f'seed={seed}: the data order needs a non-negative 32-bit seed')
   if num_image_tokens < 0:
     raise ValueError(f'num_image_tokens={num_image_tokens} must be >= 0')
   if worker_count is None:
@@ -218,23 +217,11 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
       flags.FLAGS.mark_as_parsed()
 
   source = shapes.data_source(data_cfg, split)
-  shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
-  if len(source) < process_count:
-    raise ValueError(f'{split} split has {len(source)} records, fewer than process_count={process_count}')
-  # The sampler and the loader both take the shard options: the sampler picks this shard's records, the loader
-  # strides over the sampler's global indices.
-  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
-                                        num_epochs=None, seed=int(seed))
-  per_process = global_batch_size // process_count
-  if per_process > len(source) // process_count:
-    raise ValueError(f'per-process batch {per_process} > records per shard {len(source) // process_count}')
-  return grain.DataLoader(
-      data_source=source, sampler=sampler, shard_options=shard, worker_count=worker_count,
-      worker_buffer_size=worker_buffer_size,
-      read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64 * max(read_threads, 1)),
-      operations=[SampleText(tok, num_image_tokens, _text_len(data_cfg), caption_prob, split, turns,
-                             bool(_cfg(data_cfg, 'isolate_turns', True))),
-                  grain.transforms.Batch(batch_size=per_process, drop_remainder=True)])
+  row = SampleText(tok, num_image_tokens, _text_len(data_cfg), caption_prob, split, turns,
+                   bool(_cfg(data_cfg, 'isolate_turns', True)))
+  return sampling.train_dataset(source, row, global_batch_size=global_batch_size, seed=int(seed),
+                                process_index=process_index, process_count=process_count, read_threads=read_threads,
+                                worker_count=worker_count, worker_buffer_size=worker_buffer_size, split=split)
 
 
 def _batches(rows: Iterator[dict[str, Any]], batch_size: int, blank: dict[str, Any]) -> Iterator[dict[str, Any]]:

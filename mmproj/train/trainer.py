@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmproj import model as model_lib
 from mmproj.train import checkpoint as ckpt_lib
+from mmproj.train import distributed
 from mmproj.train import optimizer as opt_lib
 from mmproj.train import pretrained
 from mmproj.train import sharding as shard_lib
@@ -159,8 +160,8 @@ def make_train_step(s: Setup):
 
   def loss_fn(params, batch, rng):
     inputs = {k: batch[k] for k in model_inputs if k in batch}
-    logits = s.model.apply({'params': params}, inputs, deterministic=False,
-                           rngs={'dropout': rng})
+    with shard_lib.activation_rules(s.rules):             # activation constraints (sharding.constrain) follow them
+      logits = s.model.apply({'params': params}, inputs, deterministic=False, rngs={'dropout': rng})
     return token_loss(logits, batch['targets'], batch['loss_mask'])
 
   def train_step(state: TrainState, batch: dict, base_rng: jax.Array):
@@ -201,9 +202,11 @@ def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
   check_tokenizer(cfg, tokenizer)
   ckpt_lib.save_run_files(workdir, cfg, tokenizer)
 
+  # This process feeds rows [block*B/blocks, (block+1)*B/blocks) of every global batch: those its devices hold.
+  block, blocks = distributed.batch_block(s.batch_sharding, int(cfg.train.batch_size))
   loader = data.train_loader(cfg.data, tokenizer, num_image_tokens=s.num_image_tokens,
                                  global_batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
-                                 process_index=jax.process_index(), process_count=jax.process_count())
+                                 process_index=block, process_count=blocks)
   data_iter = iter(loader)
   manager = ckpt_lib.make_manager(workdir, cfg.checkpoint)
   total = int(cfg.train.steps)
@@ -212,7 +215,8 @@ def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
   if latest is not None:
     state, meta = ckpt_lib.restore(manager, latest, s.abstract_state, data_iter)
     seconds_before = float(meta.get('train_seconds', 0.0))
-    print(f'{name}Resuming from checkpoint step {latest} in {ckpt_lib.checkpoint_dir(workdir)}', flush=True)
+    if distributed.is_main_process():
+      print(f'{name}Resuming from checkpoint step {latest} in {ckpt_lib.checkpoint_dir(workdir)}', flush=True)
   else:
     state = init_state(s, int(cfg.seed))
   start = int(jax.device_get(state.step))
@@ -229,8 +233,8 @@ def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
   with jax.set_mesh(s.mesh):
     for step in range(start + 1, total + 1):
       local = next(data_iter)
-      tokens_seen += int(local['input_mask'].sum()) * jax.process_count()
-      images_seen += len(local['image']) * jax.process_count()
+      tokens_seen += int(local['input_mask'].sum()) * blocks
+      images_seen += len(local['image']) * blocks
       state, metrics = step_fn(state, global_batch(s, local), base_rng)
       pending.append(metrics)
       if step % log_every == 0 or step == total:
