@@ -62,7 +62,7 @@ def shapes_experiment(arg: str, *, name: str, projector: dict, patch_size: int =
   c.sharding_rules = None   # None = mmproj.train.sharding.DEFAULT_RULES
   c.checkpoint = dict(every=20 if smoke else 200, keep=3, async_save=True)
   c.log_every = 10 if smoke else 50
-  c.eval = dict(batch_size=64 if smoke else 250, max_new_tokens=6, max_examples=None)
+  c.eval = dict(batch_size=64 if smoke else 250, max_new_tokens=6, max_examples=mlc.config_dict.placeholder(int))
   return c
 
 
@@ -190,7 +190,7 @@ def llava15_experiment(arg: str, *, stage: int, name: str, size: str = '7b', fsd
   c.sharding_rules = None
   c.checkpoint = dict(every=a.save_every, keep=3, async_save=True)
   c.log_every = a.log_every
-  c.eval = dict(batch_size=8, max_new_tokens=32, max_examples=None)
+  c.eval = dict(batch_size=8, max_new_tokens=32, max_examples=mlc.config_dict.placeholder(int))
   return c
 
 

@@ -14,6 +14,16 @@ from mmproj.eval.generate import generate_tokens
 MODEL_INPUTS = ('image', 'tokens', 'positions', 'input_mask')
 
 
+def fetch(x) -> np.ndarray:
+  """A (possibly multi-process, batch-sharded) jax array -> the whole value as numpy on every process."""
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    if x.sharding.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def _to_device(batch: dict, sharding) -> dict[str, jax.Array]:
   return {k: jax.device_put(np.asarray(batch[k]), sharding) for k in MODEL_INPUTS}
 
@@ -29,9 +39,8 @@ def vqa_accuracy(setup, params, tokenizer, *, split: str = 'test', batch_size: i
   with jax.set_mesh(setup.mesh):
     for batch in pipeline.qa_eval_batches(cfg.data, tokenizer, num_image_tokens=setup.num_image_tokens,
                                           batch_size=batch_size, split=split, max_examples=max_examples):
-      ids = np.asarray(jax.device_get(generate_tokens(
-          setup.model, params, _to_device(batch, setup.batch_sharding),
-          max_new_tokens=max_new_tokens, eos_id=eos_id)))
+      ids = fetch(generate_tokens(setup.model, params, _to_device(batch, setup.batch_sharding),
+                                  max_new_tokens=max_new_tokens, eos_id=eos_id))
       for row, valid in enumerate(batch['valid']):
         if not valid:
           continue
@@ -61,7 +70,7 @@ def caption_loss(setup, params, tokenizer, *, split: str = 'test', batch_size: i
     for batch in pipeline.caption_eval_batches(setup.cfg.data, tokenizer, num_image_tokens=setup.num_image_tokens,
                                                batch_size=batch_size, split=split, max_examples=max_examples):
       mask = np.asarray(batch['loss_mask'], np.float32) * np.asarray(batch['valid'], np.float32)[:, None]
-      s, n = jax.device_get(summed_nll(params, _to_device(batch, setup.batch_sharding),
+      s, n = map(fetch, summed_nll(params, _to_device(batch, setup.batch_sharding),
                                        jax.device_put(np.asarray(batch['targets']), setup.batch_sharding),
                                        jax.device_put(mask, setup.batch_sharding)))
       nll_sum, count = nll_sum + float(s), count + float(n)

@@ -50,9 +50,9 @@ class MetricWriter:
       eta = elapsed / max(done, 1) * (self.total_steps - step)
       parts = [f'{self.name}step {step}/{self.total_steps}']
       for key, fmt in (('loss', '.4f'), ('accuracy', '.3f'), ('learning_rate', '.2e'), ('steps_per_sec', '.2f'),
-                       ('tokens_per_sec', ',.0f'), ('images_per_sec', ',.0f')):
+                       ('tokens_per_sec', ',.0f'), ('images_per_sec', ',.0f'), ('mfu', '.1%')):
         if key in scalars:
-          parts.append(f'{key.replace("_per_sec", "/s")} {scalars[key]:{fmt}}')
+          parts.append(f'{key.replace("_per_sec", "/s").replace("mfu", "MFU")} {scalars[key]:{fmt}}')
       parts.append(f'ETA {_fmt_seconds(eta)}')
       print(' | '.join(parts), flush=True)
 

@@ -22,6 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mmproj import model as model_lib
 from mmproj.train import checkpoint as ckpt_lib
 from mmproj.train import distributed
+from mmproj.train import flops as flops_lib
+from mmproj.train import memory as memory_lib
 from mmproj.train import optimizer as opt_lib
 from mmproj.train import pretrained
 from mmproj.train import sharding as shard_lib
@@ -73,6 +75,10 @@ def validate(cfg) -> None:
   for field in ('steps', 'batch_size'):
     if int(cfg.train[field]) <= 0:
       raise ValueError(f'train.{field}={cfg.train[field]} must be positive')
+  accum = int(cfg.train.get('grad_accum_steps', 1) or 1)
+  if accum < 1 or int(cfg.train.batch_size) % accum:
+    raise ValueError(f'train.grad_accum_steps={accum} must be >= 1 and divide train.batch_size='
+                     f'{cfg.train.batch_size}')
   if int(cfg.checkpoint.every) <= 0:
     raise ValueError(f'checkpoint.every={cfg.checkpoint.every} must be positive')
 
@@ -85,6 +91,10 @@ def setup(cfg, devices: Sequence[jax.Device] | None = None, *, mesh: Any = None)
     mesh = shard_lib.make_mesh(cfg.mesh, devices)
   rules = shard_lib.rules_from_config(cfg)
   shard_lib.check_batch_divisible(int(cfg.train.batch_size), mesh, rules)
+  accum = int(cfg.train.get('grad_accum_steps', 1) or 1)
+  if accum > 1:
+    shard_lib.check_batch_divisible(int(cfg.train.batch_size) // accum, mesh, rules,
+                                    field='train.batch_size / train.grad_accum_steps')
 
   probe = model_lib.build_model(cfg.model)
   boxed = jax.eval_shape(probe.init, jax.random.key(0), dummy_batch(cfg, 1))['params']
@@ -154,22 +164,68 @@ def token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[
   return (nll * mask).sum() / denom, (correct * mask).sum() / denom
 
 
+def _microbatches(batch: dict, k: int) -> dict:
+  """[B, ...] -> [k, B/k, ...] with micro-batch j = rows j, j+k, j+2k, ...: each device's contiguous block of
+  rows is spread over all k micro-batches, so every micro-batch keeps every device busy."""
+  def split(x):
+    x = x.reshape((x.shape[0] // k, k) + x.shape[1:])                     # [B/k, k, ...]
+    return jnp.swapaxes(x, 0, 1)                                           # [k, B/k, ...]
+  return {name: split(x) for name, x in batch.items()}
+
+
 def make_train_step(s: Setup):
+  """The jitted step: (state, batch, rng) -> (state, metrics). With train.grad_accum_steps = k > 1 the batch is
+  processed as k micro-batches (lax.scan), gradients summed over them, and the loss normalised by the whole
+  batch's token count: the same update as one pass over the batch, with about 1/k of the activation memory."""
   schedule = opt_lib.learning_rate_schedule(s.cfg.train)
   model_inputs = ('image', 'tokens', 'positions', 'input_mask', 'segment_ids')
+  accum = int(s.cfg.train.get('grad_accum_steps', 1) or 1)
+  trainable = jax.tree.map(lambda label: label == 'train', s.labels)
 
-  def loss_fn(params, batch, rng):
+  def logits_fn(params, batch, rng):
     inputs = {k: batch[k] for k in model_inputs if k in batch}
     with shard_lib.activation_rules(s.rules):             # activation constraints (sharding.constrain) follow them
-      logits = s.model.apply({'params': params}, inputs, deterministic=False, rngs={'dropout': rng})
-    return token_loss(logits, batch['targets'], batch['loss_mask'])
+      return s.model.apply({'params': params}, inputs, deterministic=False, rngs={'dropout': rng})
+
+  def loss_fn(params, batch, rng):
+    return token_loss(logits_fn(params, batch, rng), batch['targets'], batch['loss_mask'])
+
+  def summed_loss_fn(params, batch, rng):                 # sums, to be normalised over the whole batch
+    logits = logits_fn(params, batch, rng)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch['targets'][..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, -1) == batch['targets']).astype(jnp.float32)
+    mask = batch['loss_mask']
+    return (nll * mask).sum(), ((correct * mask).sum(), mask.sum())
+
+  def accumulated(params, batch, rng):
+    micro = _microbatches(batch, accum)
+    grad_fn = jax.value_and_grad(summed_loss_fn, has_aux=True)
+
+    def body(carry, xs):
+      grads, nll, correct, count = carry
+      mb, i = xs
+      (n, (c, m)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+      return (jax.tree.map(jnp.add, grads, g), nll + n, correct + c, count + m), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+    (grads, nll, correct, count), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum)))
+    denom = jnp.maximum(count, 1.0)
+    return (nll / denom, correct / denom), jax.tree.map(lambda g: g / denom, grads)
 
   def train_step(state: TrainState, batch: dict, base_rng: jax.Array):
     rng = jax.random.fold_in(base_rng, state.step)
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    if accum > 1:
+      (loss, accuracy), grads = accumulated(state.params, batch, rng)
+    else:
+      (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
     updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'accuracy': accuracy, 'grad_norm': optax.tree.norm(grads),
+    # The norm covers trained params only: frozen weights' gradients are then unused and XLA drops them (a frozen
+    # LM still passes input gradients back to the projector, but computes no weight gradients).
+    trained_grads = jax.tree.map(lambda g, t: g if t else jnp.zeros((), g.dtype), grads, trainable)
+    metrics = {'loss': loss, 'accuracy': accuracy, 'grad_norm': optax.tree.norm(trained_grads),
                'learning_rate': schedule(state.step)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -224,25 +280,38 @@ def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
     manager.close()
     return TrainResult(s, state, tokenizer, seconds_before, latest)
 
-  step_fn = make_train_step(s)
   base_rng = jax.random.key(int(cfg.seed) + 1)
   writer = MetricWriter(workdir, total_steps=total, resume_step=start, name=name)
   log_every, save_every = int(cfg.log_every), int(cfg.checkpoint.every)
+  # Matmul FLOPs of one step as it runs (frozen parts: no weight gradients; remat recompute included), against
+  # the device's dense peak (measured once for a CPU) -> MFU in every log line.
+  counts = flops_lib.step_flops(cfg, labels=s.labels)
+  peak, peak_source = flops_lib.device_peak_flops(jax.devices()[0], cfg.model.dtype)
   pending, tokens_seen, images_seen = [], 0, 0
-  t_start = t_log = time.time()
   with jax.set_mesh(s.mesh):
+    local = next(data_iter)
+    batch = global_batch(s, local)
+    step_fn = make_train_step(s).lower(state, batch, base_rng).compile()     # compiled once, ahead of time
+    if distributed.is_main_process():
+      print(f'{name}{flops_lib.format_flops_summary(cfg, counts)}\n{name}peak: {peak_source}\n'
+            f'{name}{memory_lib.format_compiled_memory(step_fn)}', flush=True)
+    t_start = t_log = time.time()
     for step in range(start + 1, total + 1):
-      local = next(data_iter)
+      if step > start + 1:
+        local = next(data_iter)
+        batch = global_batch(s, local)
       tokens_seen += int(local['input_mask'].sum()) * blocks
       images_seen += len(local['image']) * blocks
-      state, metrics = step_fn(state, global_batch(s, local), base_rng)
+      state, metrics = step_fn(state, batch, base_rng)
       pending.append(metrics)
       if step % log_every == 0 or step == total:
         means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
         means['learning_rate'] = float(jax.device_get(pending[-1]['learning_rate']))
         dt = time.time() - t_log
-        means.update(steps_per_sec=len(pending) / dt, tokens_per_sec=tokens_seen / dt,
-                     images_per_sec=images_seen / dt)
+        steps_per_sec = len(pending) / dt
+        means.update(steps_per_sec=steps_per_sec, tokens_per_sec=tokens_seen / dt, images_per_sec=images_seen / dt,
+                     tflops_per_device=counts['total'] * steps_per_sec / jax.device_count() / 1e12,
+                     mfu=flops_lib.mfu(counts['total'], steps_per_sec, jax.device_count(), peak))
         writer.write(step, means)
         pending, tokens_seen, images_seen, t_log = [], 0, 0, time.time()
       if step % save_every == 0 or step == total:

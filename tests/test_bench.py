@@ -1,0 +1,137 @@
+"""mmproj.bench: a --quick smoke run of every benchmark (tiny shapes, one iteration) writes a report with every row
+and finite ratios; the timing, profiling and report helpers on small inputs."""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmproj import bench
+from mmproj.bench import __main__ as bench_main
+from mmproj.bench import projectors
+
+torch = pytest.importorskip('torch')
+pytest.importorskip('transformers')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tables(text: str) -> list[list[dict[str, str]]]:
+  """Every markdown table of `text` as a list of {column: cell} rows."""
+  tables, lines = [], text.splitlines()
+  i = 0
+  while i < len(lines):
+    if lines[i].startswith('| ') and i + 1 < len(lines) and lines[i + 1].startswith('|---'):
+      head = [c.strip() for c in lines[i].strip('|').split('|')]
+      rows, i = [], i + 2
+      while i < len(lines) and lines[i].startswith('| '):
+        rows.append(dict(zip(head, (c.strip() for c in lines[i].strip('|').split('|')))))
+        i += 1
+      tables.append(rows)
+    else:
+      i += 1
+  return tables
+
+
+def _finite(cell: str) -> bool:
+  try:
+    return math.isfinite(float(cell))
+  except ValueError:
+    return False
+
+
+def test_quick_run_writes_every_row(tmp_path):
+  out = tmp_path / 'BENCH.md'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('MMPROJ_BENCH_PINNED', None)
+  proc = subprocess.run([sys.executable, '-m', 'mmproj.bench', '--quick', '--out', str(out)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  text = out.read_text()
+  assert 'python -m mmproj.bench --quick' in text and '## Machine and settings' in text
+  assert '--quick smoke run' in text
+  tables = _tables(text)
+  goals, proj, step, pipe = tables
+  assert {r['projector'] for r in proj} == {c.name for c in projectors.CASES}
+  for r in proj:
+    assert _finite(r['ratio']) and float(r['ratio']) > 0, r
+    assert _finite(r['ours GFLOP/s']) and _finite(r['roofline']), r
+    fwd, grad = (float(x) for x in r['parity (fwd / grad)'].split(' / '))
+    assert fwd <= projectors.PARITY_RTOL and grad <= projectors.PARITY_RTOL, r
+  assert [r['step'] for r in step] == ['stage 1 (projector trains)', 'diagnostic: ours, projector grads only']
+  assert all(_finite(r['ratio']) for r in step)
+  ours_loss, theirs_loss = (float(x) for x in step[0]['loss (ours / theirs)'].split(' / '))
+  assert abs(ours_loss - theirs_loss) <= 1e-3 * abs(theirs_loss)
+  assert len(pipe) == 2 and all(_finite(r['ratio']) and _finite(r['loader ex/s']) for r in pipe)
+  # One goal line per judged goal, each met or missed.
+  assert len(goals) == sum(1 if c.kind == 'memory' else 2 for c in projectors.CASES) + 1 + 2
+  assert all(r['met'] in ('met', '**missed**') for r in goals)
+  assert {r['row'] for r in goals} >= {f'projectors/{c.name}' for c in projectors.CASES} | {
+      'train_step/llava_stage1', 'pipeline/shapes', 'pipeline/llava_json'}
+  # A hand-written analysis block survives a re-render.
+  analysis = 'The GEMM is the limit.'
+  out.write_text(text.replace('_(no hand-written analysis yet)_', analysis))
+  assert bench_main.read_analysis(str(out)) == analysis
+
+
+def test_interleaved_alternates_and_excludes_warmup():
+  calls = []
+  times = bench.interleaved([('a', lambda: calls.append('a')), ('b', lambda: calls.append('b'))], iters=3,
+                            warmup=1)
+  assert calls == ['a', 'b'] * 4
+  assert [len(v) for v in times.values()] == [3, 3]
+  assert bench.median([3.0, 1.0, 2.0]) == 2.0 and bench.spread([1.0, 2.0, 3.0]) == 1.0
+  assert math.isnan(bench.ratio(1.0, 0.0))
+
+
+def test_profile_splits_matmul_from_the_rest():
+  f = jax.jit(lambda a, b: jnp.sum(jnp.tanh(a @ b)) + jnp.sum(jnp.sin(a)))
+  a = jnp.ones((256, 256))
+  compiled = f.lower(a, a).compile()
+  matmuls = bench.hlo_matmul_ops(compiled.as_text())
+  assert matmuls, compiled.as_text()[:2000]
+  p = bench.profile_jax(lambda: jax.block_until_ready(f(a, a)), compiled.as_text(), calls=2, flops=2 * 256 ** 3)
+  assert p['classes'].get('matmul', 0) > 0 and p['wall_s'] > 0
+  assert 'matmul' in bench.format_profile(p)
+  x = torch.ones(64, 64, requires_grad=True)
+
+  def step():
+    x.grad = None
+    (x @ x).sum().backward()
+
+  t = bench.profile_torch(step, calls=1)
+  assert t['classes'].get('matmul', 0) > 0
+
+
+def test_converted_weights_do_not_alias_and_parity_is_checked():
+  """A case builds a reference and its port that agree; a corrupted port is reported, not timed."""
+  pair = projectors.llava_mlp(quick=True)
+  ours = pair.flax_call(pair.params, {'x': jnp.asarray(pair.inputs['x'])})
+  with torch.no_grad():
+    ref = pair.torch_call({'x': torch.from_numpy(pair.inputs['x'])}).numpy()
+  assert projectors._rel_err(ours, ref) <= projectors.PARITY_RTOL
+
+  def broken(quick):
+    p = projectors.llava_mlp(quick)
+    p.params['linear_2']['bias'] = np.asarray(p.params['linear_2']['bias']) + 1.0
+    return p
+
+  case = projectors.Case('broken', 'LlavaMultiModalProjector', 'matmul', broken)
+  peaks = {'xla_f32': 1e11, 'torch_f32': 1e11, 'xla_bandwidth': 1e10}
+  row = projectors.run_case(case, bench.Options(quick=True, iters=1, warmup=0, log=lambda s: None), peaks)
+  assert any('PARITY FAILED' in n for n in row.notes) and not row.goals[0][3]
+
+
+def test_markdown_helpers():
+  assert bench.fmt(float('nan')) == 'n/a' and bench.fmt(1.23456) == '1.23' and bench.fmt(0.5) == '0.5'
+  table = bench.markdown_table(['a', 'b'], [[1.0, 'x|y']])
+  assert table.splitlines()[2] == '| 1 | x/y |'
+  assert bench.flop_str(2.5e12) == '2.5 TFLOP'
+  opts = bench.Options(only='qformer')
+  assert opts.wants('projectors/qformer') and not opts.wants('projectors/llava_mlp')
+  assert bench.Options(only='pipeline').wants('pipeline/shapes')
