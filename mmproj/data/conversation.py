@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from mmproj.data import sampling
+
 TEMPLATES = ('plain', 'vicuna_v1')
 IMAGE_TAG = '<image>'  # the tag in LLaVA JSON text (LLaVA's DEFAULT_IMAGE_TOKEN), whatever the tokenizer calls it
 OVERFLOW_POLICIES = ('truncate', 'skip', 'error')
@@ -211,7 +213,8 @@ def tokenize(tok: tokenizers.Tokenizer, segs: Sequence[Segment], special: Specia
   L = num_image_tokens + text_len and overflow == 'skip'.
 
   overflow: 'truncate' cuts at L (ValueError if the image block itself does not fit); 'skip' returns None;
-  'error' raises ValueError naming the record id and its length.
+  'error' raises ValueError naming the record id and its length. Both errors are `sampling.Unskippable`: a row
+  that is too long is data.overflow's business, never hidden by data.bad_records='skip'.
   """
   if overflow not in OVERFLOW_POLICIES:
     raise ValueError(f'data.overflow: {overflow!r} is not one of {OVERFLOW_POLICIES}')
@@ -220,12 +223,12 @@ def tokenize(tok: tokenizers.Tokenizer, segs: Sequence[Segment], special: Specia
                                               record_id=record_id)
   if len(ids) > seq_len:
     if overflow == 'error':
-      raise ValueError(f'{_rid(record_id)} is {len(ids)} tokens long > L = {seq_len} (num_image_tokens='
+      raise sampling.Unskippable(f'{_rid(record_id)} is {len(ids)} tokens long > L = {seq_len} (num_image_tokens='
                        f'{num_image_tokens} + data.text_len={text_len}); set data.overflow to truncate or skip')
     if overflow == 'skip':
       return None
     if image_end is not None and image_end > seq_len:
-      raise ValueError(f'{_rid(record_id)}: its image block ends at token {image_end} > L = {seq_len} '
+      raise sampling.Unskippable(f'{_rid(record_id)}: its image block ends at token {image_end} > L = {seq_len} '
                        f'(num_image_tokens={num_image_tokens} + data.text_len={text_len}); truncating would cut '
                        'the image')
     ids, is_target = ids[:seq_len], is_target[:seq_len]

@@ -18,12 +18,23 @@ TensorFlow needed) stores one example per JSON record, in file order:
     roles       text [n]    the turns' "from"
     values      text [n]    the turns' "value"
 
-The builder config's name is `<json file stem>_<first 16 hex digits of the JSON's sha256>`, so an edited JSON
-builds a new data set next to the old one (images are not hashed: a changed image folder with the same JSON
-needs a new data_dir). `prepare(cfg.data)` builds it once under data.data_dir (file-locked, interrupted builds
-never read as complete) and returns (dataset dir, tokenizer). Build-time errors (naming the record id, the JSON
-entry and the file): missing image file, a record without conversations, a malformed conversation. A file that
-is not a decodable image fails when the loader reads that record, naming the record id and file.
+The builder config's name is `<json file stem>_<first 16 hex digits of the JSON's sha256>` (+ '_skipbad' with
+data.bad_records='skip', which can build a different set), so an edited JSON builds a new data set next to the
+old one (images are not hashed: a changed image folder with the same JSON needs a new data_dir).
+`prepare(cfg.data)` builds it once under data.data_dir (file-locked, interrupted builds never read as complete)
+and returns (dataset dir, tokenizer).
+
+Bad records, by data.bad_records ('error' | 'skip'):
+  at build time, a malformed JSON entry (not an object, no "id", no or malformed "conversations", a non-string
+      "image", an image path that is not a file): 'error' fails the build naming the entry (index and id), the
+      field and the file; 'skip' leaves the entry out of the data set, logs it and counts it (the count and the
+      first entries are kept in BAD_ENTRIES_FILE beside the data and logged again by train_loader). Stored
+      records keep their JSON position in `index`.
+  at read time, a record whose image does not decode (or that cannot be read at all): 'error' raises naming the
+      record id, JSON entry, image file and stream position; 'skip' puts a row that trains on nothing in its place
+      (and sets the row's `bad_records` to 1), as mmproj.data.sampling describes.
+Text longer than a row is not a bad record: data.overflow decides (truncate / leave out of the order / error),
+whatever data.bad_records says.
 
 `train_loader` yields batches of B = global_batch_size // process_count rows (L = num_image_tokens + text_len):
 
@@ -55,6 +66,7 @@ data_cfg fields (ml_collections.ConfigDict, dict or attribute object):
     image_aspect  'pad' | 'crop' | 'resize'; default 'pad'
     image_mean    3 floats, the 'pad' colour; default OPENAI_CLIP_MEAN (LLaVA-1.5's CLIP-L/336 processor)
     overflow      'truncate' | 'skip' | 'error' for rows longer than L; default 'truncate'
+    bad_records   'error' | 'skip' for malformed entries and undecodable images (above); default 'error'
     image_token   default '<image>';  bos_token default '<s>';  eos_token default '</s>'
     worker_count  grain worker processes, 0 = in the calling process; default 0
     read_threads  threads reading + decoding records ahead; default 2
@@ -92,8 +104,10 @@ ASPECTS = ('pad', 'crop', 'resize')
 SPLITS = ('train',)
 DEFAULTS = dict(template='vicuna_v1', text_len=1472, image_size=336, image_aspect='pad',
                 image_mean=preprocess.OPENAI_CLIP_MEAN, overflow='truncate', image_token=conversation.IMAGE_TOKEN,
-                bos_token=conversation.BOS_TOKEN, eos_token=conversation.EOS_TOKEN, worker_count=0, read_threads=2)
+                bos_token=conversation.BOS_TOKEN, eos_token=conversation.EOS_TOKEN, worker_count=0, read_threads=2,
+                bad_records='error')
 TOKENIZER_FILENAME = 'tokenizer.json'
+BAD_ENTRIES_FILE = 'bad_entries.json'  # in the data set directory: JSON entries left out at build ('skip')
 _log = logging.getLogger(__name__)
 
 
@@ -139,6 +153,7 @@ class LlavaJsonConfig(tfds.core.BuilderConfig):
   name: str = ''
   json_path: str = ''
   image_dir: str = ''
+  bad_records: str = 'error'
 
 
 def config_from(data_cfg: Any) -> LlavaJsonConfig:
@@ -150,7 +165,11 @@ def config_from(data_cfg: Any) -> LlavaJsonConfig:
   image_dir = _cfg(data_cfg, 'image_dir')
   image_dir = os.path.abspath(os.path.expanduser(os.fspath(image_dir))) if image_dir else ''
   stem = re.sub(r'[^A-Za-z0-9_]+', '_', os.path.splitext(os.path.basename(json_path))[0])[:48] or 'data'
-  return LlavaJsonConfig(name=f'{stem}_{json_hash(json_path)[:16]}', json_path=json_path, image_dir=image_dir)
+  bad = sampling.check_bad_records(_cfg(data_cfg, 'bad_records'))
+  # A 'skip' build may leave entries out: it must never be read by a run that asked for errors.
+  suffix = '_skipbad' if bad == 'skip' else ''
+  return LlavaJsonConfig(name=f'{stem}_{json_hash(json_path)[:16]}{suffix}', json_path=json_path,
+                         image_dir=image_dir, bad_records=bad)
 
 
 # ----------------------------------------------------------------------------------------------- TFDS builder
@@ -193,7 +212,7 @@ def tfds_example(rec: Any, index: int, json_path: str, image_dir: str) -> dict[s
       raise ValueError(f'{where} has image {image_rel!r} but data.image_dir is not set')
     path = os.path.join(image_dir, image_rel)
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'{where}: image file {path} not found')
+      raise FileNotFoundError(f'{where}: image file {path} not found (or not a file)')
     with open(path, 'rb') as f:
       data = f.read()
   return dict(index=index, id=rid, image=data, image_path=image_rel, has_image=bool(image_rel), roles=roles,
@@ -222,7 +241,7 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
             'roles': tfds.features.Sequence(text()),
             'values': tfds.features.Sequence(text()),
         }),
-        disable_shuffling=True,  # record i of 'train' is JSON entry i
+        disable_shuffling=True,  # records in JSON order (record i is entry i unless 'skip' left entries out)
     )
 
   def _split_generators(self, dl_manager):
@@ -240,8 +259,29 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
       raise ValueError(f'data.json: {c.json_path} must hold a list of records, got {type(records).__name__}')
     if not records:
       raise ValueError(f'data.json: {c.json_path} holds no records')
+    bad = []  # (entry, id or None, cause) of the entries left out under bad_records='skip'
     for i, rec in enumerate(records):
-      yield i, tfds_example(rec, i, c.json_path, c.image_dir)
+      try:
+        example = tfds_example(rec, i, c.json_path, c.image_dir)
+      except (ValueError, OSError) as e:
+        if c.bad_records != 'skip':
+          raise
+        bad.append((i, str(rec['id']) if isinstance(rec, Mapping) and rec.get('id') is not None else None, str(e)))
+        if len(bad) <= sampling.MAX_NAMED:
+          _log.warning('leaving JSON entry %d out of the data set (data.bad_records=skip): %s', i, e)
+        continue
+      yield i, example
+    if len(bad) == len(records):
+      raise ValueError(f'data.json: every one of the {len(records)} entries of {c.json_path} is malformed '
+                       f'(data.bad_records=skip would leave nothing); the first: {bad[0][2]}')
+    if bad:
+      _log.warning('data.bad_records=skip: left %d of the %d entries of %s out of the data set', len(bad),
+                   len(records), c.json_path)
+      # Beside the data, in the build's temporary directory: it appears with the data set, atomically.
+      with open(os.path.join(self.data_dir, BAD_ENTRIES_FILE), 'w') as f:
+        json.dump({'count': len(bad), 'entries': len(records),
+                   'first': [dict(entry=i, id=rid, cause=cause) for i, rid, cause in bad[:sampling.MAX_NAMED]]},
+                  f, indent=1)
 
 
 # ----------------------------------------------------------------------------------------------- prepare / read
@@ -410,7 +450,8 @@ def load_image(data: bytes, *, size: int, aspect: str, mean: Sequence[float] | N
 def _check_options(data_cfg: Any) -> dict[str, Any]:
   """The row options from cfg.data, validated (ValueError naming the field)."""
   o = {k: _cfg(data_cfg, k) for k in ('template', 'text_len', 'image_size', 'image_aspect', 'image_mean',
-                                       'overflow')}
+                                       'overflow', 'bad_records')}
+  sampling.check_bad_records(o['bad_records'])
   if o['template'] not in conversation.TEMPLATES:
     raise ValueError(f'data.template: {o["template"]!r} is not one of {conversation.TEMPLATES}')
   if o['overflow'] not in conversation.OVERFLOW_POLICIES:
@@ -431,8 +472,8 @@ def _check_options(data_cfg: Any) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class LlavaRow(grain.transforms.Map):
-  """A stored record -> one training row (layout in the module docstring), or {} for a record dropped by
-  overflow='skip' (removed by the Filter that follows). Skips are counted (`skipped`) and logged."""
+  """A stored record -> one training row (layout in the module docstring). With data.overflow='skip' the loader
+  draws only records that fit (`_records_that_fit`), so every record it maps makes a row."""
   tok: tokenizers.Tokenizer
   special: conversation.SpecialTokens
   template: str
@@ -442,9 +483,6 @@ class LlavaRow(grain.transforms.Map):
   image_size: int
   image_aspect: str
   image_mean: tuple[float, float, float]
-  num_records: int
-  skipped: int = dataclasses.field(default=0, init=False)
-  _skip_run: int = dataclasses.field(default=0, init=False)
 
   def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
     rec = decode_record(element)
@@ -456,17 +494,10 @@ class LlavaRow(grain.transforms.Map):
                                 num_image_tokens=self.num_image_tokens if rec['has_image'] else 0,
                                 text_len=self.text_len + (0 if rec['has_image'] else self.num_image_tokens),
                                 overflow=self.overflow, record_id=rid)
-    if row is None:
-      self.skipped += 1
-      self._skip_run += 1
-      _log.warning('skipping record %r (entry %d): longer than L = %d (data.overflow=skip); '
-                      '%d skipped so far in this process', rid, rec['index'],
-                      self.num_image_tokens + self.text_len, self.skipped)
-      if self._skip_run > self.num_records:
-        raise ValueError(f'every record is longer than L = {self.num_image_tokens + self.text_len} '
-                         '(data.overflow=skip would never yield a row); raise data.text_len')
-      return {}
-    self._skip_run = 0
+    if row is None:  # the length pre-pass kept a record that does not fit: its cache disagrees with the data
+      raise sampling.Unskippable(f'record {rid!r} (entry {rec["index"]}) is longer than L = '
+                                 f'{self.num_image_tokens + self.text_len} but data.overflow=skip kept it; delete '
+                                 'the token_lengths-*.npy files beside the data set')
     s = self.image_size
     if rec['has_image']:
       where = f"record {rid!r} (entry {rec['index']}), image file {rec['image_path']!r}"
@@ -475,13 +506,15 @@ class LlavaRow(grain.transforms.Map):
       row['image'] = np.zeros((s, s, 3), np.uint8)
     return row
 
-
-@dataclasses.dataclass
-class DropSkipped(grain.transforms.Filter):
-  """Drops the empty rows LlavaRow returns for skipped records."""
-
-  def filter(self, element: Mapping[str, Any]) -> bool:
-    return bool(element)
+  def blank_row(self) -> dict[str, np.ndarray]:
+    """The stand-in for a bad record (data.bad_records='skip'): all padding (masks 0) and a black image."""
+    row = conversation.tokenize(self.tok, [], self.special, num_image_tokens=0,
+                                text_len=self.num_image_tokens + self.text_len)
+    row = {k: np.zeros_like(v) for k, v in row.items()}
+    row['tokens'][:] = self.special.pad_id
+    row['targets'][:] = self.special.pad_id
+    row['image'] = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+    return row
 
 
 def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: int, global_batch_size: int,
@@ -499,6 +532,8 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
   With data.overflow='skip' the order is over the records that fit in L only: every record's length is computed
   when the loader is built (reading the whole split once; cached beside the data set per tokenizer, template and
   num_image_tokens) and the records left out are logged.
+  data.bad_records='skip': a record that cannot be made into a row gets a stand-in row that trains on nothing, and
+  every row carries `bad_records` (int32, 1 on stand-ins); JSON entries left out at build time are logged again.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -521,16 +556,37 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
       flags.FLAGS.mark_as_parsed()
 
   source = data_source(data_cfg, split)
+  if process_index == 0:
+    _log_bad_entries(data_cfg)
   records = None
   if o['overflow'] == 'skip':
     records = _records_that_fit(data_cfg, tok, source, num_image_tokens=num_image_tokens,
                                 seq_len=num_image_tokens + o['text_len'], split=split, log=process_index == 0)
   row = LlavaRow(tok, special, o['template'], num_image_tokens, o['text_len'], o['overflow'], o['image_size'],
-                 o['image_aspect'], o['image_mean'], num_records=len(source))
+                 o['image_aspect'], o['image_mean'])
   return sampling.train_dataset(source, row, global_batch_size=global_batch_size, seed=int(seed),
                                 process_index=process_index, process_count=process_count, records=records,
                                 read_threads=read_threads, worker_count=worker_count,
-                                worker_buffer_size=worker_buffer_size, split=split)
+                                worker_buffer_size=worker_buffer_size, split=split,
+                                bad_records=o['bad_records'])
+
+
+def bad_entries(data_cfg: Any) -> dict[str, Any]:
+  """The JSON entries a data.bad_records='skip' build left out: {'count', 'entries' (in the JSON), 'first':
+  [{'entry', 'id', 'cause'}, ...]}; count 0 when none were (or the build was not 'skip')."""
+  path = os.path.join(os.fspath(builder(data_cfg).data_path), BAD_ENTRIES_FILE)
+  if not os.path.isfile(path):
+    return {'count': 0, 'entries': None, 'first': []}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _log_bad_entries(data_cfg: Any) -> None:
+  bad = bad_entries(data_cfg)
+  if bad['count']:
+    _log.warning('data.bad_records=skip: %d of the %d entries of %s were left out when the data set was built '
+                 '(the first: %s)', bad['count'], bad['entries'], _path_field(data_cfg, 'json'),
+                 '; '.join(f"entry {b['entry']}: {b['cause']}" for b in bad['first'][:3]))
 
 
 _MAX_SKIPS_LOGGED = 100
@@ -548,7 +604,7 @@ def _records_that_fit(data_cfg: Any, tok: tokenizers.Tokenizer, source, *, num_i
   lengths = None
   if os.path.isfile(cache):
     try:
-      lengths = np.load(cache)
+      lengths = np.load(cache, allow_pickle=False)
     except (OSError, ValueError):  # unreadable: computed again below
       lengths = None
     if lengths is not None and lengths.shape != (len(source),):
@@ -579,17 +635,28 @@ def _records_that_fit(data_cfg: Any, tok: tokenizers.Tokenizer, source, *, num_i
 def token_lengths(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: int,
                   split: str = 'train') -> np.ndarray:
   """int32 [N]: every record's untruncated row length (<bos> + image block + text) under cfg.data's template,
-  in record order; e.g. to choose data.text_len or count what overflow='skip' would drop. Reads all records."""
+  in record order; e.g. to choose data.text_len or count what overflow='skip' would drop. Reads all records.
+  A record that cannot be read or tokenized is a bad record: an error naming it, or with data.bad_records='skip'
+  length -1 (it stays in the training order, where it gets a stand-in row and is counted)."""
   o = _check_options(data_cfg)
   special = special_tokens(data_cfg, tok)
   source = data_source(data_cfg, split)
   out = np.zeros(len(source), np.int32)
   for i in range(len(source)):
-    rec = decode_record(source[i])
-    segs = conversation.segments(o['template'], rec['roles'], rec['values'], record_id=rec['id'],
-                                 has_image=rec['has_image'], image_token=special.image, eos_token=special.eos)
-    ids, _, _ = conversation.encode_segments(tok, segs, special,
-                                             num_image_tokens=num_image_tokens if rec['has_image'] else 0,
-                                             record_id=rec['id'])
+    raw = None
+    try:
+      raw = source[i]
+      rec = decode_record(raw)
+      segs = conversation.segments(o['template'], rec['roles'], rec['values'], record_id=rec['id'],
+                                   has_image=rec['has_image'], image_token=special.image, eos_token=special.eos)
+      ids, _, _ = conversation.encode_segments(tok, segs, special,
+                                               num_image_tokens=num_image_tokens if rec['has_image'] else 0,
+                                               record_id=rec['id'])
+    except Exception as e:  # pylint: disable=broad-except  (judged by data.bad_records)
+      if o['bad_records'] != 'skip':
+        raise ValueError(f'bad {sampling.record_name(split, i, raw)}: {sampling.fault(e)} '
+                         '(data.bad_records=error; set it to skip to train past bad records)') from e
+      out[i] = -1
+      continue
     out[i] = len(ids)
   return out

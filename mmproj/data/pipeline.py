@@ -15,11 +15,22 @@ Batches are numpy dicts (per process, B rows):
   image uint8 [B, H, W, 3]; tokens, positions, input_mask int32 [B, L]; positions = max(cumsum(mask) - 1, 0)
   train/caption eval: targets int32 [B, L], loss_mask float32 [B, L];  eval: valid bool [B]
   QA eval: answer, family (str arrays [B])
+  train with data.bad_records='skip': bad_records int32 [B] (1 on a stand-in row for a bad record)
+
+Faults. Text longer than data.text_len (a record's caption or question + answer) is always a ValueError naming
+the split, record, field and data.text_len (`sampling.Unskippable`): the world's records are generated, so it
+means text_len is too small, not that a record is corrupt. Any other failure to read a record or make its row
+(a record the source cannot deserialize, a missing field, a word the tokenizer lacks) is a bad record, handled
+by data.bad_records: 'error' (default) raises naming the split, record and cause; 'skip' puts a row that trains
+on nothing in its place in training (mmproj.data.sampling) and leaves the example out of the eval batches,
+counted and logged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -30,6 +41,8 @@ import tokenizers
 from mmproj.data import sampling
 from mmproj.data import shapes
 from mmproj.data import tokenizer as tokenizer_lib
+
+_log = logging.getLogger(__name__)
 
 
 def _cfg(data_cfg: Any, key: str, default: Any = None) -> Any:
@@ -43,16 +56,23 @@ def _text_len(data_cfg: Any) -> int:
   return text_len
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _encode_cached(tok: tokenizers.Tokenizer, text: str) -> tuple[int, ...]:
+  # The shapes world's questions, answers and captions repeat across records: encoding each string once is
+  # the largest saving in the loader (tokenizing was its top cost in the pipeline benchmark's profile).
+  return tuple(tokenizer_lib.encode(tok, text))
+
+
 def _encode(tok: tokenizers.Tokenizer, text: str, where: str) -> list[int]:
   try:
-    return tokenizer_lib.encode(tok, text)
+    return list(_encode_cached(tok, text))
   except ValueError as e:
     raise ValueError(f'{where}: {e}') from None
 
 
 def _check_len(n_text: int, text_len: int, where: str) -> None:
-  if n_text > text_len:
-    raise ValueError(f'{where} is too long: {n_text} tokens (<bos> + question + <sep> + answer + <eos>) '
+  if n_text > text_len:  # a setting too small for the world, not a bad record: never skipped
+    raise sampling.Unskippable(f'{where} is too long: {n_text} tokens (<bos> + question + <sep> + answer + <eos>) '
                      f'> data.text_len={text_len}')
 
 
@@ -108,7 +128,7 @@ def conversation_row(tok: tokenizers.Tokenizer, turns: Sequence[tuple[str, str, 
 
 
 def _turn_length(tok: tokenizers.Tokenizer, question: str, answer: str) -> int:
-  return len(tok.encode(question).ids) + len(tok.encode(answer).ids) + 2  # + <sep> + <eos>
+  return len(_encode_cached(tok, question)) + len(_encode_cached(tok, answer)) + 2  # + <sep> + <eos>
 
 
 def prompt_row(tok: tokenizers.Tokenizer, question: str, *, num_image_tokens: int, text_len: int,
@@ -147,6 +167,14 @@ class SampleText(grain.transforms.RandomMap):
   split: str = 'train'
   turns: int = 1
   isolate_turns: bool = True
+  image_size: int = shapes.DEFAULTS['image_size']
+
+  def blank_row(self) -> dict[str, np.ndarray]:
+    """The stand-in for a bad record (data.bad_records='skip'): all padding (masks 0) and a black image."""
+    row = conversation_row(self.tok, [], num_image_tokens=self.num_image_tokens, text_len=self.text_len)
+    row = {k: np.zeros_like(v) for k, v in row.items()}  # PAD_ID is 0
+    row['image'] = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+    return row
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     index = int(element['index'])
@@ -189,6 +217,7 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
   jax.process_index()/process_count(); worker_count to data.worker_count (0 = batches built by threads of the
   calling process; > 0 = grain worker processes); read_threads to data.read_threads or 2 (threads building batches
   ahead of the consumer; decoding is Python-bound, so more threads only add GIL contention on few cores).
+  data.bad_records: 'error' (default) | 'skip' (module docstring; 'skip' adds the int32 field bad_records).
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -216,12 +245,14 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app use defaults
       flags.FLAGS.mark_as_parsed()
 
+  bad_records = sampling.check_bad_records(_cfg(data_cfg, 'bad_records', 'error'))
   source = shapes.data_source(data_cfg, split)
   row = SampleText(tok, num_image_tokens, _text_len(data_cfg), caption_prob, split, turns,
-                   bool(_cfg(data_cfg, 'isolate_turns', True)))
+                   bool(_cfg(data_cfg, 'isolate_turns', True)), shapes.config_from(data_cfg).image_size)
   return sampling.train_dataset(source, row, global_batch_size=global_batch_size, seed=int(seed),
                                 process_index=process_index, process_count=process_count, read_threads=read_threads,
-                                worker_count=worker_count, worker_buffer_size=worker_buffer_size, split=split)
+                                worker_count=worker_count, worker_buffer_size=worker_buffer_size, split=split,
+                                bad_records=bad_records)
 
 
 def _batches(rows: Iterator[dict[str, Any]], batch_size: int, blank: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -244,48 +275,100 @@ def _stack(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+class _EvalFaults:
+  """Bad eval records / examples under data.bad_records: 'error' raises naming them, 'skip' counts and logs them
+  (the first few by name) and the caller leaves them out."""
+
+  def __init__(self, data_cfg: Any, split: str):
+    self.skip = sampling.check_bad_records(_cfg(data_cfg, 'bad_records', 'error')) == 'skip'
+    self.split = split
+    self.count = 0
+
+  def bad(self, what: str, e: Exception) -> None:
+    if isinstance(e, (sampling.Unskippable, MemoryError)):
+      raise e
+    if not self.skip:
+      raise ValueError(f'bad {what}: {sampling.fault(e)} (data.bad_records=error; set it to skip to leave bad '
+                       'examples out of the eval)') from e
+    self.count += 1
+    if self.count <= sampling.MAX_NAMED:
+      _log.warning('leaving bad %s out of the eval (data.bad_records=skip): %s', what, sampling.fault(e))
+
+  def summary(self, total: str) -> None:
+    if self.count:
+      _log.warning('data.bad_records=skip: %d bad %s left out of the %s eval', self.count, total, self.split)
+
+
 def qa_eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: int, batch_size: int,
                     split: str = 'test', max_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Every QA pair of `split` exactly once (records in order, pairs in stored order), or the first
   `max_examples` pairs, as left-padded prompt batches with 'answer', 'family' (str [B]) and 'valid' (bool [B]).
-  Filler rows of the last batch repeat its first prompt with answer = family = '' and valid = False."""
+  Filler rows of the last batch repeat its first prompt with answer = family = '' and valid = False.
+  data.bad_records='skip': a record that cannot be read, or a pair that cannot be made into a prompt, is left out
+  (counted, logged; max_examples counts the pairs kept)."""
   text_len = _text_len(data_cfg)
   source = shapes.data_source(data_cfg, split)
+  faults = _EvalFaults(data_cfg, split)
 
   def rows():
     n = 0
     for i in range(len(source)):
-      rec = shapes.decode_record(source[i])
-      for j, (q, a, f) in enumerate(zip(rec['questions'], rec['answers'], rec['families'])):
+      try:
+        rec = shapes.decode_record(source[i])
+        pairs = list(zip(rec['questions'], rec['answers'], rec['families'], strict=True))
+      except Exception as e:  # pylint: disable=broad-except  (judged by data.bad_records)
+        faults.bad(f'{split} record {i}', e)
+        continue
+      for j, (q, a, f) in enumerate(pairs):
         if max_examples is not None and n >= max_examples:
           return
         where = f"{split} record {rec['index']}, field 'questions[{j}]' + 'answers[{j}]'"
-        row = prompt_row(tok, q, num_image_tokens=num_image_tokens, text_len=text_len,
-                         answer_len=len(_encode(tok, a, where)), where=where)
+        try:
+          row = prompt_row(tok, q, num_image_tokens=num_image_tokens, text_len=text_len,
+                           answer_len=len(_encode(tok, a, where)), where=where)
+        except Exception as e:  # pylint: disable=broad-except  (the message names the field)
+          faults.bad(f'{split} record {i}', e)
+          continue
         yield dict(image=rec['image'], **row, answer=np.str_(a), family=np.str_(f), valid=True)
         n += 1
 
-  yield from _batches(rows(), batch_size, blank=dict(answer=np.str_(''), family=np.str_('')))
+  try:
+    yield from _batches(rows(), batch_size, blank=dict(answer=np.str_(''), family=np.str_('')))
+  finally:
+    faults.summary('records or QA pairs')
 
 
 def caption_eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: int, batch_size: int,
                          split: str = 'test', max_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Every record of `split` once (or the first `max_examples`) as a teacher-forced caption row in the training
   layout (tokens, positions, input_mask, targets, loss_mask, image) + 'valid' (bool [B]); filler rows of the last
-  batch have valid=False and loss_mask=0."""
+  batch have valid=False and loss_mask=0. data.bad_records='skip': a record that cannot be read or made into a
+  row is left out (counted, logged; max_examples counts the records kept)."""
   text_len = _text_len(data_cfg)
   source = shapes.data_source(data_cfg, split)
   n = len(source) if max_examples is None else min(len(source), max_examples)
+  faults = _EvalFaults(data_cfg, split)
 
   def rows():
-    for i in range(n):
-      rec = shapes.decode_record(source[i])
-      row = train_row(tok, shapes.CAPTION_QUESTION, rec['caption'], num_image_tokens=num_image_tokens,
-                      text_len=text_len, where=f"{split} record {rec['index']}, field 'caption'")
+    kept = 0
+    for i in range(len(source)):
+      if kept >= n:
+        break
+      try:
+        rec = shapes.decode_record(source[i])
+        row = train_row(tok, shapes.CAPTION_QUESTION, rec['caption'], num_image_tokens=num_image_tokens,
+                        text_len=text_len, where=f"{split} record {rec['index']}, field 'caption'")
+      except Exception as e:  # pylint: disable=broad-except  (judged by data.bad_records)
+        faults.bad(f'{split} record {i}', e)
+        continue
+      kept += 1
       yield dict(image=rec['image'], **row, valid=True)
 
   seq_len = num_image_tokens + text_len
-  yield from _batches(rows(), batch_size, blank=dict(loss_mask=np.zeros(seq_len, np.float32)))
+  try:
+    yield from _batches(rows(), batch_size, blank=dict(loss_mask=np.zeros(seq_len, np.float32)))
+  finally:
+    faults.summary('records')
 
 
 def decode(tok: tokenizers.Tokenizer, ids: Sequence[int] | np.ndarray) -> str:
