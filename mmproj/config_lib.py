@@ -42,7 +42,8 @@ def shapes_experiment(arg: str, *, name: str, projector: dict, patch_size: int =
   # shape questions stay at chance after 800 steps; with 1.0, shape and colour questions pass 70%.
   c.data = dict(name='shapes', data_dir='~/.cache/mmproj/data', image_size=48, grid=3, jitter=1,
                 num_train=512 if smoke else 20_000, num_test=64 if smoke else 500, min_objects=1, max_objects=6,
-                seed=0, text_len=64, turns=8, isolate_turns=True, caption_prob=1.0, worker_count=0)
+                seed=0, text_len=64, turns=8, isolate_turns=True, caption_prob=1.0, worker_count=0,
+                bad_records='error')  # unreadable record: 'error' | 'skip' (a stand-in row, counted)
 
   c.model = mlc.ConfigDict()
   c.model.use_image = True
@@ -57,7 +58,8 @@ def shapes_experiment(arg: str, *, name: str, projector: dict, patch_size: int =
 
   c.train = dict(steps=60 if smoke else steps, batch_size=32 if smoke else 64, learning_rate=1e-3,
                  warmup_steps=10 if smoke else 100, end_lr_frac=0.05, weight_decay=0.01, grad_clip=1.0,
-                 b1=0.9, b2=0.98, trainable=['.*'], frozen=[])
+                 b1=0.9, b2=0.98, trainable=['.*'], frozen=[], grad_accum_steps=1,
+                 on_nonfinite='skip')  # NaN/Inf loss or grads: 'skip' the update (counted) | 'stop', last good saved
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding_rules = None   # None = mmproj.train.sharding.DEFAULT_RULES
   c.checkpoint = dict(every=20 if smoke else 200, keep=3, async_save=True)
@@ -172,7 +174,8 @@ def llava15_experiment(arg: str, *, stage: int, name: str, size: str = '7b', fsd
                 template='plain' if stage == 1 else 'vicuna_v1', text_len=a.text_len,
                 image_size=encoder['image_size'], image_aspect='crop' if stage == 1 else 'pad',
                 image_mean=list(encoder['image_mean']),
-                overflow='truncate', image_token='<image>', bos_token='<s>', eos_token='</s>', worker_count=0)
+                overflow='truncate', image_token='<image>', bos_token='<s>', eos_token='</s>', worker_count=0,
+                bad_records='error')  # malformed entry / undecodable image: 'error' | 'skip' (counted)
   c.model = mlc.ConfigDict()
   c.model.use_image = True
   c.model.image_token_id = image_token_id
@@ -185,7 +188,8 @@ def llava15_experiment(arg: str, *, stage: int, name: str, size: str = '7b', fsd
   # Stage 1 trains the projector only; stage 2 the projector and the LM. The CLIP tower stays frozen.
   c.train = dict(steps=a.steps, batch_size=a.batch, learning_rate=a.lr, warmup_steps=max(1, round(0.03 * a.steps)),
                  end_lr_frac=0.0, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999,
-                 trainable=['projector/.*'] if stage == 1 else ['projector/.*', 'lm/.*'], frozen=[])
+                 trainable=['projector/.*'] if stage == 1 else ['projector/.*', 'lm/.*'], frozen=[],
+                 grad_accum_steps=1, on_nonfinite='skip')
   c.mesh = dict(data=-1 if a.fsdp != -1 else 1, fsdp=a.fsdp, tensor=a.tensor)
   c.sharding_rules = None
   c.checkpoint = dict(every=a.save_every, keep=3, async_save=True)

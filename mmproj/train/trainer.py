@@ -7,6 +7,7 @@ Every config error is raised by `setup` before anything is compiled.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Any, Sequence
@@ -30,11 +31,21 @@ from mmproj.train import sharding as shard_lib
 from mmproj.train.metrics import MetricWriter
 
 
+NONFINITE_POLICIES = ('skip', 'stop')
+
+
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array        # int32 scalar: number of updates applied
+  step: jax.Array             # int32 scalar: batches consumed (= updates applied + updates skipped)
   params: Any
   opt_state: Any
+  nonfinite_steps: jax.Array  # int32 scalar: steps whose loss or gradients were NaN/Inf (update not applied)
+  halted_at: jax.Array        # int32 scalar: train.on_nonfinite='stop': the first such step, 0 while none
+
+  @classmethod
+  def create(cls, params, opt_state, step=0) -> 'TrainState':
+    zero = jnp.zeros((), jnp.int32)
+    return cls(step=zero + step, params=params, opt_state=opt_state, nonfinite_steps=zero, halted_at=zero)
 
 
 @dataclasses.dataclass
@@ -81,6 +92,9 @@ def validate(cfg) -> None:
                      f'{cfg.train.batch_size}')
   if int(cfg.checkpoint.every) <= 0:
     raise ValueError(f'checkpoint.every={cfg.checkpoint.every} must be positive')
+  policy = cfg.train.get('on_nonfinite', 'skip')
+  if policy not in NONFINITE_POLICIES:
+    raise ValueError(f'train.on_nonfinite={policy!r} must be one of {NONFINITE_POLICIES}')
 
 
 def setup(cfg, devices: Sequence[jax.Device] | None = None, *, mesh: Any = None) -> Setup:
@@ -107,9 +121,11 @@ def setup(cfg, devices: Sequence[jax.Device] | None = None, *, mesh: Any = None)
   replicated = NamedSharding(mesh, P())
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_sharding = _like_params(abstract_opt, abstract_params, params_sharding, replicated)
-  state_sharding = TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding)
-  abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                              opt_state=abstract_opt)
+  state_sharding = TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding,
+                              nonfinite_steps=replicated, halted_at=replicated)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  abstract_state = TrainState(step=scalar, params=abstract_params, opt_state=abstract_opt, nonfinite_steps=scalar,
+                              halted_at=scalar)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_sharding)
   return Setup(cfg=cfg, model=model, mesh=mesh, rules=rules, tx=tx, labels=labels, abstract_state=abstract_state,
@@ -145,7 +161,7 @@ def init_state(s: Setup, seed: int) -> TrainState:
     return flax.linen.unbox(s.model.init(jax.random.key(seed), batch)['params'])
 
   def init_opt(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=s.tx.init(params))
+    return TrainState.create(params, s.tx.init(params))
 
   with jax.set_mesh(s.mesh):
     params = jax.jit(init_params, out_shardings=s.state_sharding.params)()
@@ -176,10 +192,16 @@ def _microbatches(batch: dict, k: int) -> dict:
 def make_train_step(s: Setup):
   """The jitted step: (state, batch, rng) -> (state, metrics). With train.grad_accum_steps = k > 1 the batch is
   processed as k micro-batches (lax.scan), gradients summed over them, and the loss normalised by the whole
-  batch's token count: the same update as one pass over the batch, with about 1/k of the activation memory."""
+  batch's token count: the same update as one pass over the batch, with about 1/k of the activation memory.
+
+  A step whose loss or trained-parameter gradients hold NaN/Inf applies no update and counts it
+  (state.nonfinite_steps). With train.on_nonfinite='stop' it also sets state.halted_at to that step, and every
+  later step leaves the state as it is (step counter included), so the host, which looks at each log and save
+  point, finds the last good state intact and stops there."""
   schedule = opt_lib.learning_rate_schedule(s.cfg.train)
   model_inputs = ('image', 'tokens', 'positions', 'input_mask', 'segment_ids')
   accum = int(s.cfg.train.get('grad_accum_steps', 1) or 1)
+  stop_on_nonfinite = s.cfg.train.get('on_nonfinite', 'skip') == 'stop'
   trainable = jax.tree.map(lambda label: label == 'train', s.labels)
 
   def logits_fn(params, batch, rng):
@@ -225,9 +247,27 @@ def make_train_step(s: Setup):
     # The norm covers trained params only: frozen weights' gradients are then unused and XLA drops them (a frozen
     # LM still passes input gradients back to the projector, but computes no weight gradients).
     trained_grads = jax.tree.map(lambda g, t: g if t else jnp.zeros((), g.dtype), grads, trainable)
-    metrics = {'loss': loss, 'accuracy': accuracy, 'grad_norm': optax.tree.norm(trained_grads),
-               'learning_rate': schedule(state.step)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    grad_norm = optax.tree.norm(trained_grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    halted = state.halted_at > 0
+    apply = finite & ~halted
+    # Frozen leaves keep the old array outright: no select over a frozen LM's weights.
+    params = jax.tree.map(lambda t, new, old: jnp.where(apply, new, old) if t else old,
+                          trainable, params, state.params)
+    opt_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old), opt_state, state.opt_state)
+    bad = (~finite & ~halted).astype(jnp.int32)
+    if stop_on_nonfinite:
+      next_state = TrainState(step=jnp.where(apply, state.step + 1, state.step), params=params, opt_state=opt_state,
+                              nonfinite_steps=state.nonfinite_steps + bad,
+                              halted_at=jnp.where(halted, state.halted_at, bad * (state.step + 1)))
+    else:
+      next_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                              nonfinite_steps=state.nonfinite_steps + bad, halted_at=state.halted_at)
+    metrics = {'loss': loss, 'accuracy': accuracy, 'grad_norm': grad_norm, 'learning_rate': schedule(state.step),
+               'nonfinite_steps': next_state.nonfinite_steps}
+    if 'bad_records' in batch:               # data.bad_records='skip': rows standing in for unreadable records
+      metrics['bad_records'] = batch['bad_records'].sum().astype(jnp.float32)
+    return next_state, metrics
 
   replicated = NamedSharding(s.mesh, P())
   return jax.jit(train_step, in_shardings=(s.state_sharding, s.batch_sharding, replicated),
@@ -248,8 +288,22 @@ class TrainResult:
   resumed_from: int | None
 
 
+class NonFiniteError(RuntimeError):
+  """train.on_nonfinite='stop' met a NaN/Inf loss or gradient; the last good state is saved."""
+
+
+# Metrics that are a running value, not a per-step figure to average over the log interval; and counts to sum.
+_LAST_VALUE_METRICS = ('learning_rate', 'nonfinite_steps')
+_SUMMED_METRICS = ('bad_records',)
+
+
 def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
-  """Trains (or resumes, or just restores a finished run) in `workdir`."""
+  """Trains (or resumes, or just restores a finished run) in `workdir`.
+
+  Resuming restarts from the newest checkpoint that reads back whole (an unreadable one is moved aside, with a
+  message; see checkpoint.restore_latest) and continues exactly: the data iterator, the step's random key, the
+  unlogged metrics of the current log interval and the counters all come back, so a run killed at any point and
+  restarted ends with the same params and metrics as one that never stopped (same device count)."""
   from mmproj import data
 
   s = setup(cfg)
@@ -257,6 +311,8 @@ def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
   _, tokenizer = data.prepare(cfg.data)
   check_tokenizer(cfg, tokenizer)
   ckpt_lib.save_run_files(workdir, cfg, tokenizer)
+  main = distributed.is_main_process()
+  log = (lambda msg: print(f'{name}{msg}', flush=True)) if main else (lambda msg: None)
 
   # This process feeds rows [block*B/blocks, (block+1)*B/blocks) of every global batch: those its devices hold.
   block, blocks = distributed.batch_block(s.batch_sharding, int(cfg.train.batch_size))
@@ -264,17 +320,17 @@ def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
                                  global_batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
                                  process_index=block, process_count=blocks)
   data_iter = iter(loader)
-  manager = ckpt_lib.make_manager(workdir, cfg.checkpoint)
+  manager, state, meta, latest = ckpt_lib.restore_latest(workdir, cfg.checkpoint, s.abstract_state, data_iter,
+                                                          log=log)
   total = int(cfg.train.steps)
-  latest = manager.latest_step()
-  seconds_before = 0.0
   if latest is not None:
-    state, meta = ckpt_lib.restore(manager, latest, s.abstract_state, data_iter)
-    seconds_before = float(meta.get('train_seconds', 0.0))
-    if distributed.is_main_process():
-      print(f'{name}Resuming from checkpoint step {latest} in {ckpt_lib.checkpoint_dir(workdir)}', flush=True)
+    log(f'Resuming from checkpoint step {latest} in {ckpt_lib.checkpoint_dir(workdir)}')
   else:
     state = init_state(s, int(cfg.seed))
+  seconds_before = float(meta.get('train_seconds', 0.0))
+  bad_records = int(meta.get('bad_records', 0))   # data.bad_records='skip' stand-ins so far (logged intervals)
+  # The metrics of the log interval the checkpoint cut through (float32, as the step returned them).
+  pending = [{k: np.float32(v) for k, v in m.items()} for m in meta.get('pending_metrics', [])]
   start = int(jax.device_get(state.step))
   if start >= total:
     manager.close()
@@ -283,40 +339,89 @@ def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
   base_rng = jax.random.key(int(cfg.seed) + 1)
   writer = MetricWriter(workdir, total_steps=total, resume_step=start, name=name)
   log_every, save_every = int(cfg.log_every), int(cfg.checkpoint.every)
+  stop_on_nonfinite = cfg.train.get('on_nonfinite', 'skip') == 'stop'
   # Matmul FLOPs of one step as it runs (frozen parts: no weight gradients; remat recompute included), against
   # the device's dense peak (measured once for a CPU) -> MFU in every log line.
   counts = flops_lib.step_flops(cfg, labels=s.labels)
   peak, peak_source = flops_lib.device_peak_flops(jax.devices()[0], cfg.model.dtype)
-  pending, tokens_seen, images_seen = [], 0, 0
+  tokens_seen, images_seen, nonfinite_seen = 0, 0, int(jax.device_get(state.nonfinite_steps))
+  # 'stop' mode: the iterator state before each recent step's batch, to save the data position of the last good
+  # step (the host only looks at the device every log/save point, so it may be a few batches ahead by then).
+  iter_states = collections.deque(maxlen=log_every + save_every + 1)
+
+  def next_batch(step):
+    if stop_on_nonfinite:
+      iter_states.append((step, data_iter.get_state()))
+    return next(data_iter)
+
+  def save(step, state):
+    ckpt_lib.save(manager, step, state, data_iter,
+                  {'train_seconds': seconds_before + time.time() - t_start, 'bad_records': bad_records,
+                   'pending_metrics': [{k: float(v) for k, v in jax.device_get(m).items()} for m in pending]})
+
+  def stop_if_halted(state):
+    halted_at = int(jax.device_get(state.halted_at))
+    if not halted_at:
+      return
+    good = halted_at - 1                               # state.step stayed here since
+    manager.wait_until_finished()
+    saved = good in manager.all_steps()
+    if not saved and good > 0:
+      data_iter.set_state(dict(iter_states)[halted_at])   # the position before the bad step's batch
+      pending.clear()
+      save(good, state)
+      manager.wait_until_finished()
+      saved = True
+    manager.close()
+    writer.close()
+    where = (f'{ckpt_lib.checkpoint_dir(workdir)}/{good}' if saved else 'nowhere (no step was good)')
+    raise NonFiniteError(f'{name}non-finite loss or gradients at step {halted_at} (train.on_nonfinite=stop): no '
+                         f'update applied from there; the last good state (step {good}) is saved in {where}')
+
   with jax.set_mesh(s.mesh):
-    local = next(data_iter)
+    local = next_batch(start + 1)
     batch = global_batch(s, local)
     step_fn = make_train_step(s).lower(state, batch, base_rng).compile()     # compiled once, ahead of time
-    if distributed.is_main_process():
-      print(f'{name}{flops_lib.format_flops_summary(cfg, counts)}\n{name}peak: {peak_source}\n'
-            f'{name}{memory_lib.format_compiled_memory(step_fn)}', flush=True)
+    log(f'{flops_lib.format_flops_summary(cfg, counts)}\n{name}peak: {peak_source}\n'
+        f'{name}{memory_lib.format_compiled_memory(step_fn)}')
     t_start = t_log = time.time()
     for step in range(start + 1, total + 1):
       if step > start + 1:
-        local = next(data_iter)
+        local = next_batch(step)
         batch = global_batch(s, local)
       tokens_seen += int(local['input_mask'].sum()) * blocks
       images_seen += len(local['image']) * blocks
       state, metrics = step_fn(state, batch, base_rng)
       pending.append(metrics)
-      if step % log_every == 0 or step == total:
-        means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-        means['learning_rate'] = float(jax.device_get(pending[-1]['learning_rate']))
+      log_now, save_now = step % log_every == 0 or step == total, step % save_every == 0 or step == total
+      if stop_on_nonfinite and (log_now or save_now):
+        stop_if_halted(state)
+      if log_now:
+        values = [jax.device_get(m) for m in pending]
+        skip = _LAST_VALUE_METRICS + _SUMMED_METRICS
+        means = {k: float(np.mean([v[k] for v in values])) for k in values[0] if k not in skip}
+        means.update({k: float(values[-1][k]) for k in _LAST_VALUE_METRICS})
+        if 'bad_records' in values[0]:
+          new_bad = int(sum(v['bad_records'] for v in values))
+          if new_bad:
+            log(f'WARNING: {new_bad} unreadable data record(s) in steps {step - len(values) + 1}-{step} were '
+                f'skipped (data.bad_records=skip; {bad_records + new_bad} so far)')
+          bad_records += new_bad
+          means['bad_records'] = float(bad_records)
         dt = time.time() - t_log
-        steps_per_sec = len(pending) / dt
+        steps_per_sec = len(values) / dt
         means.update(steps_per_sec=steps_per_sec, tokens_per_sec=tokens_seen / dt, images_per_sec=images_seen / dt,
                      tflops_per_device=counts['total'] * steps_per_sec / jax.device_count() / 1e12,
                      mfu=flops_lib.mfu(counts['total'], steps_per_sec, jax.device_count(), peak))
         writer.write(step, means)
+        if int(means['nonfinite_steps']) > nonfinite_seen:
+          log(f'WARNING: {int(means["nonfinite_steps"]) - nonfinite_seen} step(s) up to step {step} had non-finite '
+              f'loss or gradients; their updates were skipped (train.on_nonfinite=skip; '
+              f'{int(means["nonfinite_steps"])} so far)')
+          nonfinite_seen = int(means['nonfinite_steps'])
         pending, tokens_seen, images_seen, t_log = [], 0, 0, time.time()
-      if step % save_every == 0 or step == total:
-        ckpt_lib.save(manager, step, state, data_iter,
-                      {'train_seconds': seconds_before + time.time() - t_start})
+      if save_now:
+        save(step, state)
   manager.wait_until_finished()
   manager.close()
   writer.close()
