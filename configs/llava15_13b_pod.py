@@ -7,9 +7,11 @@ per-chip state is printed by
 
 Launch on every worker of the slice (the repo checked out at ~/mmproj on each; see launch.sh's tpu mode):
 
-  ./launch.sh tpu --name my-v5p-64 --zone us-east5-a configs/llava15_13b_pod.py:projector=gs://bucket/llava15_13b_stage1,vision=/mnt/models/clip-vit-large-patch14-336,lm=/mnt/models/vicuna-13b-v1.5,tokenizer=/mnt/models/llava-1.5-13b-hf/tokenizer.json,json=/mnt/data/llava_v1_5_mix665k.json,images=/mnt/data/LLaVA-Instruct --workdir gs://bucket/llava15_13b_stage2
+  ./launch.sh tpu --name my-v5p-64 --zone us-east5-a configs/llava15_13b_pod.py:projector=/mnt/shared/runs/llava15_13b_stage1,vision=/mnt/models/clip-vit-large-patch14-336,lm=/mnt/models/vicuna-13b-v1.5,tokenizer=/mnt/models/llava-1.5-13b-hf/tokenizer.json,json=/mnt/data/llava_v1_5_mix665k.json,images=/mnt/data/LLaVA-Instruct --workdir /mnt/shared/runs/llava15_13b_stage2
 
-Arguments as configs/llava15_stage2.py (plus fsdp, tensor, scan, remat).
+The workdir must be one directory every worker sees (NFS / Filestore, or a bucket mounted with gcsfuse): every
+process writes its checkpoint shards there. Arguments as configs/llava15_stage2.py (plus fsdp, tensor, scan,
+remat).
 """
 from mmproj import config_lib
 

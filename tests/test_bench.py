@@ -60,11 +60,11 @@ def test_quick_run_writes_every_row(tmp_path):
   assert {r['projector'] for r in proj} == {c.name for c in projectors.CASES}
   for r in proj:
     assert _finite(r['ratio']) and float(r['ratio']) > 0, r
-    assert _finite(r['ours GFLOP/s']) and _finite(r['roofline']), r
+    assert _finite(r['ours GFLOP/s']) and _finite(r['roofline']) and _finite(r['XLA peak GFLOP/s']), r
     fwd, grad = (float(x) for x in r['parity (fwd / grad)'].split(' / '))
     assert fwd <= projectors.PARITY_RTOL and grad <= projectors.PARITY_RTOL, r
   assert [r['step'] for r in step] == ['stage 1 (projector trains)', 'diagnostic: ours, projector grads only']
-  assert all(_finite(r['ratio']) for r in step)
+  assert all(_finite(r['ratio']) and _finite(r['roofline']) for r in step)
   ours_loss, theirs_loss = (float(x) for x in step[0]['loss (ours / theirs)'].split(' / '))
   assert abs(ours_loss - theirs_loss) <= 1e-3 * abs(theirs_loss)
   assert len(pipe) == 2 and all(_finite(r['ratio']) and _finite(r['loader ex/s']) for r in pipe)
@@ -97,7 +97,9 @@ def test_profile_splits_matmul_from_the_rest():
   assert matmuls, compiled.as_text()[:2000]
   p = bench.profile_jax(lambda: jax.block_until_ready(f(a, a)), compiled.as_text(), calls=2, flops=2 * 256 ** 3)
   assert p['classes'].get('matmul', 0) > 0 and p['wall_s'] > 0
-  assert 'matmul' in bench.format_profile(p)
+  assert 'matmul' in bench.format_profile(p) and 'non-matmul' in bench.format_profile(p)
+  names = bench.hlo_op_names(compiled.as_text())
+  assert any('tanh' in v or 'sin' in v for v in names.values()), names
   x = torch.ones(64, 64, requires_grad=True)
 
   def step():
@@ -125,6 +127,14 @@ def test_converted_weights_do_not_alias_and_parity_is_checked():
   peaks = {'xla_f32': 1e11, 'torch_f32': 1e11, 'xla_bandwidth': 1e10}
   row = projectors.run_case(case, bench.Options(quick=True, iters=1, warmup=0, log=lambda s: None), peaks)
   assert any('PARITY FAILED' in n for n in row.notes) and not row.goals[0][3]
+
+
+def test_peak_probe_samples_every_round():
+  probe = bench.PeakProbe(threads=1, size=64, calls=2)
+  bench.interleaved([('x', lambda: None), ('peak', probe)], iters=3, warmup=1)
+  assert len(probe.xla_samples) == 4 and probe.xla() > 0 and probe.torch() > 0
+  probe.reset()
+  assert math.isnan(probe.xla()) and probe.xla(default=1.0) == 1.0
 
 
 def test_markdown_helpers():

@@ -168,6 +168,7 @@ def runs(shapes_data_dir, tmp_path_factory):
   return dict(root=root, outs=outs, check=check, report=report)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(runs):
   """Same losses at every log step (the same global batches, rows in the same order) and params equal to within
   1e-4. Not bitwise: the gradient all-reduce across the two processes (gloo) sums in a different order than
@@ -188,6 +189,7 @@ def test_two_processes_train_like_one(runs):
   assert files == ['process_0-of-2.json', 'process_1-of-2.json'], files
 
 
+@pytest.mark.slow
 def test_two_process_checkpoint_restores_on_other_meshes(runs):
   report = runs['report']
   assert report['step'] == 4
@@ -195,6 +197,7 @@ def test_two_process_checkpoint_restores_on_other_meshes(runs):
   assert report['same_on_both_meshes'], report  # 1 device vs fsdp=2 x tensor=2: identical values
 
 
+@pytest.mark.slow
 def test_two_process_run_resumes_in_one_process(runs):
   """The data-iterator state of a 2-process checkpoint carries over to 1 process: the resumed run consumes the
   same global batches and ends where the 2-process run ended."""

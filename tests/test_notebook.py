@@ -5,6 +5,7 @@ import os
 
 import nbclient
 import nbformat
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'experiments', 'colab_load_checkpoint.ipynb')
@@ -30,6 +31,7 @@ def _text(cell) -> str:
   return ''.join(parts)
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_a_trained_workdir(trained_workdir, tmp_path, monkeypatch):
   """Executes every cell with nbclient in a kernel of this interpreter (a kernelspec written to a temporary
   JUPYTER_PATH, whose argv is sys.executable, so no user- or system-wide 'python3' kernel is picked up)."""

@@ -129,6 +129,17 @@ def spread(xs: Sequence[float]) -> float:
   return (max(xs) - min(xs)) / median(xs)
 
 
+def xla_cost(compiled: Any, key: str) -> float:
+  """One figure of XLA's cost analysis of a compiled executable ('flops', 'bytes accessed'; after its dead-code
+  elimination); NaN when the backend gives none."""
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get(key, math.nan))
+  except Exception:  # pylint: disable=broad-except
+    return math.nan
+
+
 def ratio(a: float, b: float) -> float:
   return a / b if b > 0 and math.isfinite(a) and math.isfinite(b) else math.nan
 
@@ -172,6 +183,60 @@ def matmul_peaks(threads: int, size: int = 1024, seconds: float = 1.0) -> dict[s
   return out
 
 
+class PeakProbe:
+  """The f32 matmul peak under the conditions of the rows being timed: one call = a few jitted size x size XLA
+  matmuls and torch.mm's, best call of each kept. Passed to `interleaved` as one more side, it samples the peak in
+  every round of a comparison, so that on a shared machine a row's roofline reads against the compute available
+  while it ran (a peak measured once at the start was off by 2x when another job started)."""
+
+  def __init__(self, threads: int, size: int = 1024, calls: int = 4):
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    torch.set_num_threads(threads)
+    self.size, self.calls = size, calls
+    self._a = jnp.ones((size, size), jnp.float32)
+    self._b = jnp.full((size, size), 0.5, jnp.float32)
+    self._mm = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(self._mm(self._a, self._b))
+    self._ta, self._tb = torch.ones(size, size), torch.full((size, size), 0.5)
+    torch.mm(self._ta, self._tb)
+    self.reset()
+
+  def reset(self) -> None:
+    self.xla_samples: list[float] = []
+    self.torch_samples: list[float] = []
+
+  def __call__(self) -> None:
+    import jax
+    import torch
+
+    flops = 2 * self.size ** 3
+    best = math.inf
+    for _ in range(self.calls):
+      t0 = time.perf_counter()
+      jax.block_until_ready(self._mm(self._a, self._b))
+      best = min(best, time.perf_counter() - t0)
+    self.xla_samples.append(flops / best)
+    best = math.inf
+    for _ in range(max(1, self.calls // 2)):
+      t0 = time.perf_counter()
+      torch.mm(self._ta, self._tb)
+      best = min(best, time.perf_counter() - t0)
+    self.torch_samples.append(flops / best)
+
+  def xla(self, default: float = math.nan) -> float:
+    """The best XLA matmul rate (FLOP/s) seen since reset(): measure_matmul_peak's best-call rule over every
+    round of the row. (Not the median: on the 2-core development machine the rate of the same 1024 matmul is
+    bimodal, ~220 or ~440 GFLOP/s, one or both cores doing the work, with no other load and no steal time.)"""
+    return max(self.xla_samples) if self.xla_samples else default
+
+  def torch(self, default: float = math.nan) -> float:
+    """The best torch.mm rate (FLOP/s) seen since reset()."""
+    return max(self.torch_samples) if self.torch_samples else default
+
+
 # ------------------------------------------------------------------------------------------------ profiles
 
 
@@ -211,6 +276,20 @@ def hlo_matmul_ops(hlo_text: str) -> set[str]:
   return names
 
 
+_OP_NAME = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name="([^"]*)"')
+
+
+def hlo_op_names(hlo_text: str, parts: int = 2) -> dict[str, str]:
+  """Instruction name -> the last `parts` components of the JAX op_name in its metadata (what produced it, e.g.
+  'softmax/exp' or 'transpose(jvp(Attention))/dot_general'), for naming the non-matmul ops of a profile."""
+  out = {}
+  for line in hlo_text.splitlines():
+    m = _OP_NAME.match(line)
+    if m:
+      out[m.group(1)] = '/'.join(m.group(2).split('/')[-parts:])
+  return out
+
+
 def _op_class(name: str, matmuls: set[str]) -> str:
   if name in matmuls:
     return 'matmul'
@@ -238,6 +317,7 @@ def profile_jax(run: Callable[[], Any], hlo_text: str, *, calls: int = 2,
   from jax.profiler import ProfileData
 
   matmuls = hlo_matmul_ops(hlo_text)
+  op_names = hlo_op_names(hlo_text)
   run()
   with tempfile.TemporaryDirectory() as d:
     t0 = time.perf_counter()
@@ -261,10 +341,11 @@ def profile_jax(run: Callable[[], Any], hlo_text: str, *, calls: int = 2,
   for name, sec in per_op.items():
     cls = _op_class(name, matmuls)
     classes[cls] = classes.get(cls, 0.0) + sec
-  top = sorted(((n, _op_class(n, matmuls), s) for n, s in per_op.items()), key=lambda t: -t[2])[:10]
+  ranked = sorted(((n, _op_class(n, matmuls), s) for n, s in per_op.items()), key=lambda t: -t[2])
+  other = [(f'{n} [{op_names.get(n, "?")}]', c, s) for n, c, s in ranked if c != 'matmul'][:4]
   op_s = sum(per_op.values())
   mm = classes.get('matmul', 0.0)
-  return {'wall_s': wall, 'op_s': op_s, 'classes': classes, 'top': top,
+  return {'wall_s': wall, 'op_s': op_s, 'classes': classes, 'top': ranked[:10], 'top_other': other,
           'matmul_gflops': (flops / mm / 1e9) if flops and mm > 0 else math.nan}
 
 
@@ -309,7 +390,10 @@ def format_profile(p: dict[str, Any], what: str = 'ours') -> str:
   extra = ''
   if 'matmul_gflops' in p and math.isfinite(p['matmul_gflops']):
     extra = f'; inside its matmul kernels {p["matmul_gflops"]:.0f} GFLOP/s'
-  return f'{what}: op time {total * 1e3:.1f} ms/call = {parts}{extra}; largest ops: {tops}'
+  others = ''
+  if p.get('top_other'):
+    others = '; largest non-matmul ops: ' + ', '.join(f'{t[0]} {t[-1] * 1e3:.1f} ms' for t in p['top_other'][:3])
+  return f'{what}: op time {total * 1e3:.1f} ms/call = {parts}{extra}; largest ops: {tops}{others}'
 
 
 # ------------------------------------------------------------------------------------------------ machine
@@ -443,6 +527,6 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
   return '\n'.join([head, sep, *body])
 
 
-__all__ = ['Options', 'Row', 'SECTIONS', 'Section', 'flop_str', 'fmt', 'format_profile', 'hlo_matmul_ops',
-           'interleaved', 'machine_info', 'markdown_table', 'matmul_peaks', 'median', 'other_processes', 'profile_jax',
-           'profile_torch', 'ratio', 'spread']
+__all__ = ['Options', 'PeakProbe', 'Row', 'SECTIONS', 'Section', 'flop_str', 'fmt', 'format_profile',
+           'hlo_matmul_ops', 'hlo_op_names', 'interleaved', 'machine_info', 'markdown_table', 'matmul_peaks',
+           'median', 'other_processes', 'profile_jax', 'profile_torch', 'ratio', 'spread']

@@ -110,6 +110,7 @@ def run_all(opts, *, step_iters: int) -> dict[str, Any]:
            f'{info["load"][0]:.2f}; quick={opts.quick}')
   t0 = time.perf_counter()
   peaks = bench.matmul_peaks(opts.threads, size=256 if opts.quick else 1024, seconds=0.1 if opts.quick else 1.0)
+  probe = bench.PeakProbe(opts.threads, size=256 if opts.quick else 1024)
   info['xla_threads'] = xla_thread_count()
   opts.log(f'peaks: XLA f32 matmul {peaks["xla_f32"] / 1e9:.1f} GFLOP/s, torch {peaks["torch_f32"] / 1e9:.1f} '
            f'GFLOP/s, XLA bandwidth {peaks["xla_bandwidth"] / 1e9:.1f} GB/s')
@@ -119,7 +120,7 @@ def run_all(opts, *, step_iters: int) -> dict[str, Any]:
     from mmproj.bench import projectors
     opts.log('== projectors')
     start = time.perf_counter()
-    sec = projectors.run(opts, peaks)
+    sec = projectors.run(opts, peaks, probe)
     sec.seconds = time.perf_counter() - start
     opts.log(f'  projectors: {sec.seconds:.0f} s')
     if sec.rows:
@@ -129,7 +130,7 @@ def run_all(opts, *, step_iters: int) -> dict[str, Any]:
   if opts.wants('train_step') or opts.wants('train_step/llava_stage1'):
     from mmproj.bench import train_step
     opts.log('== train step')
-    sec = train_step.run(dataclasses.replace(opts, iters=step_iters), peaks)
+    sec = train_step.run(dataclasses.replace(opts, iters=step_iters), peaks, probe)
     opts.log(f'  train step: {sec.seconds:.0f} s')
     if sec.rows:
       sections.append(sec)
@@ -181,17 +182,19 @@ def render(result: dict[str, Any], argv: list[str], opts, analysis: str | None) 
           f'torch.set_num_threads({info["threads"]}), OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS", "unset")}, '
           f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")} (why: mmproj/bench/__main__.py); XLA_FLAGS='
           f'`{info["xla_flags"] or "(none)"}` (XLA CPU defaults: multi-threaded Eigen/YNNPACK kernels on that pool)',
-          f'- measured peaks (this run): XLA f32 matmul {peaks["xla_f32"] / 1e9:.1f} GFLOP/s, PyTorch '
+          f'- measured at the start of the run: XLA f32 matmul {peaks["xla_f32"] / 1e9:.1f} GFLOP/s, PyTorch '
           f'({info.get("torch_blas", "?")}) f32 matmul {peaks["torch_f32"] / 1e9:.1f} GFLOP/s, XLA elementwise '
-          f'bandwidth {peaks["xla_bandwidth"] / 1e9:.1f} GB/s',
+          f'bandwidth {peaks["xla_bandwidth"] / 1e9:.1f} GB/s (rooflines read against the peak sampled in the rows\' '
+          'own timed rounds instead: column XLA peak GFLOP/s)',
           f'- versions: python {info["python"]}, jax {info["jax"]} / jaxlib {info["jaxlib"]}, flax {info["flax"]}, '
           f'torch {info["torch"]}, transformers {info["transformers"]}, grain {info["grain"]}',
           f'- load average (1 min): {load_lines}',
-          '- the machine was shared: other engineers\' jobs ran during the measurement (timings are noisy; every '
-          'comparison is interleaved, ours / theirs / ours / ..., and reports the median; column spread = '
-          '(max - min) / median of the timed iterations). Busiest other processes:']
-  others = info.get('others_start', []) + [f'(at the end) {o}' for o in info.get('others_end', [])]
-  out += [f'  - `{o}`' for o in others] or ['  - none seen']
+          '- the machine is shared with other engineers, so timings are noisy: every comparison is interleaved '
+          '(ours / theirs / ours / ...) and reports the median; column spread = (max - min) / median of the timed '
+          'iterations. Other busy processes (> 5% CPU) at the start and at the end of the run:']
+  others = ([f'(start) {o}' for o in info.get('others_start', [])] +
+            [f'(end) {o}' for o in info.get('others_end', [])])
+  out += [f'  - `{o}`' for o in others] or ['  - none seen (the load above is this run\'s own)']
   out.append('')
 
   goals = [(row, g) for sec in result['sections'] for row in sec.rows for g in row.goals]

@@ -14,7 +14,8 @@ timed. Timing is interleaved (ours, theirs, ours, ...), warm-up excluded, median
 
 Reported per row: both medians, ratio = torch / ours (> 1: ours is faster), our matmul GFLOP/s (matmul FLOPs of
 the traced fwd+bwd program, mmproj.train.flops.jaxpr_matmul_flops, over our median time) and that as a fraction of
-the f32 matmul peak XLA reaches on this host in the same run (mmproj.train.flops.measure_matmul_peak).
+the f32 matmul peak XLA reaches on this host while the row runs (measure_matmul_peak's best-call rule, sampled in
+every timed round by mmproj.bench.PeakProbe).
 Each case has a kind: 'matmul' (token-wise MLPs: the roofline goal applies), 'attention' (attention-based
 resamplers / cross-attention: the 1.3x goal applies) or 'memory' (pooling dominates; only the 1.0x goal).
 """
@@ -29,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from mmproj.bench import Options, Row, Section, format_profile, interleaved, median, profile_jax, profile_torch
-from mmproj.bench import ratio, spread
+from mmproj.bench import Options, PeakProbe, Row, Section, format_profile, interleaved, median, profile_jax
+from mmproj.bench import profile_torch, ratio, spread, xla_cost
 
 PARITY_RTOL = 2e-3        # max |ours - theirs| / max |theirs|, outputs and input gradients
 GOAL_SPEEDUP = 1.0        # every projector vs its reference, f32
@@ -312,8 +313,10 @@ def _rel_err(ours: Any, theirs: Any) -> float:
   return float(np.max(np.abs(ours - theirs))) / scale
 
 
-def run_case(case: Case, opts: Options, peaks: dict[str, float]) -> Row:
-  """Builds, checks parity, times and (for a missed goal, with opts.profile) profiles one case."""
+def run_case(case: Case, opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) -> Row:
+  """Builds, checks parity, times and (for a missed goal, with opts.profile) profiles one case. With a `probe`,
+  the matmul peak is sampled in every timed round (see PeakProbe) and the roofline reads against it; otherwise
+  against peaks['xla_f32']."""
   import jax
   import jax.numpy as jnp
   import torch
@@ -371,15 +374,21 @@ def run_case(case: Case, opts: Options, peaks: dict[str, float]) -> Row:
 
   opts.log(f'  {case.name}: {pair.shapes}; {flops / 1e9:.1f} GFLOP fwd+bwd; parity ok ({fwd_err:.1e}); '
            f'setup {setup_s:.1f} s')
-  times = interleaved([('ours', ours_step), ('torch', torch_step)], iters=opts.iters, warmup=opts.warmup,
-                      log=opts.log)
+  fns = [('ours', ours_step), ('torch', torch_step)]
+  if probe is not None:
+    probe.reset()
+    fns.append(('peak probe', probe))
+  times = interleaved(fns, iters=opts.iters, warmup=opts.warmup, log=opts.log)
   t_ours, t_ref = median(times['ours']), median(times['torch'])
+  here = dict(peaks)
+  if probe is not None:
+    here.update(xla_f32=probe.xla(peaks['xla_f32']), torch_f32=probe.torch(peaks['torch_f32']))
   speedup = ratio(t_ref, t_ours)
   gflops = flops / t_ours / 1e9
-  roofline = gflops * 1e9 / peaks['xla_f32']
+  roofline = gflops * 1e9 / here['xla_f32']
   row.values.update({'GFLOP': flops / 1e9, 'ours (ms)': t_ours * 1e3, 'torch (ms)': t_ref * 1e3,
                      'ratio': speedup, 'ours GFLOP/s': gflops, 'torch GFLOP/s': flops / t_ref / 1e9,
-                     'roofline': roofline,
+                     'XLA peak GFLOP/s': here['xla_f32'] / 1e9, 'roofline': roofline,
                      'spread (ours / torch)': f'{spread(times["ours"]):.0%} / {spread(times["torch"]):.0%}'})
   if case.note:
     row.notes.append(case.note)
@@ -390,18 +399,8 @@ def run_case(case: Case, opts: Options, peaks: dict[str, float]) -> Row:
     row.goal('>= 1.3x reference (attention-heavy)', speedup, GOAL_ATTENTION)
 
   if opts.profile and not all(g[3] for g in row.goals):
-    row.notes.extend(explain(ours_fn, (params, arrays), torch_step, flops, t_ours, t_ref, peaks))
+    row.notes.extend(explain(ours_fn, (params, arrays), torch_step, flops, t_ours, t_ref, here))
   return row
-
-
-def compiled_bytes(compiled: Any) -> float:
-  """XLA's 'bytes accessed' of a compiled executable (NaN when its cost analysis has none)."""
-  try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get('bytes accessed', math.nan))
-  except Exception:  # pylint: disable=broad-except
-    return math.nan
 
 
 def explain(ours_fn, args, torch_step, flops: float, t_ours: float, t_ref: float,
@@ -414,7 +413,7 @@ def explain(ours_fn, args, torch_step, flops: float, t_ours: float, t_ref: float
   t_mm = flops / peaks['xla_f32']
   t_mm_torch = flops / peaks['torch_f32']
   compiled = ours_fn.lower(*args).compile()
-  nbytes = compiled_bytes(compiled)
+  nbytes = xla_cost(compiled, 'bytes accessed')
   t_mem = nbytes / peaks['xla_bandwidth']
   notes.append(f'bounds: the same matmul FLOPs at the XLA peak take {t_mm * 1e3:.1f} ms ({t_mm / t_ours:.0%} of '
                f'ours), at the torch GEMM peak {t_mm_torch * 1e3:.1f} ms ({t_mm_torch / t_ref:.0%} of theirs); XLA '
@@ -434,11 +433,12 @@ def explain(ours_fn, args, torch_step, flops: float, t_ours: float, t_ref: float
 
 
 COLUMNS = ['projector', 'reference', 'kind', 'shapes', 'params (M)', 'parity (fwd / grad)', 'GFLOP', 'ours (ms)',
-           'torch (ms)', 'ratio', 'ours GFLOP/s', 'torch GFLOP/s', 'roofline', 'spread (ours / torch)']
+           'torch (ms)', 'ratio', 'ours GFLOP/s', 'torch GFLOP/s', 'XLA peak GFLOP/s', 'roofline',
+           'spread (ours / torch)']
 
 
-def run(opts: Options, peaks: dict[str, float]) -> Section:
-  """Every case --only selects, in CASES order."""
+def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) -> Section:
+  """Every case --only selects, in CASES order (probe: see run_case)."""
   import gc
 
   section = Section('projectors', 'Projectors: forward + backward vs the transformers reference (f32)',
@@ -448,8 +448,9 @@ def run(opts: Options, peaks: dict[str, float]) -> Section:
       'transformers module (eval mode, sdpa attention), same loss `mean(y**2)` and `.backward()` into every '
       'param and input. Weights: random torch init converted with `mmproj.convert`; outputs and input grads '
       f'agree to {PARITY_RTOL:g} (relative max error, column parity) before timing. ratio = torch / ours '
-      '(> 1: ours faster); roofline = ours GFLOP/s / XLA f32 matmul peak of this run '
-      f'({peaks["xla_f32"] / 1e9:.0f} GFLOP/s; torch\'s own GEMM reaches {peaks["torch_f32"] / 1e9:.0f}). '
+      '(> 1: ours faster); roofline = ours GFLOP/s / XLA peak GFLOP/s, the best-call rate of a 1024 x 1024 f32 '
+      'matmul (mmproj.train.flops.measure_matmul_peak\'s best-call rule) sampled in every timed round of the row, '
+      'so that it reads against the compute available while the row ran. '
       'kind: matmul = token-wise MLPs (the roofline goal applies), attention = attention-based resamplers and '
       'cross-attention layers (the 1.3x goal applies), memory = pooling-dominated (only the 1.0x goal).')
   for case in CASES:
@@ -457,7 +458,7 @@ def run(opts: Options, peaks: dict[str, float]) -> Section:
       continue
     start = time.perf_counter()
     try:
-      row = run_case(case, opts, peaks)
+      row = run_case(case, opts, peaks, probe)
     except Exception as e:  # pylint: disable=broad-except
       row = Row(f'projectors/{case.name}', {'projector': case.name, 'reference': case.reference,
                                             'kind': case.kind, 'ratio': math.nan})
