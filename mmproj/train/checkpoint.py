@@ -196,6 +196,15 @@ def _quarantine(workdir: str, step: int) -> str:
   return str(dst)
 
 
+def _all_processes_agree(ok: bool) -> bool:
+  """True when `ok` holds in every process (one process alone: `ok`). A read failure can be local to one
+  process (its shards, its data-iterator file); all of them must then fall back together."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def restore_latest(workdir: str, ckpt_cfg, abstract_state: Any, data_iterator, *, log=print
                    ) -> tuple[ocp.CheckpointManager, Any, dict, int | None]:
   """-> (manager, state, meta, step) from the newest checkpoint in workdir that reads back whole, or
@@ -207,22 +216,26 @@ def restore_latest(workdir: str, ckpt_cfg, abstract_state: Any, data_iterator, *
   steps = sorted(manager.all_steps(), reverse=True)
   failures = []
   for i, step in enumerate(steps):
+    error = None
     try:
       check_compatible(manager, step, abstract_state)
       state, meta = restore(manager, step, abstract_state, data_iterator)
-      return manager, state, meta, step
     except IncompatibleCheckpointError:
       manager.close()
       raise
     except Exception as e:  # pylint: disable=broad-except  (any read failure of this step: try an older one)
-      reason = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
-      failures.append(f'step {step}: {reason}')
-      manager.close()
-      moved = _quarantine(workdir, step)
-      older = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else 'no older step is left'
-      log(f'WARNING: checkpoint step {step} in {checkpoint_dir(workdir)} does not read back ({reason}); moved it '
-          f'to {moved}; {older}')
-      manager = make_manager(workdir, ckpt_cfg)
+      error = e
+    if _all_processes_agree(error is None):
+      return manager, state, meta, step
+    reason = ('another process could not read it' if error is None else
+              str(error).splitlines()[0][:500] if str(error) else type(error).__name__)
+    failures.append(f'step {step}: {reason}')
+    manager.close()
+    moved = _quarantine(workdir, step)
+    older = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else 'no older step is left'
+    log(f'WARNING: checkpoint step {step} in {checkpoint_dir(workdir)} does not read back ({reason}); moved it '
+        f'to {moved}; {older}')
+    manager = make_manager(workdir, ckpt_cfg)
   if failures:
     manager.close()
     raise RuntimeError(f'no checkpoint in {checkpoint_dir(workdir)} reads back (the bad ones are now in '
