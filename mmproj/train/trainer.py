@@ -344,7 +344,9 @@ def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
   # the device's dense peak (measured once for a CPU) -> MFU in every log line.
   counts = flops_lib.step_flops(cfg, labels=s.labels)
   peak, peak_source = flops_lib.device_peak_flops(jax.devices()[0], cfg.model.dtype)
-  tokens_seen, images_seen, nonfinite_seen = 0, 0, int(jax.device_get(state.nonfinite_steps))
+  # Throughput counts only the steps this process ran since the last log (pending may hold restored metrics).
+  steps_run, tokens_seen, images_seen = 0, 0, 0
+  nonfinite_seen = int(jax.device_get(state.nonfinite_steps))
   # 'stop' mode: the iterator state before each recent step's batch, to save the data position of the last good
   # step (the host only looks at the device every log/save point, so it may be a few batches ahead by then).
   iter_states = collections.deque(maxlen=log_every + save_every + 1)
@@ -389,6 +391,7 @@ def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
       if step > start + 1:
         local = next_batch(step)
         batch = global_batch(s, local)
+      steps_run += 1
       tokens_seen += int(local['input_mask'].sum()) * blocks
       images_seen += len(local['image']) * blocks
       state, metrics = step_fn(state, batch, base_rng)
@@ -409,7 +412,7 @@ def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
           bad_records += new_bad
           means['bad_records'] = float(bad_records)
         dt = time.time() - t_log
-        steps_per_sec = len(values) / dt
+        steps_per_sec = steps_run / dt
         means.update(steps_per_sec=steps_per_sec, tokens_per_sec=tokens_seen / dt, images_per_sec=images_seen / dt,
                      tflops_per_device=counts['total'] * steps_per_sec / jax.device_count() / 1e12,
                      mfu=flops_lib.mfu(counts['total'], steps_per_sec, jax.device_count(), peak))
@@ -419,7 +422,7 @@ def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
               f'loss or gradients; their updates were skipped (train.on_nonfinite=skip; '
               f'{int(means["nonfinite_steps"])} so far)')
           nonfinite_seen = int(means['nonfinite_steps'])
-        pending, tokens_seen, images_seen, t_log = [], 0, 0, time.time()
+        pending, steps_run, tokens_seen, images_seen, t_log = [], 0, 0, 0, time.time()
       if save_now:
         save(step, state)
   manager.wait_until_finished()
