@@ -59,7 +59,8 @@ def shapes_experiment(arg: str, *, name: str, projector: dict, patch_size: int =
   c.train = dict(steps=60 if smoke else steps, batch_size=32 if smoke else 64, learning_rate=1e-3,
                  warmup_steps=10 if smoke else 100, end_lr_frac=0.05, weight_decay=0.01, grad_clip=1.0,
                  b1=0.9, b2=0.98, trainable=['.*'], frozen=[], grad_accum_steps=1,
-                 on_nonfinite='skip')  # NaN/Inf loss or grads: 'skip' the update (counted) | 'stop', last good saved
+                 on_nonfinite='skip',  # NaN/Inf loss or grads: 'skip' the update (counted) | 'stop', last good saved
+                 loss_positions='auto')  # vocab projection at the text positions only | 'all' | 'K'
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding_rules = None   # None = mmproj.train.sharding.DEFAULT_RULES
   c.checkpoint = dict(every=20 if smoke else 200, keep=3, async_save=True)
@@ -189,7 +190,7 @@ def llava15_experiment(arg: str, *, stage: int, name: str, size: str = '7b', fsd
   c.train = dict(steps=a.steps, batch_size=a.batch, learning_rate=a.lr, warmup_steps=max(1, round(0.03 * a.steps)),
                  end_lr_frac=0.0, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999,
                  trainable=['projector/.*'] if stage == 1 else ['projector/.*', 'lm/.*'], frozen=[],
-                 grad_accum_steps=1, on_nonfinite='skip')
+                 grad_accum_steps=1, on_nonfinite='skip', loss_positions='auto')
   c.mesh = dict(data=-1 if a.fsdp != -1 else 1, fsdp=a.fsdp, tensor=a.tensor)
   c.sharding_rules = None
   c.checkpoint = dict(every=a.save_every, keep=3, async_save=True)

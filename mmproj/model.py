@@ -226,15 +226,22 @@ class MultimodalLM(nn.Module):
     projector merges nothing: the plain embeddings)."""
     return self.lm_inputs(batch, deterministic)[0]
 
-  def __call__(self, batch, deterministic: bool = True):
+  def __call__(self, batch, deterministic: bool = True, return_hidden: bool = False):
     """Full causal forward. batch: tokens/positions/input_mask [B, L] (+ image, + optional segment_ids [B, L]
-    for shared-prefix packing, see Llama.__call__). -> logits [B, L, V] float32."""
+    for shared-prefix packing, see Llama.__call__). -> logits [B, L, V] float32; with return_hidden=True the
+    LM's last hidden states [B, L, Dt] instead, for `head` to project at the positions a loss needs."""
     x, media, index = self.lm_inputs(batch, deterministic)                  # [B, L, Dt]
     segment_ids = batch.get('segment_ids')
-    logits, _ = self.lm(x, jnp.asarray(batch['positions']), jnp.asarray(batch['input_mask']),
-                        segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
-                        media=media, media_index=index)
-    return constrain(logits, 'act_batch', 'act_seq', 'act_vocab')           # [B, L, V]
+    out, _ = self.lm(x, jnp.asarray(batch['positions']), jnp.asarray(batch['input_mask']),
+                     segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
+                     media=media, media_index=index, return_hidden=return_hidden)
+    if return_hidden:
+      return constrain(out, 'act_batch', 'act_seq', 'act_embed')            # [B, L, Dt]
+    return constrain(out, 'act_batch', 'act_seq', 'act_vocab')              # [B, L, V]
+
+  def head(self, hidden):
+    """The LM's final norm + vocabulary projection: hidden [B, K, Dt] -> logits [B, K, V] float32."""
+    return constrain(self.lm.head(hidden), 'act_batch', 'act_seq', 'act_vocab')
 
   def prefill(self, batch, cache_len: int, deterministic: bool = True):
     """Runs the whole left-padded prompt (image included) into a fresh KV cache of `cache_len` slots.

@@ -49,7 +49,7 @@ LM_BLOCK_W = (2 * 24 * 32 * 32          # q_proj  [32 -> 4 x 8]
               + 2 * 24 * 32 * 32        # o_proj  [4 x 8 -> 32]
               + 3 * (2 * 24 * 32 * 64))  # gate, up, down
 LM_BLOCK_A = 2 * (2 * 24 * 24 * 32)     # scores + weighted sum over the full 24 x 24 matrix, 4 heads of 8
-LM_HEAD = 2 * 24 * 32 * 32
+LM_HEAD = 2 * 8 * 32 * 32               # at the K = L - 16 = 8 text positions only (trainer.loss_positions)
 
 ENC_FWD = ENC_PATCH + 2 * (ENC_BLOCK_W + ENC_BLOCK_A)
 PROJ_FWD = 2 * PROJ_LAYER
@@ -60,7 +60,7 @@ def test_hand_count_constants():
   # The same numbers written out, so a reader can check the arithmetic above.
   assert (ENC_PATCH, ENC_BLOCK_W, ENC_BLOCK_A) == (49_152, 262_144, 32_768)
   assert (ENC_FWD, PROJ_FWD) == (638_976, 65_536)
-  assert (LM_BLOCK_W, LM_BLOCK_A, LM_HEAD, LM_FWD) == (442_368, 73_728, 49_152, 1_081_344)
+  assert (LM_BLOCK_W, LM_BLOCK_A, LM_HEAD, LM_FWD) == (442_368, 73_728, 16_384, 1_048_576)
 
 
 def _parts(f):
@@ -78,7 +78,7 @@ def test_everything_trains():
       'lm_fwd': B * LM_FWD,
       'lm_bwd': B * 2 * LM_FWD,
   }
-  assert f['total'] == B * 3 * (ENC_FWD + PROJ_FWD + LM_FWD) - B * ENC_PATCH == 10_616_832
+  assert f['total'] == B * 3 * (ENC_FWD + PROJ_FWD + LM_FWD) - B * ENC_PATCH == 10_420_224
   assert (f['tokens'], f['images'], f['seq_len'], f['remat']) == (B * 24, B, 24, 0)
   assert f['flops_per_token'] == f['total'] / (B * 24)
 
@@ -93,7 +93,7 @@ def test_frozen_encoder():
       'lm_fwd': B * LM_FWD,
       'lm_bwd': B * 2 * LM_FWD,
   }
-  assert f['total'] == 8_093_696
+  assert f['total'] == 7_897_088
 
 
 def test_llava_stage1_only_projector_trains():
@@ -108,7 +108,7 @@ def test_llava_stage1_only_projector_trains():
       # need their gradient (dq and dk, dp and dv): 2x there. The head's dX too (dW: frozen).
       'lm_bwd': B * (2 * (LM_BLOCK_W + 2 * LM_BLOCK_A) + LM_HEAD),
   }
-  assert f['total'] == 6_225_920
+  assert f['total'] == 6_094_848
 
 
 def test_blind_baseline_is_lm_only():
@@ -139,7 +139,7 @@ def test_remat_recomputes_what_the_backward_needs():
     f = flops.step_flops(cfg)
     # The frozen encoder runs no backward, so nothing of it is recomputed; nor is the LM head (not in a block).
     assert (f['encoder_remat'], f['projector_remat'], f['lm_remat']) == (0, 0, lm_remat), policy
-    assert f['total'] == 8_093_696 + lm_remat
+    assert f['total'] == 7_897_088 + lm_remat
   cfg = tiny_cfg(trainable=['projector/.*'])
   cfg.model.remat = 'minimal'
   assert flops.step_flops(cfg)['lm_remat'] == B * 2 * LM_BLOCK_A // 2   # frozen o_proj: no dW_o, scores only
@@ -182,9 +182,13 @@ def _traced_step_flops(cfg, images_per_row=1, all_param_grads=False):
       for i, leaf in zip(diff, trained):
         merged[i] = leaf
       inputs = {k: batch[k] for k in ('image', 'tokens', 'positions', 'input_mask')}
-      logits = model.apply({'params': jax.tree_util.tree_unflatten(treedef, merged)}, inputs, deterministic=False,
+      variables = {'params': jax.tree_util.tree_unflatten(treedef, merged)}
+      hidden = model.apply(variables, inputs, deterministic=False, return_hidden=True,
                            rngs={'dropout': jax.random.key(0)})
-      return trainer.token_loss(logits, batch['tokens'], batch['loss_mask'])[0]
+      # The trainer projects the first K = trainer.loss_positions gathered loss positions (a gather: no matmul).
+      k = trainer.loss_positions(cfg) or hidden.shape[1]
+      logits = model.apply(variables, hidden[:, :k], method='head')
+      return trainer.token_loss(logits, batch['tokens'][:, :k], batch['loss_mask'][:, :k])[0]
     return jax.value_and_grad(loss)([leaves[i] for i in diff])
 
   return flops.jaxpr_matmul_flops(loss_and_grads, leaves, batch)
@@ -207,6 +211,23 @@ def test_analytic_count_equals_the_traced_gradient_program(case):
   cfg = tiny_cfg(*TRACED_CASES[case])
   assert flops.step_flops(cfg)['total'] == _traced_step_flops(cfg)
   assert flops.step_flops(cfg, all_param_grads=True)['total'] == _traced_step_flops(cfg, all_param_grads=True)
+
+
+def test_traced_check_block_causal_lm_attention():
+  """L = 16 + 340 = 356 >= 352: the LM's causal attention runs in 2 query blocks (causal_query_blocks); the
+  analytic count of those blocks equals the traced program's and a count by hand."""
+  from mmproj.layers import causal_query_blocks
+  cfg = tiny_cfg()
+  cfg.data.text_len = 340
+  cfg.model.lm.max_len = 512
+  assert causal_query_blocks(356) == [(0, 178), (178, 356)]
+  counted = flops.step_flops(cfg)
+  assert counted['total'] == _traced_step_flops(cfg)
+  # LM forward per row by hand: the blocks score 178 * 178 + 178 * 356 = 95_052 pairs (3/4 of 356^2) per head.
+  weights = 2 * 356 * 32 * 32 + 2 * (2 * 356 * 32 * 16) + 2 * 356 * 32 * 32 + 3 * (2 * 356 * 32 * 64)
+  attention = 2 * (2 * 95_052 * 4 * 8)                       # scores + weighted sum, 4 heads of 8
+  head = 2 * 340 * 32 * 32                                   # the 340 text positions
+  assert counted['lm_fwd'] == B * (2 * (weights + attention) + head)
 
 
 def test_traced_check_blind_cls_tied_and_truncated_tower():
@@ -324,30 +345,35 @@ def test_llava15_7b_stage1_flops_per_token():
   """configs/llava15_stage1.py with no HF directories: CLIP ViT-L/14-336 (penultimate layer) + 2-layer MLP +
   Vicuna-7B (vocab 32064), L = 576 + 1472 = 2048, batch 256; only the projector trains.
 
-  LM per token, forward: 2 * (32 * (4 * 4096^2 + 3 * 4096 * 11008) + 4096 * 32064)  (= 2 * 6.607e9 matmul
-  params) + attention 32 * 2 * (2 * 2048 * 4096)  (scores + weighted sum over all 2048 keys) = 14.29e9.
-  Backward of the frozen LM: input grads, 1x the weight matmuls + 2x attention = 15.36e9.
+  LM per token, forward: 2 * 32 * (4 * 4096^2 + 3 * 4096 * 11008) (= 2 * 6.476e9 block matmul params)
+  + the vocabulary projection 2 * 4096 * 32064 at the 1472 text positions only (trainer.loss_positions), i.e.
+  * 1472 / 2048 per token + attention 32 * 2 * (2 * 2048 * 4096) * 36 / 64 (scores + weighted sum; block-causal:
+  8 query blocks of 256, block i scoring 256 * i keys, 36 / 64 of the 2048^2 pairs) = 13.74e9.
+  Backward of the frozen LM: input grads, 1x the weight matmuls (head included) + 2x attention.
   CLIP forward per image: S = 577 tokens (CLS), 23 blocks: 2 * 576 * 588 * 1024 + 23 * (8 * 577 * 1024^2 +
   4 * 577^2 * 1024 + 4 * 577 * 1024 * 4096) = 366.0e9, i.e. 0.179e9 per token (one image per 2048 tokens).
   Projector per image: forward 2 * 576 * (1024 * 4096 + 4096^2) = 24.2e9, backward dW of both layers + dX of
-  the second = 43.5e9; 0.033e9 per token. Total: 29.86e9 FLOP/token, close to the rule of thumb
+  the second = 43.5e9; 0.033e9 per token. Total: 28.31e9 FLOP/token, close to the rule of thumb
   2 * 6.74e9 LM params * (1 forward + 1 input-grad backward) = 27.0e9 plus attention and CLIP.
   """
+  from mmproj.layers import causal_query_blocks
+  assert causal_query_blocks(2048) == [(256 * i, 256 * (i + 1)) for i in range(8)]
   cfg = load_config('configs/llava15_stage1.py', 'vision=/nonexistent,lm=/nonexistent,tokenizer=/nonexistent')
   f = flops.step_flops(cfg)
-  weights = 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008) + 4096 * 32064
-  attention = 32 * 2 * (2 * 2048 * 4096)
-  lm = 2 * weights + attention + 2 * weights + 2 * attention
+  blocks = 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008)
+  head = 4096 * 32064 * 1472 / 2048
+  attention = 32 * 2 * (2 * 2048 * 4096) * 36 / 64
+  lm = 2 * (blocks + head) + attention + 2 * (blocks + head) + 2 * attention
   clip = 2 * 576 * 588 * 1024 + 23 * (8 * 577 * 1024 ** 2 + 4 * 577 ** 2 * 1024 + 4 * 577 * 1024 * 4096)
   projector = 2 * 576 * (1024 * 4096 + 4096 ** 2) + (2 * 576 * 1024 * 4096 + 2 * 2 * 576 * 4096 ** 2)
   expected = lm + (clip + projector) / 2048
   assert f['seq_len'] == 2048 and f['tokens'] == 256 * 2048
   assert f['flops_per_token'] == pytest.approx(expected, rel=1e-12)
-  assert 29.8e9 < f['flops_per_token'] < 29.9e9
-  assert f['lm_fwd'] / f['tokens'] == pytest.approx(14.29e9, rel=1e-3)
+  assert 28.3e9 < f['flops_per_token'] < 28.4e9
+  assert f['lm_fwd'] / f['tokens'] == pytest.approx(13.74e9, rel=1e-3)
   assert f['encoder_bwd'] == 0
   text = flops.format_flops_summary(cfg, f)
-  assert '29.86 GFLOP/token' in text and '15.66 PFLOP' in text
+  assert '28.31 GFLOP/token' in text and '14.84 PFLOP' in text
   for part in ('encoder', 'projector', 'lm', 'total'):
     assert f'\n  {part} ' in text
 
@@ -398,5 +424,5 @@ def test_mfu():
 
 def test_summary_names_every_part():
   text = flops.format_flops_summary(tiny_cfg(trainable=['projector/.*']))
-  assert text.splitlines()[0].startswith('Matmul FLOPs per step: 6.226 MFLOP (batch 2, 24 tokens/row, 48 tokens')
+  assert text.splitlines()[0].startswith('Matmul FLOPs per step: 6.095 MFLOP (batch 2, 24 tokens/row, 48 tokens')
   assert len(text.splitlines()) == 6

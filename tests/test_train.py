@@ -47,6 +47,7 @@ BAD_CONFIGS = {
     'data.image_size': lambda c: c.data.update(image_size=32),
     'mesh': lambda c: c.mesh.update(data=3),
     'train.batch_size': lambda c: (c.mesh.update(data=1, fsdp=-1), c.train.update(batch_size=15)),
+    'train.loss_positions': lambda c: c.train.update(loss_positions='10000'),
 }
 
 
@@ -158,6 +159,58 @@ def _synthetic_batches(cfg, n, seed=0):
                     targets=np.roll(tokens, -1, 1), loss_mask=(mask * rng.integers(0, 2, mask.shape)).astype(np.float32),
                     segment_ids=np.zeros_like(tokens)))
   return out
+
+
+def test_loss_positions_give_the_update_of_every_position(tiny_cfg):
+  """train.loss_positions='auto' (the vocabulary projection at the K = text_len gathered loss positions) trains
+  exactly as 'all': batches whose loss lies in the text part (the gathered path) and a batch with a row of more
+  than K loss positions (the every-position path, lax.cond), in one run."""
+  batches = _synthetic_batches(tiny_cfg, 3)
+  n_img = trainer.sequence_length(tiny_cfg) - int(tiny_cfg.data.text_len)
+  for b in batches[:2]:
+    b['loss_mask'][:, :n_img] = 0.0                                  # fits: every loss position is a text one
+  batches[2]['loss_mask'][0] = 1.0                                 # overflows K: loss at all L positions
+  results = {}
+  for value in ('auto', 'all'):
+    cfg = tiny_cfg.copy_and_resolve_references()
+    cfg.train.loss_positions = value
+    assert trainer.loss_positions(cfg) == (int(cfg.data.text_len) if value == 'auto' else None)
+    s = trainer.setup(cfg, jax.devices()[:1])
+    state, step = trainer.init_state(s, 0), trainer.make_train_step(s)
+    metrics = []
+    with jax.set_mesh(s.mesh):
+      for b in batches:
+        state, m = step(state, b, jax.random.key(1))
+        metrics.append((float(m['loss']), float(m['accuracy'])))
+    results[value] = metrics, jax.device_get(state.params)
+  np.testing.assert_allclose(results['auto'][0], results['all'][0], atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results['auto'][1], results['all'][1])
+
+
+def test_token_loss_sums_gathers_exactly():
+  """token_loss_sums with K gathered positions == the every-position sums, and the same gradients, both when
+  every row fits in K and when one does not; rows with no loss at all give zero."""
+  rng = np.random.default_rng(0)
+  b, length, d, v, k = 3, 12, 4, 7, 5
+  hidden = jax.numpy.asarray(rng.normal(size=(b, length, d)), jax.numpy.float32)
+  w = jax.numpy.asarray(rng.normal(size=(d, v)), jax.numpy.float32)
+  targets = jax.numpy.asarray(rng.integers(0, v, (b, length)), jax.numpy.int32)
+  fits = np.zeros((b, length), np.float32)
+  fits[0, [1, 4, 5, 11]] = 1.0
+  fits[1, 6:11] = 1.0                                              # exactly K
+  over = fits.copy()
+  over[2, :7] = 1.0                                                # 7 > K loss positions
+  for mask in (fits, over):
+    def loss(h, w, positions):
+      nll, correct, count = trainer.token_loss_sums(lambda x: x @ w, h, targets, jax.numpy.asarray(mask), positions)
+      return nll, (correct, count)
+    (nll_k, aux_k), g_k = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, w, k)
+    (nll_all, aux_all), g_all = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, w, None)
+    np.testing.assert_allclose(nll_k, nll_all, rtol=1e-6)
+    np.testing.assert_allclose(aux_k, aux_all)
+    for a, c in zip(g_k, g_all):
+      np.testing.assert_allclose(a, c, atol=1e-6)
+    assert float(jax.numpy.abs(g_k[0][2]).max()) == (0.0 if mask is fits else float(jax.numpy.abs(g_all[0][2]).max()))
 
 
 def test_gradient_accumulation_equals_one_pass(tiny_cfg):

@@ -19,7 +19,10 @@ the projector's params only (zero gradients for the frozen rest, which the optim
 a stage-1 step needs. trainer.make_train_step differentiates every parameter; whether XLA then drops the frozen
 LM's weight gradients depends on whether anything reads them (a logged norm of all grads would). The section
 compares XLA's cost analysis of both compiled steps to tell, and counts the step's matmul FLOPs as executed: the
-traced program's count, or the trainable-only count when XLA dropped the frozen weight gradients.
+analytic all-param-grads count, or the trainable-only count when XLA dropped the frozen weight gradients
+(mmproj.train.flops.step_flops; tests/test_flops.py checks it against traced programs). A traced count of the
+step itself takes the larger branch of the loss's lax.cond, the vocabulary projection at all L positions, which
+this batch never runs (its loss positions fit train.loss_positions); transformers runs that one.
 """
 
 from __future__ import annotations
@@ -118,17 +121,14 @@ def projector_only_step(s):
   import optax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from mmproj.train import sharding as shard_lib
   from mmproj.train import trainer
 
-  model_inputs = ('image', 'tokens', 'positions', 'input_mask', 'segment_ids')
+  loss_sums = trainer.make_loss_sums(s)                     # the trainer's loss (train.loss_positions included)
 
   def loss_fn(projector, rest, batch, rng):
-    params = dict(rest, projector=projector)
-    inputs = {k: batch[k] for k in model_inputs if k in batch}
-    with shard_lib.activation_rules(s.rules):
-      logits = s.model.apply({'params': params}, inputs, deterministic=False, rngs={'dropout': rng})
-    return trainer.token_loss(logits, batch['targets'], batch['loss_mask'])
+    nll, (correct, count) = loss_sums(dict(rest, projector=projector), batch, rng)
+    denom = jnp.maximum(count, 1.0)
+    return nll / denom, correct / denom
 
   def step(state, batch, base_rng):
     rng = jax.random.fold_in(base_rng, state.step)
@@ -239,9 +239,10 @@ def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) 
     flops_proj = float(flops_lib.jaxpr_matmul_flops(proj_step_fn, boxes['proj'][0], batch, rng))
     analytic = flops_lib.step_flops(cfg, labels=s.labels)
     analytic_all = flops_lib.step_flops(cfg, labels=s.labels, all_param_grads=True)
+    loss_positions = trainer.loss_positions(cfg) or seq
     xla_step, xla_proj = xla_cost(step_exec, 'flops'), xla_cost(proj_exec, 'flops')
     dropped = xla_step <= 1.1 * xla_proj             # XLA eliminated the frozen weight-gradient dots
-    executed = flops_proj if dropped else flops_step
+    executed = float(analytic['total'] if dropped else analytic_all['total'])
     setup_s = time.perf_counter() - t_start
     row = Row('train_step/llava_stage1', {
         'step': 'stage 1 (projector trains)',
@@ -278,9 +279,9 @@ def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) 
       'step': 'diagnostic: ours, projector grads only', 'model': 'same', 'batch x L': row.values['batch x L'],
       'loss (ours / theirs)': 'same', 'ours (s)': t_proj, 'theirs (s)': t_theirs,
       'ours tok/s': tokens_per_step / t_proj, 'theirs tok/s': tokens_per_step / t_theirs,
-      'ratio': ratio(t_theirs, t_proj), 'ours matmul TFLOP': flops_proj / 1e12,
-      'ours GFLOP/s': flops_proj / t_proj / 1e9, 'XLA peak GFLOP/s': peaks['xla_f32'] / 1e9,
-      'roofline': flops_proj / t_proj / peaks['xla_f32'],
+      'ratio': ratio(t_theirs, t_proj), 'ours matmul TFLOP': analytic['total'] / 1e12,
+      'ours GFLOP/s': analytic['total'] / t_proj / 1e9, 'XLA peak GFLOP/s': peaks['xla_f32'] / 1e9,
+      'roofline': analytic['total'] / t_proj / peaks['xla_f32'],
       'spread (ours / theirs)': f'{spread(times["ours, projector grads only"]):.0%} / '
                                 f'{spread(times["theirs"]):.0%}'})
   section.rows.append(diag)
@@ -290,14 +291,16 @@ def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) 
       'configs/llava15_stage1.py (model replaced by the converted HF one, f32), same weights (converted with '
       '`mmproj.convert.llava`), same batch; the loss of both agrees before timing (column loss). '
       'ratio = theirs time / ours time = ours tokens/s / theirs tokens/s.')
-  counts = (f'Matmul FLOPs per step of the traced programs: trainer step {flop_str(flops_step)}, projector grads '
-            f'only {flop_str(flops_proj)}; analytic (mmproj.train.flops.step_flops) trainable-only '
-            f'{flop_str(analytic["total"])}, all-param-grads {flop_str(analytic_all["total"])}. XLA\'s cost analysis '
-            f'of the compiled steps: trainer {flop_str(xla_step)}, projector grads only {flop_str(xla_proj)}')
+  counts = (f'Matmul FLOPs per step of the traced programs (the loss\'s all-position branch): trainer step '
+            f'{flop_str(flops_step)}, projector grads only {flop_str(flops_proj)}; analytic '
+            f'(mmproj.train.flops.step_flops, the {loss_positions} loss positions per row this batch runs) '
+            f'trainable-only {flop_str(analytic["total"])}, all-param-grads {flop_str(analytic_all["total"])}. XLA\'s '
+            f'cost analysis of the compiled steps: trainer {flop_str(xla_step)}, projector grads only '
+            f'{flop_str(xla_proj)}')
   if dropped:
     section.notes.append(counts + ': XLA eliminates the frozen LM\'s weight gradients that trainer.make_train_step\'s '
                          'traced program contains (nothing reads them), so the table counts the trainable-only '
-                         f'{flop_str(flops_proj)} as the executed matmul work.')
+                         f'{flop_str(executed)} as the executed matmul work.')
   else:
     section.notes.append(counts + f': trainer.make_train_step computes the frozen LM\'s weight gradients '
                          f'({flops_step / flops_proj - 1:.0%} more matmul work than the step needs; something reads '
@@ -309,7 +312,7 @@ def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) 
       row.notes.append(f'bounds: the step\'s matmul FLOPs at the XLA peak take {t_mm:.2f} s ({t_mm / t_ours:.0%} '
                        f'of ours); theirs at the torch GEMM peak {flops_proj / peaks["torch_f32"]:.2f} s '
                        f'({flops_proj / peaks["torch_f32"] / t_theirs:.0%} of theirs; it runs the projector-only '
-                       'FLOPs)')
+                       'FLOPs with the vocabulary projection at all positions)')
       with jax.set_mesh(s.mesh):
         row.notes.append(format_profile(profile_jax(ours_step, hlo, calls=1, flops=executed), 'ours'))
       row.notes.append(format_profile(profile_torch(theirs_step, calls=1), 'theirs'))

@@ -75,7 +75,8 @@ class DecoderBlock(nn.Module):
 
   Arguments are positional-or-keyword so that nn.remat / nn.scan can pass them positionally: mask bool [B, T, S],
   positions int [B, T], kv_cache (k, v) each [B, S, Hkv, Dh] or None, cache_index int32 scalar or None. The
-  signature (carry, *xs) -> (carry, y) is the one nn.scan wants (y = this layer's new cache).
+  signature (carry, *xs) -> (carry, y) is the one nn.scan wants (y = this layer's new cache). Without a cache the
+  mask must be causal (it is the LM's): attention then skips the key blocks above the diagonal.
   """
 
   num_heads: int
@@ -94,7 +95,8 @@ class DecoderBlock(nn.Module):
     h, kv_cache = Attention(self.num_heads, self.num_kv_heads, self.head_dim, use_bias=False, use_rope=True,
                             rope_theta=self.rope_theta, rope_scaling=self.rope_scaling, qkv_bias=self.qkv_bias,
                             dtype=self.dtype, name='self_attn')(
-                                h, mask=mask, positions=positions, kv_cache=kv_cache, cache_index=cache_index)
+                                h, mask=mask, positions=positions, kv_cache=kv_cache, cache_index=cache_index,
+                                causal=kv_cache is None)               # without a cache the mask is causal
     x = x + h                                                                  # [B, T, D]
     h = RMSNorm(self.norm_eps, self.dtype, name='post_attention_layernorm')(x)
     x = x + SwiGLU(self.mlp_dim, dtype=self.dtype, name='mlp')(h)              # [B, T, D]
@@ -201,7 +203,8 @@ class Llama(nn.Module):
     recent = key_slots[None, :] > query_slots[:, None] - self.sliding_window   # [T, S]
     return mask & recent[None]
 
-  def __call__(self, x, positions, input_mask, cache=None, segment_ids=None, media=None, media_index=None):
+  def __call__(self, x, positions, input_mask, cache=None, segment_ids=None, media=None, media_index=None,
+               return_hidden: bool = False):
     """x [B, T, D] input embeddings, positions int [B, T], input_mask int [B, T] (0 = padding key).
 
     segment_ids int [B, T] (optional, no cache): shared-prefix packing. Segment 0 (e.g. <bos> + image) is seen
@@ -214,6 +217,8 @@ class Llama(nn.Module):
 
     Without a cache: full causal pass, returns (logits [B, T, V] float32, None).
     With a cache (see module docstring): returns (logits [B, T, V] float32, updated cache).
+    return_hidden=True returns the last block's output [B, T, D] instead of logits; `head` maps any of its
+    positions to logits (a loss over a few positions then needs the vocabulary projection at those only).
     """
     b, t = x.shape[:2]
     x = x.astype(self.dtype)
@@ -259,9 +264,16 @@ class Llama(nn.Module):
       new_cache = {'k': k, 'v': v, 'mask': key_mask, 'index': index + t}
       if xattn is not None:
         new_cache.update(xattn[2])
-    x = self.norm(x)                                                           # [B, T, D]
+    if return_hidden:
+      return x, new_cache                                                      # [B, T, D]
+    return self.head(x), new_cache                                             # [B, T, V]
+
+  def head(self, x):
+    """Final norm + vocabulary projection: hidden [..., D] (as __call__(return_hidden=True) gives) -> logits
+    [..., V] float32."""
+    x = self.norm(x)
     if self.tie_embeddings:
-      logits = self.embed_tokens.attend(x)                                     # [B, T, V]
+      logits = self.embed_tokens.attend(x)
     else:
-      logits = self.lm_head(x)                                                 # [B, T, V]
-    return logits.astype(jnp.float32), new_cache
+      logits = self.lm_head(x)
+    return logits.astype(jnp.float32)

@@ -26,12 +26,16 @@ Projector, per image: read off the projector's own traced program (`jaxpr_matmul
 LM (Llama), per row; D width, H heads, K kv heads (GQA), dh head_dim, F mlp_dim, V vocab_size:
     embedding         0 (a gather)
     per block         q  2 * L * D * H * dh        k, v  2 * 2 * L * D * K * dh       o  2 * L * H * dh * D
-                      scores  2 * L^2 * H * dh     weighted sum  2 * L^2 * H * dh
+                      scores  2 * P * H * dh       weighted sum  2 * P * H * dh   (P pairs: L^2, block-causal below)
                       SwiGLU gate, up, down  3 * 2 * L * D * F
-    lm_head           2 * L * D * V  (tied or not: x @ E^T costs the same)
-  Attention counts the full L x L score matrix: mmproj.layers.dot_product_attention computes it densely and masks
-  it (causal, padding, sliding window, shared-prefix segments), so that is what runs. A kernel that skips masked
-  blocks would do about half of the causal part; this count would then overstate MFU by that much.
+    lm_head           2 * N * D * V  (tied or not: x @ E^T costs the same); N = trainer.loss_positions: the
+                      text positions L - M when visual tokens are merged into the sequence (the train loss
+                      projects only the loss positions to the vocabulary), L otherwise. A batch with a row of more
+                      than N loss positions runs the L-position path instead; not counted.
+  LM attention counts the score blocks it computes: mmproj.layers.causal_query_blocks splits the queries of a
+  causal pass (L >= 256) into n blocks, block [a, b) scoring keys [0, b) only, i.e. sum (b - a) * b pairs instead
+  of L^2 ((n + 1) / 2n of it); the blocks are dense and masked inside (padding, sliding window, segments), so that
+  is what runs. Encoder and cross-attention count the full T x S matrix.
 
 Backward. For every matmul Y = X W (or the activation-activation products of attention) the backward pass
 computes, each at the cost of the forward product:
@@ -269,14 +273,18 @@ class _Ledger:
 
 
 def _attention(led: _Ledger, part: str, prefix: str, *, q_flows: bool, kv_flows: bool, tq: int, tk: int,
-               d_q: int, d_kv: int, heads: int, kv_heads: int, head_dim: int) -> tuple[bool, int]:
-  """q/k/v/o projections + scores + weighted sum; q from a [tq, d_q] stream, k/v from a [tk, d_kv] one.
-  Returns (whether the output [tq, d_q] flows, what 'minimal' remat recomputes of it)."""
+               d_q: int, d_kv: int, heads: int, kv_heads: int, head_dim: int,
+               causal: bool = False) -> tuple[bool, int]:
+  """q/k/v/o projections + scores + weighted sum; q from a [tq, d_q] stream, k/v from a [tk, d_kv] one; causal:
+  the block-causal score blocks of mmproj.layers.causal_query_blocks only. Returns (whether the output [tq, d_q]
+  flows, what 'minimal' remat recomputes of it)."""
+  from mmproj.layers.attention import causal_query_blocks
   tr = led.tr
   rq = led.matmul(part, 2 * tq * d_q * heads * head_dim, q_flows, f'{prefix}/q_proj') or tr(f'{prefix}/q_norm')
   rk = led.matmul(part, 2 * tk * d_kv * kv_heads * head_dim, kv_flows, f'{prefix}/k_proj') or tr(f'{prefix}/k_norm')
   rv = led.matmul(part, 2 * tk * d_kv * kv_heads * head_dim, kv_flows, f'{prefix}/v_proj')
-  product = 2 * tq * tk * heads * head_dim
+  pairs = sum((hi - lo) * hi for lo, hi in causal_query_blocks(tq)) if causal else tq * tk
+  product = 2 * pairs * heads * head_dim
   rp = led.product(part, product, rq, rk)                               # scores q k^T: [H, tq, tk]
   ro = led.product(part, product, rp, rv)                               # probs @ v:    [tq, H, dh]
   recompute = product * (int(rq or rk or rv) + int(tr(f'{prefix}/o_proj/kernel')))
@@ -364,8 +372,10 @@ def _gated_block(led: _Ledger, pre: str, fields: dict, x: bool, media: bool, len
   return x or h or tr(f'{pre}/mlp_gate')
 
 
-def _lm(led: _Ledger, cfg_model: Any, length: int, x: bool, media: bool, media_len: int, policy: str) -> None:
-  """One row of `length` tokens through the LM (and the gated blocks of an injecting projector)."""
+def _lm(led: _Ledger, cfg_model: Any, length: int, x: bool, media: bool, media_len: int, policy: str,
+        head_positions: int) -> None:
+  """One row of `length` tokens through the LM (and the gated blocks of an injecting projector); the vocabulary
+  projection at `head_positions` of them."""
   from mmproj import projectors
   from mmproj.model import injects_into_lm
   from mmproj.projectors.gated_xattn import xattn_layer_ids
@@ -385,7 +395,7 @@ def _lm(led: _Ledger, cfg_model: Any, length: int, x: bool, media: bool, media_l
       a = x or tr(f'{pre}/input_layernorm')
       h, block.attention_recompute = _attention(
           led, 'lm', f'{pre}/self_attn', q_flows=a, kv_flows=a, tq=length, tk=length, d_q=d, d_kv=d, heads=heads,
-          kv_heads=kv_heads, head_dim=head_dim)
+          kv_heads=kv_heads, head_dim=head_dim, causal=True)
       x = x or h
       b = x or tr(f'{pre}/post_attention_layernorm')
       h, block.last_matmul = _mlp(led, 'lm', f'{pre}/mlp', b, length, d, int(lm.mlp_dim), ('gate_proj', 'up_proj'),
@@ -393,7 +403,7 @@ def _lm(led: _Ledger, cfg_model: Any, length: int, x: bool, media: bool, media_l
       x = x or h
   x = x or tr('lm/norm')
   head = 'lm/embed_tokens' if lm.get('tie_embeddings', False) else 'lm/lm_head'
-  led.matmul('lm', 2 * length * d * int(lm.vocab_size), x, head)
+  led.matmul('lm', 2 * head_positions * d * int(lm.vocab_size), x, head)
 
 
 # ------------------------------------------------------------------------------------- the projector, traced
@@ -530,7 +540,9 @@ def step_flops(cfg, *, batch_size: int | None = None, labels: Any = None, images
       media_len = images_per_row * projectors.num_output_tokens(cfg.model.projector, encoder_grid(cfg.model))
     else:
       x_flows = x_flows or media_flows       # visual tokens are written into the LM's input sequence
-  _lm(per_row, cfg.model, length, x_flows, media_flows, media_len, _remat_policy(cfg.model, 'lm'))
+  from mmproj.train.trainer import loss_positions   # trainer imports this module
+  head_positions = loss_positions(cfg) or length
+  _lm(per_row, cfg.model, length, x_flows, media_flows, media_len, _remat_policy(cfg.model, 'lm'), head_positions)
 
   images = batch * images_per_row if use_image else 0
   out: dict[str, Any] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -95,6 +95,7 @@ def validate(cfg) -> None:
   policy = cfg.train.get('on_nonfinite', 'skip')
   if policy not in NONFINITE_POLICIES:
     raise ValueError(f'train.on_nonfinite={policy!r} must be one of {NONFINITE_POLICIES}')
+  loss_positions(cfg)                                     # raises naming train.loss_positions
 
 
 def setup(cfg, devices: Sequence[jax.Device] | None = None, *, mesh: Any = None) -> Setup:
@@ -180,6 +181,84 @@ def token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[
   return (nll * mask).sum() / denom, (correct * mask).sum() / denom
 
 
+def loss_positions(cfg) -> int | None:
+  """How many positions per row the train loss projects to the vocabulary (train.loss_positions), or None for all
+  L of them.
+
+  'auto' (default): with visual tokens merged into the sequence, L - M (= data.text_len): no placeholder but the
+  last of an image has a text target, so a row with one image has at most that many loss positions; all
+  positions otherwise. 'K' or K (an int, 1 <= K <= L) sets it; 'all': every position. Exact whatever the value:
+  a batch with a row of more than K loss positions takes the every-position path (see token_loss_sums)."""
+  value = cfg.train.get('loss_positions', 'auto')
+  length = sequence_length(cfg)
+  text = str(value).strip()
+  if text == 'all':
+    return None
+  if text == 'auto':
+    merged = bool(cfg.model.use_image) and not model_lib.injects_into_lm(cfg.model)
+    k = length - model_lib.num_image_tokens(cfg.model) if merged else length
+  elif not isinstance(value, bool) and text.isdigit() and 1 <= int(text) <= length:
+    k = int(text)
+  else:
+    raise ValueError(f"train.loss_positions={value!r} must be 'auto', 'all' or an int in [1, {length}] (the "
+                     f'sequence length L = image tokens + data.text_len)')
+  return k if k < length else None
+
+
+def token_loss_sums(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array,
+                    mask: jax.Array, positions: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Next-token cross entropy from the LM's last hidden states: (sum of nll, number correct, number of loss
+  positions) over the positions where mask is nonzero. head: hidden [B, K, D] -> logits [B, K, V].
+
+  positions=K: each row's loss positions (first K, in order) are gathered before the vocabulary projection, so
+  the head, log-softmax and argmax run on [B, K] instead of [B, L]; the sums are the same. A batch where some row
+  has more than K loss positions runs the full [B, L] projection instead (lax.cond on the device), so the result
+  never depends on K."""
+  def sums(h, t, m):
+    logits = head(h)                                                               # [B, K, V]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, t[..., None], axis=-1)[..., 0]               # [B, K]
+    correct = (jnp.argmax(logits, -1) == t).astype(jnp.float32)
+    return (nll * m).sum(), (correct * m).sum()
+
+  count = mask.sum()
+  if positions is None or positions >= hidden.shape[1]:
+    return sums(hidden, targets, mask) + (count,)
+  has_loss = mask != 0
+  order = jnp.argsort(~has_loss, axis=1, stable=True)[:, :positions]             # [B, K]: loss positions first
+
+  def take(a):                                                                   # [B, L, ...] -> [B, K, ...]
+    return jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
+
+  def gathered():
+    return sums(take(hidden), take(targets), take(mask))
+
+  fits = jnp.all(has_loss.sum(axis=1) <= positions)
+  nll, correct = jax.lax.cond(fits, gathered, lambda: sums(hidden, targets, mask))
+  return nll, correct, count
+
+
+def make_loss_sums(s: Setup) -> Callable:
+  """(params, batch, rng) -> (sum of nll, (number correct, number of loss positions)): the model's forward in
+  training mode (dropout from rng) and token_loss_sums with train.loss_positions."""
+  model_inputs = ('image', 'tokens', 'positions', 'input_mask', 'segment_ids')
+  positions = loss_positions(s.cfg)
+
+  def loss_sums(params, batch, rng):
+    inputs = {k: batch[k] for k in model_inputs if k in batch}
+    with shard_lib.activation_rules(s.rules):             # activation constraints (sharding.constrain) follow them
+      hidden = s.model.apply({'params': params}, inputs, deterministic=False, return_hidden=True,
+                             rngs={'dropout': rng})                                # [B, L, D]
+
+      def head(h):
+        return s.model.apply({'params': params}, h, method='head')
+
+      nll, correct, count = token_loss_sums(head, hidden, batch['targets'], batch['loss_mask'], positions)
+    return nll, (correct, count)
+
+  return loss_sums
+
+
 def _microbatches(batch: dict, k: int) -> dict:
   """[B, ...] -> [k, B/k, ...] with micro-batch j = rows j, j+k, j+2k, ...: each device's contiguous block of
   rows is spread over all k micro-batches, so every micro-batch keeps every device busy."""
@@ -199,26 +278,16 @@ def make_train_step(s: Setup):
   later step leaves the state as it is (step counter included), so the host, which looks at each log and save
   point, finds the last good state intact and stops there."""
   schedule = opt_lib.learning_rate_schedule(s.cfg.train)
-  model_inputs = ('image', 'tokens', 'positions', 'input_mask', 'segment_ids')
   accum = int(s.cfg.train.get('grad_accum_steps', 1) or 1)
   stop_on_nonfinite = s.cfg.train.get('on_nonfinite', 'skip') == 'stop'
   trainable = jax.tree.map(lambda label: label == 'train', s.labels)
 
-  def logits_fn(params, batch, rng):
-    inputs = {k: batch[k] for k in model_inputs if k in batch}
-    with shard_lib.activation_rules(s.rules):             # activation constraints (sharding.constrain) follow them
-      return s.model.apply({'params': params}, inputs, deterministic=False, rngs={'dropout': rng})
+  summed_loss_fn = make_loss_sums(s)                      # sums, to be normalised over the whole batch
 
   def loss_fn(params, batch, rng):
-    return token_loss(logits_fn(params, batch, rng), batch['targets'], batch['loss_mask'])
-
-  def summed_loss_fn(params, batch, rng):                 # sums, to be normalised over the whole batch
-    logits = logits_fn(params, batch, rng)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch['targets'][..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, -1) == batch['targets']).astype(jnp.float32)
-    mask = batch['loss_mask']
-    return (nll * mask).sum(), ((correct * mask).sum(), mask.sum())
+    nll, (correct, count) = summed_loss_fn(params, batch, rng)
+    denom = jnp.maximum(count, 1.0)
+    return nll / denom, correct / denom
 
   def accumulated(params, batch, rng):
     micro = _microbatches(batch, accum)
