@@ -92,25 +92,35 @@ class Section:
 
 
 def interleaved(fns: Sequence[tuple[str, Callable[[], Any]]], *, iters: int, warmup: int,
-                log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+                log: Callable[[str], None] | None = None, back_to_back: int = 1) -> dict[str, list[float]]:
   """Times each fn `iters` times in turn (a, b, a, b, ...) after `warmup` untimed rounds -> {name: [seconds]}.
 
   Every fn must finish its work before returning (jax: block_until_ready). Interleaving makes slow drifts of a
   shared machine (other jobs starting, thermal state) hit all sides alike instead of whichever ran last.
   Garbage collection runs before each round (a, b, ...) and is disabled inside it.
+
+  back_to_back=k > 1: each turn calls the fn k times in a row and times the last call (a, a, b, b, ...), i.e. the
+  steady state of a loop of that fn, as a training loop runs its step; the first call's times come back too,
+  under '<name> [first]' (that call runs right after the other side's, with their memory and caches).
   """
   for _ in range(warmup):
     for _, fn in fns:
       fn()
   times: dict[str, list[float]] = {name: [] for name, _ in fns}
+  if back_to_back > 1:
+    times.update({f'{name} [first]': [] for name, _ in fns})
   for i in range(iters):
     gc.collect()
     gc.disable()
     try:
       for name, fn in fns:
-        t0 = time.perf_counter()
-        fn()
-        times[name].append(time.perf_counter() - t0)
+        for j in range(back_to_back):
+          t0 = time.perf_counter()
+          fn()
+          elapsed = time.perf_counter() - t0
+          if j == 0 and back_to_back > 1:
+            times[f'{name} [first]'].append(elapsed)
+        times[name].append(elapsed)
     finally:
       gc.enable()
     if log:
@@ -328,15 +338,22 @@ def profile_jax(run: Callable[[], Any], hlo_text: str, *, calls: int = 2,
     files = glob.glob(os.path.join(d, '**', '*.xplane.pb'), recursive=True)
     data = ProfileData.from_file(files[-1]) if files else None
   per_op: dict[str, float] = {}
+  busy_ns, threads = 0, 0
   if data is not None:
     for plane in data.planes:
       for line in plane.lines:
         if 'XLAPjRtCpuClient' not in line.name and 'XLAEigen' not in line.name:
           continue
+        spans = []
         for ev in line.events:
+          if not ev.name.startswith('end: ') and 'wait' not in ev.name.lower():
+            spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
           if ev.name.startswith('end: ') or '::' in ev.name:
             continue
           per_op[ev.name] = per_op.get(ev.name, 0.0) + ev.duration_ns * 1e-9 / calls
+        if 'XLAEigen' in line.name:
+          threads += 1
+        busy_ns += _union_ns(spans)
   classes: dict[str, float] = {}
   for name, sec in per_op.items():
     cls = _op_class(name, matmuls)
@@ -345,8 +362,25 @@ def profile_jax(run: Callable[[], Any], hlo_text: str, *, calls: int = 2,
   other = [(f'{n} [{op_names.get(n, "?")}]', c, s) for n, c, s in ranked if c != 'matmul'][:4]
   op_s = sum(per_op.values())
   mm = classes.get('matmul', 0.0)
+  # How busy the runtime's threads were: time inside any event (nested ones once, waits left out) on the XLA
+  # worker threads and the client thread, over wall time x worker threads.
+  utilisation = busy_ns * 1e-9 / (wall * calls * threads) if threads else math.nan
   return {'wall_s': wall, 'op_s': op_s, 'classes': classes, 'top': ranked[:10], 'top_other': other,
-          'matmul_gflops': (flops / mm / 1e9) if flops and mm > 0 else math.nan}
+          'matmul_gflops': (flops / mm / 1e9) if flops and mm > 0 else math.nan,
+          'threads': threads, 'thread_busy': utilisation}
+
+
+def _union_ns(spans: list[tuple[int, int]]) -> int:
+  """Total length of the union of [start, end) intervals."""
+  total, end = 0, None
+  for lo, hi in sorted(spans):
+    if end is None or lo > end:
+      total += hi - lo
+      end = hi
+    elif hi > end:
+      total += hi - end
+      end = hi
+  return total
 
 
 def profile_torch(fn: Callable[[], Any], calls: int = 2) -> dict[str, Any]:
@@ -393,7 +427,11 @@ def format_profile(p: dict[str, Any], what: str = 'ours') -> str:
   others = ''
   if p.get('top_other'):
     others = '; largest non-matmul ops: ' + ', '.join(f'{t[0]} {t[-1] * 1e3:.1f} ms' for t in p['top_other'][:3])
-  return f'{what}: op time {total * 1e3:.1f} ms/call = {parts}{extra}; largest ops: {tops}{others}'
+  busy = ''
+  if math.isfinite(p.get('thread_busy', math.nan)):
+    busy = (f'; the runtime\'s threads were busy {p["thread_busy"]:.0%} of wall time x {p["threads"]} worker '
+            'threads')
+  return f'{what}: op time {total * 1e3:.1f} ms/call = {parts}{extra}{busy}; largest ops: {tops}{others}'
 
 
 # ------------------------------------------------------------------------------------------------ machine
