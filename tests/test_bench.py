@@ -98,8 +98,6 @@ def test_profile_splits_matmul_from_the_rest():
   p = bench.profile_jax(lambda: jax.block_until_ready(f(a, a)), compiled.as_text(), calls=2, flops=2 * 256 ** 3)
   assert p['classes'].get('matmul', 0) > 0 and p['wall_s'] > 0
   assert 'matmul' in bench.format_profile(p) and 'non-matmul' in bench.format_profile(p)
-  assert p['threads'] >= 1 and 0.0 < p['thread_busy'] < 1.5, p     # busy share of the worker threads' time
-  assert bench._union_ns([(0, 10), (5, 20), (30, 40), (32, 35)]) == 30
   names = bench.hlo_op_names(compiled.as_text())
   assert any('tanh' in v or 'sin' in v for v in names.values()), names
   x = torch.ones(64, 64, requires_grad=True)

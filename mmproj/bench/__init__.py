@@ -338,22 +338,15 @@ def profile_jax(run: Callable[[], Any], hlo_text: str, *, calls: int = 2,
     files = glob.glob(os.path.join(d, '**', '*.xplane.pb'), recursive=True)
     data = ProfileData.from_file(files[-1]) if files else None
   per_op: dict[str, float] = {}
-  busy_ns, threads = 0, 0
   if data is not None:
     for plane in data.planes:
       for line in plane.lines:
         if 'XLAPjRtCpuClient' not in line.name and 'XLAEigen' not in line.name:
           continue
-        spans = []
         for ev in line.events:
-          if not ev.name.startswith('end: ') and 'wait' not in ev.name.lower():
-            spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
           if ev.name.startswith('end: ') or '::' in ev.name:
             continue
           per_op[ev.name] = per_op.get(ev.name, 0.0) + ev.duration_ns * 1e-9 / calls
-        if 'XLAEigen' in line.name:
-          threads += 1
-        busy_ns += _union_ns(spans)
   classes: dict[str, float] = {}
   for name, sec in per_op.items():
     cls = _op_class(name, matmuls)
@@ -362,25 +355,8 @@ def profile_jax(run: Callable[[], Any], hlo_text: str, *, calls: int = 2,
   other = [(f'{n} [{op_names.get(n, "?")}]', c, s) for n, c, s in ranked if c != 'matmul'][:4]
   op_s = sum(per_op.values())
   mm = classes.get('matmul', 0.0)
-  # How busy the runtime's threads were: time inside any event (nested ones once, waits left out) on the XLA
-  # worker threads and the client thread, over wall time x worker threads.
-  utilisation = busy_ns * 1e-9 / (wall * calls * threads) if threads else math.nan
   return {'wall_s': wall, 'op_s': op_s, 'classes': classes, 'top': ranked[:10], 'top_other': other,
-          'matmul_gflops': (flops / mm / 1e9) if flops and mm > 0 else math.nan,
-          'threads': threads, 'thread_busy': utilisation}
-
-
-def _union_ns(spans: list[tuple[int, int]]) -> int:
-  """Total length of the union of [start, end) intervals."""
-  total, end = 0, None
-  for lo, hi in sorted(spans):
-    if end is None or lo > end:
-      total += hi - lo
-      end = hi
-    elif hi > end:
-      total += hi - end
-      end = hi
-  return total
+          'matmul_gflops': (flops / mm / 1e9) if flops and mm > 0 else math.nan}
 
 
 def profile_torch(fn: Callable[[], Any], calls: int = 2) -> dict[str, Any]:
@@ -427,11 +403,7 @@ def format_profile(p: dict[str, Any], what: str = 'ours') -> str:
   others = ''
   if p.get('top_other'):
     others = '; largest non-matmul ops: ' + ', '.join(f'{t[0]} {t[-1] * 1e3:.1f} ms' for t in p['top_other'][:3])
-  busy = ''
-  if math.isfinite(p.get('thread_busy', math.nan)):
-    busy = (f'; the runtime\'s threads were busy {p["thread_busy"]:.0%} of wall time x {p["threads"]} worker '
-            'threads')
-  return f'{what}: op time {total * 1e3:.1f} ms/call = {parts}{extra}{busy}; largest ops: {tops}{others}'
+  return f'{what}: op time {total * 1e3:.1f} ms/call = {parts}{extra}; largest ops: {tops}{others}'
 
 
 # ------------------------------------------------------------------------------------------------ machine
