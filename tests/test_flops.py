@@ -187,8 +187,9 @@ def _traced_step_flops(cfg, images_per_row=1, all_param_grads=False):
                            rngs={'dropout': jax.random.key(0)})
       # The trainer projects the first K = trainer.loss_positions gathered loss positions (a gather: no matmul).
       k = trainer.loss_positions(cfg) or hidden.shape[1]
-      logits = model.apply(variables, hidden[:, :k], method='head')
-      return trainer.token_loss(logits, batch['tokens'][:, :k], batch['loss_mask'][:, :k])[0]
+      nll, _, count = trainer.token_loss_sums(lambda h: model.apply(variables, h, method='head'), hidden[:, :k],
+                                              batch['tokens'][:, :k], batch['loss_mask'][:, :k], None)
+      return nll / count
     return jax.value_and_grad(loss)([leaves[i] for i in diff])
 
   return flops.jaxpr_matmul_flops(loss_and_grads, leaves, batch)

@@ -172,15 +172,6 @@ def init_state(s: Setup, seed: int) -> TrainState:
     return jax.jit(init_opt, out_shardings=s.state_sharding, donate_argnums=0)(params)
 
 
-def token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Mean next-token cross entropy and accuracy over the positions where mask is 1."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)                  # [B, L, V]
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]           # [B, L]
-  denom = jnp.maximum(mask.sum(), 1.0)
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  return (nll * mask).sum() / denom, (correct * mask).sum() / denom
-
-
 def loss_positions(cfg) -> int | None:
   """How many positions per row the train loss projects to the vocabulary (train.loss_positions), or None for all
   L of them.
