@@ -426,3 +426,20 @@ def test_hf_llama_dir_loads_into_scanned_model(tmp_path):
     ref = hf(input_ids=torch.from_numpy(tokens).long(), attention_mask=torch.from_numpy(mask).long()).logits.numpy()
   valid = mask.astype(bool)
   np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
+
+
+def test_block_causal_attention_under_scan_and_remat():
+  """L = 360 >= 352: the LM's causal attention runs in query blocks (layers.causal_query_blocks); scanned layers
+  with remat='minimal', a sliding window and packed segments give the unrolled, no-remat model's loss and
+  gradients."""
+  from mmproj.layers import causal_query_blocks
+  assert len(causal_query_blocks(360)) == 2
+  tokens, positions, mask, segments = lm_batch(length=360, pads=(0, 7))
+  flat = build_lm(dict(lm_cfg(sliding_window=300), max_len=512))
+  scanned = build_lm(dict(lm_cfg(sliding_window=300, scan_layers=True, remat='minimal'), max_len=512))
+  params = init_lm(flat, tokens, positions, mask)
+  loss0, g0 = jax.jit(jax.value_and_grad(lambda p: lm_loss(flat, p, tokens, positions, mask, segments)))(params)
+  loss1, g1 = jax.jit(jax.value_and_grad(lambda p: lm_loss(scanned, p, tokens, positions, mask, segments)))(
+      stack_layers(params, 3))
+  np.testing.assert_allclose(float(loss1), float(loss0), atol=1e-6, rtol=0)
+  assert_trees_close(g1, stack_layers(g0, 3), 1e-5, 'block-causal scanned + remat gradient')
