@@ -1,6 +1,7 @@
 """mmproj.bench: a --quick smoke run of every benchmark (tiny shapes, one iteration) writes a report with every row
 and finite ratios; the timing, profiling and report helpers on small inputs."""
 
+import json
 import math
 import os
 import subprocess
@@ -145,3 +146,31 @@ def test_markdown_helpers():
   opts = bench.Options(only='qformer')
   assert opts.wants('projectors/qformer') and not opts.wants('projectors/llava_mlp')
   assert bench.Options(only='pipeline').wants('pipeline/shapes')
+
+
+def test_isolated_rows_run_in_child_processes(tmp_path):
+  """The default (non --quick) mode: a projector row measured in a child process comes back through JSON intact;
+  a child that fails becomes a FAILED row naming the unit, not a crash of the whole run."""
+  out = tmp_path / 'BENCH.md'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('MMPROJ_BENCH_PINNED', None)
+  proc = subprocess.run([sys.executable, '-m', 'mmproj.bench', '--quick', '--isolate', '--only', 'llava_mlp',
+                         '--out', str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  text = out.read_text()
+  assert 'each projector row and each other section in its own child process' in text
+  goals, proj = _tables(text)
+  assert [r['projector'] for r in proj] == ['llava_mlp'] and _finite(proj[0]['ratio'])
+  assert float(proj[0]['parity (fwd / grad)'].split(' / ')[0]) <= projectors.PARITY_RTOL
+  assert {r['row'] for r in goals} == {'projectors/llava_mlp'}
+  with pytest.raises(RuntimeError, match="'projectors/no_such_case' exited with status 1"):
+    bench_main.run_in_child('projectors/no_such_case', {'peaks': {}}, ['--quick'], print)
+
+
+def test_rows_and_sections_survive_json():
+  row = bench.Row('projectors/x', {'ratio': 1.5, 'ours (ms)': math.nan, 'shapes': 'x [2]'}, notes=['n'])
+  row.goal('>= 1.0x reference (f32)', 1.5, 1.0)
+  sec = bench.Section('projectors', 'T', ['ratio'], [row], ['intro'], ['note'], 3.0)
+  back = bench.Section.from_json(json.loads(json.dumps(sec.to_json())))
+  assert back.rows[0].goals == row.goals and back.rows[0].notes == ['n'] and back.title == 'T'
+  assert math.isnan(back.rows[0].values['ours (ms)']) and back.rows[0].values['ratio'] == 1.5

@@ -75,6 +75,13 @@ class Row:
     self.goals.append((text, float(value), float(threshold), met))
     return met
 
+  def to_json(self) -> dict[str, Any]:
+    return {'name': self.name, 'values': self.values, 'goals': [list(g) for g in self.goals], 'notes': self.notes}
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> 'Row':
+    return cls(d['name'], dict(d['values']), [tuple(g) for g in d['goals']], list(d['notes']))
+
 
 @dataclasses.dataclass
 class Section:
@@ -86,6 +93,15 @@ class Section:
   intro: list[str] = dataclasses.field(default_factory=list)
   notes: list[str] = dataclasses.field(default_factory=list)
   seconds: float = 0.0
+
+  def to_json(self) -> dict[str, Any]:
+    return {'name': self.name, 'title': self.title, 'columns': self.columns, 'rows': [r.to_json() for r in self.rows],
+            'intro': self.intro, 'notes': self.notes, 'seconds': self.seconds}
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> 'Section':
+    return cls(d['name'], d['title'], list(d['columns']), [Row.from_json(r) for r in d['rows']], list(d['intro']),
+               list(d['notes']), float(d['seconds']))
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -492,6 +508,11 @@ def machine_info(threads: int) -> dict[str, Any]:
     info['mem_avail_gib'] = mem.get('MemAvailable', 0) / 2 ** 20
   except (OSError, ValueError, IndexError):
     pass
+  try:                     # transparent huge pages: 'always [madvise] never' -> 'madvise' (see GLIBC_TUNABLES)
+    with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+      info['thp'] = re.search(r'\[(\w+)\]', f.read()).group(1)
+  except (OSError, AttributeError):
+    info['thp'] = 'unknown'
   for mod in ('torch', 'transformers', 'flax', 'grain'):
     try:
       info[mod] = __import__(mod).__version__

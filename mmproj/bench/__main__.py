@@ -9,6 +9,18 @@ otherwise spin after every parallel region, which on a shared machine starves XL
 runs and makes even tiny torch ops wait tens of ms for their own spinning peers (measured: 44 ms vs 0.08 ms for a
 64 x 64 matmul + backward on the 2-core development machine).
 
+Memory. GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (unless GLIBC_TUNABLES is set): glibc's malloc then asks for
+transparent huge pages (madvise) on the memory it maps. Both frameworks allocate their large arrays (gradients,
+activations) fresh on every call through malloc; with 4 KiB pages each call took ~750,000 page faults for the
+perceiver row (1.2-1.5 s of kernel time in a 1.8 s call of ours, measured with getrusage), ~25,000 with huge pages
+(0.25 s). One setting for the one process, so both sides get it; glibc < 2.35 ignores it.
+
+Isolation. Unless --in-process (or --quick), every projector row, the train-step section and the pipeline section
+each run in a fresh child process (`--child`, same pinning and environment) that hands its rows back as JSON: a row
+that allocates gigabytes per call (the perceiver, the train step) then runs on a fresh heap instead of after
+every earlier row's arrays, executables and torch modules (measured: the train step 11.3 s in a shared process vs
+8.5 s alone, same program). The matmul and bandwidth peaks are measured once, in the parent.
+
 The report keeps a hand-written block between `<!-- analysis -->` and `<!-- /analysis -->` of an existing output
 file (it is copied into the new report), so an interpretation written after a run survives re-runs.
 """
@@ -16,9 +28,12 @@ file (it is copied into the new report), so an interpretation written after a ru
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -40,6 +55,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--no-profile', action='store_true', help='do not profile the rows that miss a goal')
   p.add_argument('--data-dir', default=None, help='data dir of the pipeline section (default: the quickstart '
                                                   "config's; --quick: a temporary directory)")
+  p.add_argument('--in-process', action='store_true',
+                 help='run every section in this process (default: each projector row and each other section in a '
+                      'fresh child process; --quick implies this)')
+  p.add_argument('--isolate', action='store_true', help='child processes even with --quick')
+  p.add_argument('--child', default=None, help=argparse.SUPPRESS)   # internal: JSON job file of a child process
   return p.parse_args(argv)
 
 
@@ -52,6 +72,7 @@ def pin_and_reexec(argv: list[str], threads: int, quick: bool = False) -> None:
   env = dict(os.environ)
   env[ENV_PINNED] = '1'
   env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+  env.setdefault('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
   for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
     env.setdefault(var, str(threads))
   if quick and 'xla_backend_optimization_level' not in env.get('XLA_FLAGS', ''):
@@ -94,8 +115,75 @@ def xla_thread_count() -> int:
   return n
 
 
-def run_all(opts, *, step_iters: int) -> dict[str, Any]:
-  """Runs the selected sections -> {'peaks', 'sections', 'info', ...} for `render`."""
+def _child_argv(args: argparse.Namespace) -> list[str]:
+  """The options a child process repeats (the thread environment and pinning are inherited)."""
+  argv = ['--iters', str(args.iters), '--warmup', str(args.warmup), '--threads', str(args.threads),
+          '--step-iters', str(args.step_iters)]
+  if args.quick:
+    argv.append('--quick')
+  if not args.profile:
+    argv.append('--no-profile')
+  if args.data_dir:
+    argv += ['--data-dir', args.data_dir]
+  return argv
+
+
+def _json_default(o: Any) -> Any:
+  return o.item() if hasattr(o, 'item') else str(o)
+
+
+def run_in_child(unit: str, job: dict[str, Any], child_argv: list[str], log) -> dict[str, Any]:
+  """Runs one unit ('projectors/<case>', 'train_step' or 'pipeline') in a fresh `python -m mmproj.bench --child`
+  process and returns what it wrote: {'row': ...} or {'section': ...}. A child that dies (killed for memory, a
+  crash) raises RuntimeError naming the unit and its exit status."""
+  with tempfile.TemporaryDirectory(prefix='mmproj-bench-child-') as tmp:
+    job_path, out_path = os.path.join(tmp, 'job.json'), os.path.join(tmp, 'job.json.out')
+    with open(job_path, 'w') as f:
+      json.dump(dict(job, unit=unit), f, default=_json_default)
+    sys.stdout.flush()
+    proc = subprocess.run([sys.executable, '-m', 'mmproj.bench', *child_argv, '--child', job_path],
+                          env=dict(os.environ), check=False)
+    if proc.returncode != 0 or not os.path.exists(out_path):
+      raise RuntimeError(f'bench child process for {unit!r} exited with status {proc.returncode}'
+                         + (' (killed by signal %d)' % -proc.returncode if proc.returncode < 0 else ''))
+    with open(out_path) as f:
+      return json.load(f)
+
+
+def child_main(opts, job_path: str, step_iters: int) -> int:
+  """Child side of run_in_child: runs the job's unit with the parent's peaks and writes the result next to it."""
+  import dataclasses
+
+  import torch
+
+  from mmproj import bench
+
+  with open(job_path) as f:
+    job = json.load(f)
+  unit, peaks = job['unit'], job['peaks']
+  torch.set_num_threads(opts.threads)
+  probe = bench.PeakProbe(opts.threads, size=256 if opts.quick else 1024)
+  if unit.startswith('projectors/'):
+    from mmproj.bench import projectors
+    case = {c.name: c for c in projectors.CASES}[unit.split('/', 1)[1]]
+    result = {'row': projectors.run_case(case, opts, peaks, probe).to_json()}
+  elif unit == 'train_step':
+    from mmproj.bench import train_step
+    sec = train_step.run(dataclasses.replace(opts, iters=step_iters), peaks, probe)
+    result = {'section': sec.to_json()}
+  elif unit == 'pipeline':
+    from mmproj.bench import pipeline
+    result = {'section': pipeline.run(opts, peaks, job.get('consumers') or {}).to_json()}
+  else:
+    raise ValueError(f'unknown bench unit {unit!r}')
+  with open(job_path + '.out', 'w') as f:
+    json.dump(result, f, default=_json_default)
+  return 0
+
+
+def run_all(opts, *, step_iters: int, child_argv: list[str] | None = None) -> dict[str, Any]:
+  """Runs the selected sections -> {'peaks', 'sections', 'info', ...} for `render`. child_argv: run each projector
+  row and each other section in a child process started with these options (None: all in this process)."""
   import dataclasses
 
   import torch
@@ -120,7 +208,9 @@ def run_all(opts, *, step_iters: int) -> dict[str, Any]:
     from mmproj.bench import projectors
     opts.log('== projectors')
     start = time.perf_counter()
-    sec = projectors.run(opts, peaks, probe)
+    def row_in_child(name):
+      return bench.Row.from_json(run_in_child(f'projectors/{name}', {'peaks': peaks}, child_argv, opts.log)['row'])
+    sec = projectors.run(opts, peaks, probe, run_row=row_in_child if child_argv is not None else None)
     sec.seconds = time.perf_counter() - start
     opts.log(f'  projectors: {sec.seconds:.0f} s')
     if sec.rows:
@@ -130,19 +220,27 @@ def run_all(opts, *, step_iters: int) -> dict[str, Any]:
   if opts.wants('train_step') or opts.wants('train_step/llava_stage1'):
     from mmproj.bench import train_step
     opts.log('== train step')
-    sec = train_step.run(dataclasses.replace(opts, iters=step_iters), peaks, probe)
+    if child_argv is not None:
+      sec = bench.Section.from_json(run_in_child('train_step', {'peaks': peaks}, child_argv, opts.log)['section'])
+    else:
+      sec = train_step.run(dataclasses.replace(opts, iters=step_iters), peaks, probe)
     opts.log(f'  train step: {sec.seconds:.0f} s')
     if sec.rows:
       sections.append(sec)
       row = sec.rows[0]
       if 'ours (s)' in row.values and math.isfinite(row.values['ours (s)']):
         rows = int(str(row.values['batch x L']).split(' x ')[0])
-        step_rate['the LLaVA stage-1 step of the train-step section (ours)'] = rows / row.values['ours (s)']
+        name = f'LLaVA stage-1 train step (train-step section, ours; batch x L {row.values["batch x L"]})'
+        step_rate[name] = rows / row.values['ours (s)']
     loads['after train step'] = bench.load_average()
   if opts.wants('pipeline') or opts.wants('pipeline/shapes') or opts.wants('pipeline/llava_json'):
     from mmproj.bench import pipeline
     opts.log('== pipeline')
-    sec = pipeline.run(opts, peaks, step_rate)
+    if child_argv is not None:
+      job = {'peaks': peaks, 'consumers': step_rate}
+      sec = bench.Section.from_json(run_in_child('pipeline', job, child_argv, opts.log)['section'])
+    else:
+      sec = pipeline.run(opts, peaks, step_rate)
     opts.log(f'  pipeline: {sec.seconds:.0f} s')
     if sec.rows:
       sections.append(sec)
@@ -180,8 +278,11 @@ def render(result: dict[str, Any], argv: list[str], opts, analysis: str | None) 
           f'- threads: both frameworks pinned to CPUs {info["affinity"]} (os.sched_setaffinity, then re-exec, so '
           f'XLA sizes its pools from that mask: {info["xla_threads"]} XLAEigen threads seen); '
           f'torch.set_num_threads({info["threads"]}), OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS", "unset")}, '
-          f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")} (why: mmproj/bench/__main__.py); XLA_FLAGS='
+          f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")}, '
+          f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "unset")} (transparent huge pages: '
+          f'{info.get("thp", "unknown")}; why: mmproj/bench/__main__.py); XLA_FLAGS='
           f'`{info["xla_flags"] or "(none)"}` (XLA CPU defaults: multi-threaded Eigen/YNNPACK kernels on that pool)',
+          f'- processes: {info.get("isolation", "all sections in one process")} (why: mmproj/bench/__main__.py)',
           f'- measured at the start of the run: XLA f32 matmul {peaks["xla_f32"] / 1e9:.1f} GFLOP/s, PyTorch '
           f'({info.get("torch_blas", "?")}) f32 matmul {peaks["torch_f32"] / 1e9:.1f} GFLOP/s, XLA elementwise '
           f'bandwidth {peaks["xla_bandwidth"] / 1e9:.1f} GB/s (rooflines read against the peak sampled in the rows\' '
@@ -267,7 +368,16 @@ def main(argv: list[str] | None = None) -> int:
                        data_dir=args.data_dir,
                        log=lambda s: print(s, flush=True))
   step_iters = args.step_iters or (1 if args.quick else 3)
-  result = run_all(opts, step_iters=step_iters)
+  if args.child:
+    return child_main(opts, args.child, step_iters)
+  child_argv = None
+  if args.isolate or not (args.in_process or args.quick):
+    child_argv = _child_argv(argparse.Namespace(iters=opts.iters, warmup=opts.warmup, threads=threads,
+                                                step_iters=step_iters, quick=args.quick, profile=opts.profile,
+                                                data_dir=args.data_dir))
+  result = run_all(opts, step_iters=step_iters, child_argv=child_argv)
+  result['info']['isolation'] = ('each projector row and each other section in its own child process'
+                                 if child_argv is not None else 'all sections in one process')
   text = render(result, argv, opts, read_analysis(args.out))
   with open(args.out, 'w') as f:
     f.write(text)

@@ -444,8 +444,10 @@ COLUMNS = ['projector', 'reference', 'kind', 'shapes', 'params (M)', 'parity (fw
            'spread (ours / torch)']
 
 
-def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) -> Section:
-  """Every case --only selects, in CASES order (probe: see run_case)."""
+def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None,
+        run_row: Callable[[str], Row] | None = None) -> Section:
+  """Every case --only selects, in CASES order (probe: see run_case). run_row: measures one case by name instead
+  of run_case in this process (the bench's per-row child processes)."""
   import gc
 
   section = Section('projectors', 'Projectors: forward + backward vs the transformers reference (f32)',
@@ -465,7 +467,7 @@ def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) 
       continue
     start = time.perf_counter()
     try:
-      row = run_case(case, opts, peaks, probe)
+      row = run_row(case.name) if run_row else run_case(case, opts, peaks, probe)
     except Exception as e:  # pylint: disable=broad-except
       row = Row(f'projectors/{case.name}', {'projector': case.name, 'reference': case.reference,
                                             'kind': case.kind, 'ratio': math.nan})
