@@ -43,6 +43,7 @@ def shapes_experiment(arg: str, *, name: str, projector: dict, patch_size: int =
   c.data = dict(name='shapes', data_dir='~/.cache/mmproj/data', image_size=48, grid=3, jitter=1,
                 num_train=512 if smoke else 20_000, num_test=64 if smoke else 500, min_objects=1, max_objects=6,
                 seed=0, text_len=64, turns=8, isolate_turns=True, caption_prob=1.0, worker_count=0,
+                read_threads=1,       # rows are built in Python: a 2nd thread only contends for the GIL
                 bad_records='error')  # unreadable record: 'error' | 'skip' (a stand-in row, counted)
 
   c.model = mlc.ConfigDict()

@@ -141,7 +141,7 @@ def run(opts: Options, peaks: dict[str, float] | None = None, consumers: dict[st
     opts.log(f'  shapes data ready in {time.perf_counter() - t0:.0f} s ({cfg.data.data_dir})')
     s = trainer.setup(cfg)
     batch_rows = int(cfg.train.batch_size)
-    threads = int(cfg.data.get('read_threads', 2) or 2)
+    threads = int(cfg.data.get('read_threads', 1))
 
     def shapes_loader():
       return data_lib.train_loader(cfg.data, tok, num_image_tokens=s.num_image_tokens,
@@ -182,7 +182,7 @@ def run(opts: Options, peaks: dict[str, float] | None = None, consumers: dict[st
 
     rows = []
     if opts.wants('pipeline/shapes'):
-      rate, n = loader_rate(shapes_loader(), batch_rows, seconds=seconds, min_batches=3, skip=2 * threads + 1)
+      rate, n = loader_rate(shapes_loader(), batch_rows, seconds=seconds, min_batches=3, skip=2 * max(threads, 1) + 1)
       row = Row('pipeline/shapes', {'loader': 'shapes world (mmproj.data.pipeline.train_loader)',
                                     'data': (f'configs/quickstart.py{":smoke" if opts.quick else ""}: '
                                              f'{cfg.data.image_size} px, text_len {cfg.data.text_len}, '
