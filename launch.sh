@@ -24,10 +24,6 @@
 #       (XLA_FLAGS=--xla_force_host_platform_device_count=K; default 1): try a multi-host run on a laptop.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
-# glibc's malloc asks for transparent huge pages on the memory it maps (glibc >= 2.35; ignored before): XLA on CPU
-# allocates its large arrays fresh on every step, and with 4 KiB pages the page faults alone cost as much as a
-# third of a step here (see mmproj/bench/__main__.py).
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 ROOT=$(pwd)
 VENV=${MMPROJ_VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3}

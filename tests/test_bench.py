@@ -174,3 +174,12 @@ def test_rows_and_sections_survive_json():
   back = bench.Section.from_json(json.loads(json.dumps(sec.to_json())))
   assert back.rows[0].goals == row.goals and back.rows[0].notes == ['n'] and back.title == 'T'
   assert math.isnan(back.rows[0].values['ours (ms)']) and back.rows[0].values['ratio'] == 1.5
+
+
+def test_diagnose_commands_measure_on_tiny_shapes():
+  from mmproj.bench import diagnose
+  forms = diagnose.matmul_forms(quick=True)
+  assert {form for _, form, _ in forms} == {'y = x W', 'dx = dy W^T', 'dW = x^T dy', 'dW = copy(x^T) dy'}
+  assert all(rate > 0 and math.isfinite(rate) for _, _, rate in forms)
+  calls = diagnose.faults_child(2, quick=True)
+  assert len(calls) == 2 and all(c['wall'] > 0 and c['minflt'] >= 0 for c in calls)

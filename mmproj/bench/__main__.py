@@ -9,17 +9,13 @@ otherwise spin after every parallel region, which on a shared machine starves XL
 runs and makes even tiny torch ops wait tens of ms for their own spinning peers (measured: 44 ms vs 0.08 ms for a
 64 x 64 matmul + backward on the 2-core development machine).
 
-Memory. GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (unless GLIBC_TUNABLES is set): glibc's malloc then asks for
-transparent huge pages (madvise) on the memory it maps. Both frameworks allocate their large arrays (gradients,
-activations) fresh on every call through malloc; with 4 KiB pages each call took ~750,000 page faults for the
-perceiver row (1.2-1.5 s of kernel time in a 1.8 s call of ours, measured with getrusage), ~25,000 with huge pages
-(0.25 s). One setting for the one process, so both sides get it; glibc < 2.35 ignores it.
-
 Isolation. Unless --in-process (or --quick), every projector row, the train-step section and the pipeline section
 each run in a fresh child process (`--child`, same pinning and environment) that hands its rows back as JSON: a row
 that allocates gigabytes per call (the perceiver, the train step) then runs on a fresh heap instead of after
-every earlier row's arrays, executables and torch modules (measured: the train step 11.3 s in a shared process vs
-8.5 s alone, same program). The matmul and bandwidth peaks are measured once, in the parent.
+every earlier row's arrays, executables and torch modules (the 2026-11-21 full run, all in one process: our train
+step 11.3 s; the same section run alone right after: 8.5 s). The train-step section also runs transformers' side
+in a process of its own (mmproj/bench/train_step.py). The matmul and bandwidth peaks are measured once, in the
+parent.
 
 The report keeps a hand-written block between `<!-- analysis -->` and `<!-- /analysis -->` of an existing output
 file (it is copied into the new report), so an interpretation written after a run survives re-runs.
@@ -72,7 +68,6 @@ def pin_and_reexec(argv: list[str], threads: int, quick: bool = False) -> None:
   env = dict(os.environ)
   env[ENV_PINNED] = '1'
   env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-  env.setdefault('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
   for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
     env.setdefault(var, str(threads))
   if quick and 'xla_backend_optimization_level' not in env.get('XLA_FLAGS', ''):
@@ -280,7 +275,7 @@ def render(result: dict[str, Any], argv: list[str], opts, analysis: str | None) 
           f'torch.set_num_threads({info["threads"]}), OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS", "unset")}, '
           f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")}, '
           f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "unset")} (transparent huge pages: '
-          f'{info.get("thp", "unknown")}; why: mmproj/bench/__main__.py); XLA_FLAGS='
+          f'{info.get("thp", "unknown")}); why: mmproj/bench/__main__.py; XLA_FLAGS='
           f'`{info["xla_flags"] or "(none)"}` (XLA CPU defaults: multi-threaded Eigen/YNNPACK kernels on that pool)',
           f'- processes: {info.get("isolation", "all sections in one process")} (why: mmproj/bench/__main__.py)',
           f'- measured at the start of the run: XLA f32 matmul {peaks["xla_f32"] / 1e9:.1f} GFLOP/s, PyTorch '

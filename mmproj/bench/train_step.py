@@ -11,6 +11,10 @@ width 768, LLaVA's penultimate layer so 11 run) frozen, a ~134M-parameter Llama-
   ours    the same weights converted (mmproj.convert.llava: llava_model_config + llava_params_from_hf) into the
           configs/llava15_stage1.py experiment (config_lib.llava15_experiment with the model replaced and no
           pretrained paths), trainer.setup + trainer.make_train_step, state = those params + tx.init.
+theirs runs in a process of its own (TorchWorker: built there from the same seed), ours in this one, from which
+the HF model is deleted once converted, so that neither framework's heap, page state or thread pools are in the
+other's way, as in real use (`python -m mmproj.bench.diagnose train-step` times ours alone, theirs alone, and
+both in one process).
 Before timing, both compute the loss of the same batch from the same weights; it must agree to LOSS_RTOL.
 Timing interleaves ours / theirs (and the diagnostic below), two back-to-back steps per side and round with the
 second timed: a training loop's steady state (the first step, right after the other framework's, runs with its
@@ -29,6 +33,7 @@ this batch never runs (its loss positions fit train.loss_positions); transformer
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from typing import Any
@@ -148,16 +153,102 @@ def projector_only_step(s):
                  out_shardings=(s.state_sharding, replicated), donate_argnums=(0,))
 
 
+def _torch_side(z: dict[str, Any], theirs_batch: dict[str, np.ndarray], threads: int):
+  """theirs, built where this runs: (train step -> loss, eval loss of the batch). Frozen tower and LM, AdamW on
+  the projector."""
+  import torch
+
+  torch.set_num_threads(threads)
+  hf = build_hf(z)
+  for p in hf.parameters():
+    p.requires_grad_(False)
+  proj_params = list(hf.model.multi_modal_projector.parameters())
+  for p in proj_params:
+    p.requires_grad_(True)
+  opt = torch.optim.AdamW(proj_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+  hf.train()
+  tb = {k: torch.from_numpy(v) for k, v in theirs_batch.items()}
+
+  def step() -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = hf(**tb).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(proj_params, 1.0)
+    opt.step()
+    return float(loss.detach())
+
+  def eval_loss() -> float:
+    with torch.no_grad():
+      hf.eval()
+      loss = float(hf(**tb).loss)
+      hf.train()
+    return loss
+
+  return step, eval_loss, hf.config._attn_implementation
+
+
+def _torch_worker(conn, z, theirs_batch, threads) -> None:
+  """Serves theirs in its own process: 'step' | 'loss' | 'profile' | 'attn' -> ('ok', value) or ('error', text)."""
+  step, eval_loss, attn = _torch_side(z, theirs_batch, threads)
+  commands = {'step': step, 'loss': eval_loss, 'profile': lambda: profile_torch(step, calls=1), 'attn': lambda: attn}
+  while True:
+    try:
+      cmd = conn.recv()
+    except EOFError:
+      return
+    if cmd == 'quit':
+      return
+    try:
+      conn.send(('ok', commands[cmd]()))
+    except Exception as e:  # pylint: disable=broad-except
+      conn.send(('error', f'{type(e).__name__}: {e}'))
+
+
+class TorchWorker:
+  """transformers' side of the train step in a separate process (multiprocessing 'spawn': a fresh interpreter,
+  same CPU affinity and environment), so that each framework runs in a process of its own, as it does in real use.
+  call('step') runs one step there and returns its loss; the caller times the round trip (a pipe message each
+  way, well under a millisecond next to a step of seconds)."""
+
+  def __init__(self, z: dict[str, Any], theirs_batch: dict[str, np.ndarray], threads: int):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context('spawn')
+    self._conn, child = ctx.Pipe()
+    self._proc = ctx.Process(target=_torch_worker, args=(child, z, theirs_batch, threads), daemon=True,
+                             name='mmproj-bench-torch')
+    self._proc.start()
+    child.close()
+
+  def call(self, cmd: str) -> Any:
+    self._conn.send(cmd)
+    try:
+      status, value = self._conn.recv()
+    except EOFError as e:
+      raise RuntimeError(f'the torch worker process exited (status {self._proc.exitcode}) during {cmd!r}') from e
+    if status != 'ok':
+      raise RuntimeError(f'torch worker, {cmd!r}: {value}')
+    return value
+
+  def close(self) -> None:
+    try:
+      self._conn.send('quit')
+    except OSError:
+      pass
+    self._proc.join(30)
+    if self._proc.is_alive():
+      self._proc.terminate()
+      self._proc.join(5)
+
+
 def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) -> Section:
   """Builds both sides, checks the loss, times them -> the step row and the diagnostic row. probe: samples the
   matmul peak in every timed round (mmproj.bench.PeakProbe); the roofline reads against it."""
   import jax
   import jax.numpy as jnp
-  import torch
 
   from mmproj.convert import StateDict
   from mmproj.convert import llava as llava_convert
-  from mmproj.train import flops as flops_lib
   from mmproj.train import trainer
 
   section = Section('train_step', 'Full LLaVA stage-1 train step vs transformers (f32)',
@@ -182,23 +273,28 @@ def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) 
   assert seq == s.seq_len, (seq, s.seq_len)
   tokens_per_step = z['batch'] * seq
 
-  # theirs: frozen tower and LM, AdamW on the projector.
-  for p in hf.parameters():
-    p.requires_grad_(False)
-  proj_params = list(hf.model.multi_modal_projector.parameters())
-  for p in proj_params:
-    p.requires_grad_(True)
-  opt = torch.optim.AdamW(proj_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-  hf.train()
-  tb = {k: torch.from_numpy(v) for k, v in theirs_batch.items()}
+  # theirs: in its own process (TorchWorker), built from the same seed; this process keeps only ours.
+  del hf
+  gc.collect()
+  worker = TorchWorker(z, theirs_batch, opts.threads)
+  try:
+    return _measure(opts, peaks, probe, section, worker, z=z, cfg=cfg, s=s, params=params, ours_batch=ours_batch,
+                    seq=seq, n_img=n_img, tokens_per_step=tokens_per_step, t_start=t_start)
+  finally:
+    worker.close()
+
+
+def _measure(opts, peaks, probe, section, worker, *, z, cfg, s, params, ours_batch, seq, n_img, tokens_per_step,
+             t_start) -> Section:
+  """The timed part of run (theirs served by `worker`)."""
+  import jax
+  import jax.numpy as jnp
+
+  from mmproj.train import flops as flops_lib
+  from mmproj.train import trainer
 
   def theirs_step():
-    opt.zero_grad(set_to_none=True)
-    loss = hf(**tb).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(proj_params, 1.0)
-    opt.step()
-    return float(loss.detach())
+    return worker.call('step')
 
   # ours: trainer.setup + make_train_step on the converted params.
   with jax.set_mesh(s.mesh):
@@ -230,13 +326,10 @@ def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) 
     ours_step, proj_step = runner(step_exec, 'ours'), runner(proj_exec, 'proj')
     # Same weights, same batch: the loss our first train step reports (computed before its update) vs HF's.
     loss_ours = float(ours_step()['loss'])
-    with torch.no_grad():
-      hf.eval()
-      loss_theirs = float(hf(**tb).loss)
-      hf.train()
+    loss_theirs = float(worker.call('loss'))
     loss_err = abs(loss_ours - loss_theirs) / abs(loss_theirs)
     opts.log(f'  llava stage 1: loss ours {loss_ours:.6f} theirs {loss_theirs:.6f} (rel {loss_err:.1e}); '
-             f'attention {hf.config._attn_implementation}')
+             f'attention {worker.call("attn")}')
     proj_step()                                                      # one untimed call of each, warm-up or not
     flops_step = float(flops_lib.jaxpr_matmul_flops(step_fn, boxes['ours'][0], batch, rng))
     flops_proj = float(flops_lib.jaxpr_matmul_flops(proj_step_fn, boxes['proj'][0], batch, rng))
@@ -260,12 +353,16 @@ def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) 
       return section
     opts.log(f'  setup {setup_s:.0f} s; matmul FLOPs per step: trainer {flop_str(flops_step)}, projector-only '
              f'grads {flop_str(flops_proj)}, analytic {flop_str(analytic["total"])}')
-    fns = [('ours', ours_step), ('theirs', theirs_step), ('ours, projector grads only', proj_step)]
+    fns = [('ours', ours_step), ('theirs', theirs_step)]
     if probe is not None:
       probe.reset()
     times = interleaved(fns + ([('peak probe', probe)] if probe is not None else []), iters=opts.iters,
                         warmup=opts.warmup, log=opts.log, back_to_back=BACK_TO_BACK)
-  t_ours, t_theirs, t_proj = (median(times[k]) for k, _ in fns)
+    # The diagnostic afterwards, on its own: interleaved with ours, it would make ours' process alternate between
+    # two executables and their buffers, which no training loop does.
+    times.update(interleaved([('ours, projector grads only', proj_step)], iters=opts.iters, warmup=0,
+                             log=opts.log, back_to_back=BACK_TO_BACK))
+  t_ours, t_theirs, t_proj = (median(times[k]) for k in ('ours', 'theirs', 'ours, projector grads only'))
   if probe is not None:
     peaks = dict(peaks, xla_f32=probe.xla(peaks['xla_f32']), torch_f32=probe.torch(peaks['torch_f32']))
   speedup = ratio(t_theirs, t_ours)
@@ -322,7 +419,7 @@ def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) 
                        'FLOPs with the vocabulary projection at all positions)')
       with jax.set_mesh(s.mesh):
         row.notes.append(format_profile(profile_jax(ours_step, hlo, calls=1, flops=executed), 'ours'))
-      row.notes.append(format_profile(profile_torch(theirs_step, calls=1), 'theirs'))
+      row.notes.append(format_profile(worker.call('profile'), 'theirs'))
     except Exception as e:  # pylint: disable=broad-except
       row.notes.append(f'profile failed: {type(e).__name__}: {e}')
   section.seconds = time.perf_counter() - t_start

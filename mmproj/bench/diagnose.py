@@ -1,0 +1,216 @@
+"""Two measurements behind the analysis in BENCHMARKS.md, each one command.
+
+  python -m mmproj.bench.diagnose faults [--calls 5] [--quick]
+      Page faults and kernel time per call of a jitted forward + backward (value_and_grad of every param) of the
+      Idefics2-8B perceiver resampler (mmproj's own module, random init: no torch), once with glibc's default
+      malloc and once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages on malloc's mappings),
+      each in a fresh process pinned to the same CPUs. Every call maps its gradients and temporaries afresh
+      (~3 GB, ~760,000 faults of 4 KiB pages); huge pages cut the faults but not the time here, which is why
+      neither launch.sh nor the bench sets the variable.
+
+  python -m mmproj.bench.diagnose matmul-forms [--quick]
+      GFLOP/s of the three matmuls of a dense layer's forward + backward, at the bench's projector shapes:
+      y = x W (forward), dx = dy W^T, dW = x^T dy (contracting over the tokens), plus dW with x^T materialised
+      first (a transpose copy, then a plain matmul). XLA CPU (jax 0.10) runs the first two and the last as
+      YNNPACK fusions, and dW as an Eigen dot whose rate is what separates the matmul-bound projectors from the
+      roofline goal.
+
+  python -m mmproj.bench.diagnose train-step [--calls 4]
+      The bench's LLaVA stage-1 train step (mmproj.bench.train_step) timed three ways, each in a fresh process
+      pinned to the same CPUs: ours alone, theirs (transformers) alone, and both in one process, alternating. Why
+      the bench runs theirs in a process of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ENV_CHILD = 'MMPROJ_DIAGNOSE_CHILD'
+
+
+def _perceiver_fn(quick: bool):
+  import jax
+  import jax.numpy as jnp
+
+  from mmproj.projectors.perceiver import PerceiverResampler
+
+  d, latents, depth, heads, kv, hd, n = (32, 4, 2, 4, 2, 8, 9) if quick else (4096, 64, 3, 16, 4, 128, 729)
+  module = PerceiverResampler(in_dim=d, out_dim=d, variant='idefics2', num_latents=latents, depth=depth,
+                              num_heads=heads, num_kv_heads=kv, head_dim=hd, proj='none')
+  x = jax.random.normal(jax.random.key(0), (1, n, d), jnp.float32)
+  params = jax.jit(module.init)(jax.random.key(1), x)['params']
+
+  def loss(p, x):
+    return jnp.mean(jnp.square(module.apply({'params': p}, x)))
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  return lambda: jax.block_until_ready(step(params, x))
+
+
+def faults_child(calls: int, quick: bool) -> list[dict[str, float]]:
+  """Per call of the perceiver's forward + backward: wall, user and system seconds, minor page faults."""
+  run = _perceiver_fn(quick)
+  run()                                                         # compile + first touch
+  out = []
+  for _ in range(calls):
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    run()
+    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    out.append({'wall': t1 - t0, 'user': r1.ru_utime - r0.ru_utime, 'sys': r1.ru_stime - r0.ru_stime,
+                'minflt': r1.ru_minflt - r0.ru_minflt})
+  return out
+
+
+def faults(calls: int, quick: bool, threads: int) -> int:
+  cpus = sorted(os.sched_getaffinity(0))[:threads] if hasattr(os, 'sched_getaffinity') else None
+  print(f'perceiver forward + backward ({"tiny" if quick else "Idefics2-8B sizes, 667M params"}), {calls} calls '
+        f'after a warm-up, CPUs {cpus}; median over the calls:')
+  for label, tunables in (('glibc default (4 KiB pages)', ''), ('glibc.malloc.hugetlb=1', 'glibc.malloc.hugetlb=1')):
+    env = dict(os.environ, GLIBC_TUNABLES=tunables, **{ENV_CHILD: '1'})
+    cmd = [sys.executable, '-m', 'mmproj.bench.diagnose', 'faults', '--calls', str(calls)] + (['--quick'] * quick)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    if proc.returncode != 0:
+      print(proc.stdout + proc.stderr, file=sys.stderr)
+      return proc.returncode
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    med = {k: sorted(r[k] for r in rows)[len(rows) // 2] for k in rows[0]}
+    print(f'  {label:28s} wall {med["wall"]:.3f} s  user {med["user"]:.2f} s  sys {med["sys"]:.2f} s  '
+          f'minor faults {med["minflt"]:,.0f}')
+  return 0
+
+
+def train_step_child(which: str, calls: int, quick: bool) -> dict[str, list[float]]:
+  """Seconds per step of 'ours', 'theirs' or 'both' (alternating in this process), after one untimed step each."""
+  import gc
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from mmproj.bench import train_step as ts
+  from mmproj.convert import StateDict
+  from mmproj.convert import llava as llava_convert
+  from mmproj.train import trainer
+
+  z = ts.sizes(quick)
+  hf = ts.build_hf(z)
+  cfg_model = llava_convert.llava_model_config(hf.config.to_dict())
+  n_img = (z['image'] // z['patch']) ** 2
+  ours_batch, theirs_batch = ts.make_batch(z, n_img, cfg_model['encoder']['image_mean'],
+                                           cfg_model['encoder']['image_std'])
+  steps = {}
+  if which in ('ours', 'both'):
+    params = llava_convert.llava_params_from_hf(StateDict.of(hf), cfg_model)
+    params = jax.tree.map(lambda a: jnp.array(np.array(a, np.float32, copy=True)), params)
+    s = trainer.setup(ts.experiment_config(cfg_model, z))
+    with jax.set_mesh(s.mesh):
+      box = [jax.jit(lambda p: trainer.TrainState.create(p, s.tx.init(p)), out_shardings=s.state_sharding)(params)]
+      batch, rng, step_fn = trainer.global_batch(s, ours_batch), jax.random.key(1), trainer.make_train_step(s)
+
+    def ours():
+      with jax.set_mesh(s.mesh):
+        box[0], metrics = step_fn(box[0], batch, rng)
+        jax.block_until_ready((box[0], metrics))
+    steps['ours'] = ours
+  del hf
+  gc.collect()
+  if which in ('theirs', 'both'):
+    steps['theirs'] = ts._torch_side(z, theirs_batch, len(os.sched_getaffinity(0)))[0]  # pylint: disable=protected-access
+  times = {name: [] for name in steps}
+  for fn in steps.values():
+    fn()
+  for _ in range(calls):
+    for name, fn in steps.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def train_step(calls: int, quick: bool, threads: int) -> int:
+  cpus = sorted(os.sched_getaffinity(0))[:threads]
+  print(f'LLaVA stage-1 train step of mmproj.bench.train_step ({"tiny" if quick else "full bench sizes"}), {calls} '
+        f'timed steps per side after one untimed, CPUs {cpus}, OMP_WAIT_POLICY=PASSIVE as in the bench:')
+  for which in ('ours', 'theirs', 'both'):
+    env = dict(os.environ, **{ENV_CHILD: '1'})
+    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    env.setdefault('OMP_NUM_THREADS', str(threads))
+    cmd = [sys.executable, '-m', 'mmproj.bench.diagnose', 'train-step', '--which', which, '--calls', str(calls)]
+    proc = subprocess.run(cmd + ['--quick'] * quick, env=env, capture_output=True, text=True, check=False,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    if proc.returncode != 0:
+      print(proc.stdout + proc.stderr, file=sys.stderr)
+      return proc.returncode
+    times = json.loads(proc.stdout.strip().splitlines()[-1])
+    label = {'ours': 'ours alone', 'theirs': 'theirs alone', 'both': 'both in one process'}[which]
+    print(f'  {label:20s} ' + '; '.join(f'{name} ' + ' '.join(f'{t:.2f}' for t in ts) + ' s'
+                                       for name, ts in times.items()))
+  return 0
+
+
+def matmul_forms(quick: bool) -> list[tuple[str, str, float]]:
+  """[(shape, form, GFLOP/s best of 10)] for each dense shape (tokens T, in D, out F)."""
+  import jax
+  import jax.numpy as jnp
+
+  shapes = [(64, 32, 48)] if quick else [
+      (1152, 1024, 4096),     # llava_mlp linear_1: 2 x 576 tokens, 1024 -> 4096
+      (1152, 4096, 4096),     # llava_mlp linear_2
+      (162, 10368, 4096),     # idefics3_connector: 2 x 81 tokens after the x3 shuffle, 1152*9 -> 4096
+      (512, 5120, 5120),      # qwen2_vl_merger mlp.0: 2 x 256 merged tokens, 1280*4 -> 5120
+  ]
+  forms = {
+      'y = x W': lambda x, w, dy: x @ w,
+      'dx = dy W^T': lambda x, w, dy: dy @ w.T,
+      'dW = x^T dy': lambda x, w, dy: jnp.einsum('td,tf->df', x, dy),
+      'dW = copy(x^T) dy': lambda x, w, dy: jax.lax.optimization_barrier(x.T) @ dy,
+  }
+  out = []
+  for t, d, f in shapes:
+    x = jnp.full((t, d), 0.5, jnp.float32)
+    w = jnp.full((d, f), 0.25, jnp.float32)
+    dy = jnp.full((t, f), 0.125, jnp.float32)
+    for name, fn in forms.items():
+      jitted = jax.jit(fn)
+      jax.block_until_ready(jitted(x, w, dy))
+      best = float('inf')
+      for _ in range(2 if quick else 10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(jitted(x, w, dy))
+        best = min(best, time.perf_counter() - t0)
+      out.append((f'T={t} D={d} F={f}', name, 2 * t * d * f / best / 1e9))
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog='python -m mmproj.bench.diagnose', description=__doc__.split('\n\n')[0])
+  p.add_argument('what', choices=('faults', 'matmul-forms', 'train-step'))
+  p.add_argument('--which', choices=('ours', 'theirs', 'both'), default=None, help=argparse.SUPPRESS)
+  p.add_argument('--calls', type=int, default=5, help='timed calls (faults: default 5; train-step: 4 is plenty)')
+  p.add_argument('--quick', action='store_true', help='tiny shapes (a smoke run; numbers meaningless)')
+  p.add_argument('--threads', type=int, default=2, help='CPUs the faults children are pinned to (default 2)')
+  args = p.parse_args(argv)
+  if args.what == 'faults':
+    if os.environ.get(ENV_CHILD) == '1':
+      print(json.dumps(faults_child(args.calls, args.quick)))
+      return 0
+    return faults(args.calls, args.quick, args.threads)
+  if args.what == 'train-step':
+    if os.environ.get(ENV_CHILD) == '1':
+      print(json.dumps(train_step_child(args.which, args.calls, args.quick)))
+      return 0
+    return train_step(args.calls, args.quick, args.threads)
+  for shape, form, rate in matmul_forms(args.quick):
+    print(f'{shape:24s} {form:20s} {rate:7.1f} GFLOP/s')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
