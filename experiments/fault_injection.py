@@ -8,7 +8,9 @@ Everything after the options is the experiment (a config and its --config.* over
 `python -m mmproj.main --config=... --workdir=...`. The script first runs it uninterrupted in WORKDIR/reference,
 then runs it again in WORKDIR/faulty, killing the process --kills times; each kill picks one of
   save   the moment a checkpoint save is in flight (Orbax's temporary step directory exists)
-  step   a random moment after a random logged step
+  step   a random moment after a random logged step, once a checkpoint is complete (so that the next launch
+         resumes from one: with 'save' and 'start' both able to strike before any checkpoint exists, a run could
+         otherwise be killed three times without ever restoring)
   start  a random moment in the first seconds (start-up, restore, compile)
 and the run is restarted after every kill until it finishes. Checks (any failure: exit status 1):
   - the final params are bitwise equal to the reference run's (same device count);
@@ -111,7 +113,7 @@ def run_with_kill(cmd: list[str], workdir: str, kind: str, rng: random.Random, l
       total = _total_steps(workdir)
       if target_step is None and total is not None:
         target_step = first_logged + 1 + int(step_fraction * max(total - first_logged - 2, 0))
-      if target_step is not None and _last_logged_step(workdir) >= target_step:
+      if target_step is not None and _last_logged_step(workdir) >= target_step and complete_steps(workdir):
         fire_at = now + delay
     elif kind == 'start' and fire_at is None:
       fire_at = t0 + delay

@@ -216,8 +216,9 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
   grain.checkpoint.CheckpointSave / CheckpointRestore inside ocp.args.Composite. process_index/count default to
   jax.process_index()/process_count(); worker_count to data.worker_count (0 = batches built by threads of the
   calling process; > 0 = grain worker processes); read_threads to data.read_threads or 1 (threads building batches
-  ahead of the consumer; building a row is Python-bound, so more threads only contend for the GIL: the quickstart
-  loader made 4,980 batch rows/s with one thread, 3,260 with two and 4,000-4,500 with none, on 2 cores).
+  ahead of the consumer; building a row is Python-bound, so more threads only contend for the GIL: the bench's
+  shapes-loader row on 2 cores, `python -m mmproj.bench --only pipeline/shapes`, measured 3,140-3,610 rows/s with
+  two threads and 4,370-4,700 with one).
   data.bad_records: 'error' (default) | 'skip' (module docstring; 'skip' adds the int32 field bad_records).
   """
   if process_index is None or process_count is None:
