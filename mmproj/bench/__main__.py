@@ -110,16 +110,16 @@ def xla_thread_count() -> int:
   return n
 
 
-def _child_argv(args: argparse.Namespace) -> list[str]:
+def _child_argv(opts, step_iters: int) -> list[str]:
   """The options a child process repeats (the thread environment and pinning are inherited)."""
-  argv = ['--iters', str(args.iters), '--warmup', str(args.warmup), '--threads', str(args.threads),
-          '--step-iters', str(args.step_iters)]
-  if args.quick:
+  argv = ['--iters', str(opts.iters), '--warmup', str(opts.warmup), '--threads', str(opts.threads),
+          '--step-iters', str(step_iters)]
+  if opts.quick:
     argv.append('--quick')
-  if not args.profile:
+  if not opts.profile:
     argv.append('--no-profile')
-  if args.data_dir:
-    argv += ['--data-dir', args.data_dir]
+  if opts.data_dir:
+    argv += ['--data-dir', opts.data_dir]
   return argv
 
 
@@ -367,9 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     return child_main(opts, args.child, step_iters)
   child_argv = None
   if args.isolate or not (args.in_process or args.quick):
-    child_argv = _child_argv(argparse.Namespace(iters=opts.iters, warmup=opts.warmup, threads=threads,
-                                                step_iters=step_iters, quick=args.quick, profile=opts.profile,
-                                                data_dir=args.data_dir))
+    child_argv = _child_argv(opts, step_iters)
   result = run_all(opts, step_iters=step_iters, child_argv=child_argv)
   result['info']['isolation'] = ('each projector row and each other section in its own child process'
                                  if child_argv is not None else 'all sections in one process')

@@ -91,25 +91,14 @@ def train_step_child(which: str, calls: int, quick: bool) -> dict[str, list[floa
   import gc
 
   import jax
-  import jax.numpy as jnp
-  import numpy as np
 
   from mmproj.bench import train_step as ts
-  from mmproj.convert import StateDict
-  from mmproj.convert import llava as llava_convert
   from mmproj.train import trainer
 
   z = ts.sizes(quick)
-  hf = ts.build_hf(z)
-  cfg_model = llava_convert.llava_model_config(hf.config.to_dict())
-  n_img = (z['image'] // z['patch']) ** 2
-  ours_batch, theirs_batch = ts.make_batch(z, n_img, cfg_model['encoder']['image_mean'],
-                                           cfg_model['encoder']['image_std'])
   steps = {}
+  _, s, params, ours_batch, theirs_batch = ts.prepare(z)
   if which in ('ours', 'both'):
-    params = llava_convert.llava_params_from_hf(StateDict.of(hf), cfg_model)
-    params = jax.tree.map(lambda a: jnp.array(np.array(a, np.float32, copy=True)), params)
-    s = trainer.setup(ts.experiment_config(cfg_model, z))
     with jax.set_mesh(s.mesh):
       box = [jax.jit(lambda p: trainer.TrainState.create(p, s.tx.init(p)), out_shardings=s.state_sharding)(params)]
       batch, rng, step_fn = trainer.global_batch(s, ours_batch), jax.random.key(1), trainer.make_train_step(s)
@@ -119,7 +108,7 @@ def train_step_child(which: str, calls: int, quick: bool) -> dict[str, list[floa
         box[0], metrics = step_fn(box[0], batch, rng)
         jax.block_until_ready((box[0], metrics))
     steps['ours'] = ours
-  del hf
+  del params                                      # the step's state holds its own copy
   gc.collect()
   if which in ('theirs', 'both'):
     steps['theirs'] = ts._torch_side(z, theirs_batch, len(os.sched_getaffinity(0)))[0]  # pylint: disable=protected-access

@@ -153,6 +153,30 @@ def projector_only_step(s):
                  out_shardings=(s.state_sharding, replicated), donate_argnums=(0,))
 
 
+def prepare(z: dict[str, Any]):
+  """-> (cfg, setup, params, ours_batch, theirs_batch): ours' experiment on the weights of build_hf(z), converted;
+  the HF model itself is dropped (theirs is rebuilt from the same seed where it runs)."""
+  import jax
+  import jax.numpy as jnp
+
+  from mmproj.convert import StateDict
+  from mmproj.convert import llava as llava_convert
+  from mmproj.train import trainer
+
+  hf = build_hf(z)
+  cfg_model = llava_convert.llava_model_config(hf.config.to_dict())
+  params = llava_convert.llava_params_from_hf(StateDict.of(hf), cfg_model)
+  params = jax.tree.map(lambda a: jnp.array(np.array(a, np.float32, copy=True)), params)   # no aliasing of torch
+  del hf
+  gc.collect()
+  cfg = experiment_config(cfg_model, z)
+  s = trainer.setup(cfg)
+  ours_batch, theirs_batch = make_batch(z, s.num_image_tokens, cfg_model['encoder']['image_mean'],
+                                        cfg_model['encoder']['image_std'])
+  assert ours_batch['tokens'].shape[1] == s.seq_len, (ours_batch['tokens'].shape, s.seq_len)
+  return cfg, s, params, ours_batch, theirs_batch
+
+
 def _torch_side(z: dict[str, Any], theirs_batch: dict[str, np.ndarray], threads: int):
   """theirs, built where this runs: (train step -> loss, eval loss of the batch). Frozen tower and LM, AdamW on
   the projector."""
@@ -244,13 +268,6 @@ class TorchWorker:
 def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) -> Section:
   """Builds both sides, checks the loss, times them -> the step row and the diagnostic row. probe: samples the
   matmul peak in every timed round (mmproj.bench.PeakProbe); the roofline reads against it."""
-  import jax
-  import jax.numpy as jnp
-
-  from mmproj.convert import StateDict
-  from mmproj.convert import llava as llava_convert
-  from mmproj.train import trainer
-
   section = Section('train_step', 'Full LLaVA stage-1 train step vs transformers (f32)',
                     ['step', 'model', 'batch x L', 'loss (ours / theirs)', 'ours (s)', 'theirs (s)',
                      'ours tok/s', 'theirs tok/s', 'ratio', 'ours matmul TFLOP', 'ours GFLOP/s', 'XLA peak GFLOP/s',
@@ -260,22 +277,11 @@ def run(opts: Options, peaks: dict[str, float], probe: PeakProbe | None = None) 
     return section
   z = sizes(opts.quick)
   t_start = time.perf_counter()
-  hf = build_hf(z)
-  cfg_model = llava_convert.llava_model_config(hf.config.to_dict())
-  params = llava_convert.llava_params_from_hf(StateDict.of(hf), cfg_model)
-  params = jax.tree.map(lambda a: jnp.array(np.array(a, np.float32, copy=True)), params)   # no aliasing of torch
-  cfg = experiment_config(cfg_model, z)
-  s = trainer.setup(cfg)
+  cfg, s, params, ours_batch, theirs_batch = prepare(z)
   n_img = s.num_image_tokens
-  ours_batch, theirs_batch = make_batch(z, n_img, cfg_model['encoder']['image_mean'],
-                                        cfg_model['encoder']['image_std'])
   seq = ours_batch['tokens'].shape[1]
-  assert seq == s.seq_len, (seq, s.seq_len)
   tokens_per_step = z['batch'] * seq
-
   # theirs: in its own process (TorchWorker), built from the same seed; this process keeps only ours.
-  del hf
-  gc.collect()
   worker = TorchWorker(z, theirs_batch, opts.threads)
   try:
     return _measure(opts, peaks, probe, section, worker, z=z, cfg=cfg, s=s, params=params, ours_batch=ours_batch,
