@@ -164,7 +164,7 @@ def test_isolated_rows_run_in_child_processes(tmp_path):
   assert float(proj[0]['parity (fwd / grad)'].split(' / ')[0]) <= projectors.PARITY_RTOL
   assert {r['row'] for r in goals} == {'projectors/llava_mlp'}
   with pytest.raises(RuntimeError, match="'projectors/no_such_case' exited with status 1"):
-    bench_main.run_in_child('projectors/no_such_case', {'peaks': {}}, ['--quick'], print)
+    bench_main.run_in_child('projectors/no_such_case', {'peaks': {}}, ['--quick'])
 
 
 def test_rows_and_sections_survive_json():

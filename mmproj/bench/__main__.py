@@ -127,7 +127,7 @@ def _json_default(o: Any) -> Any:
   return o.item() if hasattr(o, 'item') else str(o)
 
 
-def run_in_child(unit: str, job: dict[str, Any], child_argv: list[str], log) -> dict[str, Any]:
+def run_in_child(unit: str, job: dict[str, Any], child_argv: list[str]) -> dict[str, Any]:
   """Runs one unit ('projectors/<case>', 'train_step' or 'pipeline') in a fresh `python -m mmproj.bench --child`
   process and returns what it wrote: {'row': ...} or {'section': ...}. A child that dies (killed for memory, a
   crash) raises RuntimeError naming the unit and its exit status."""
@@ -204,7 +204,7 @@ def run_all(opts, *, step_iters: int, child_argv: list[str] | None = None) -> di
     opts.log('== projectors')
     start = time.perf_counter()
     def row_in_child(name):
-      return bench.Row.from_json(run_in_child(f'projectors/{name}', {'peaks': peaks}, child_argv, opts.log)['row'])
+      return bench.Row.from_json(run_in_child(f'projectors/{name}', {'peaks': peaks}, child_argv)['row'])
     sec = projectors.run(opts, peaks, probe, run_row=row_in_child if child_argv is not None else None)
     sec.seconds = time.perf_counter() - start
     opts.log(f'  projectors: {sec.seconds:.0f} s')
@@ -216,7 +216,7 @@ def run_all(opts, *, step_iters: int, child_argv: list[str] | None = None) -> di
     from mmproj.bench import train_step
     opts.log('== train step')
     if child_argv is not None:
-      sec = bench.Section.from_json(run_in_child('train_step', {'peaks': peaks}, child_argv, opts.log)['section'])
+      sec = bench.Section.from_json(run_in_child('train_step', {'peaks': peaks}, child_argv)['section'])
     else:
       sec = train_step.run(dataclasses.replace(opts, iters=step_iters), peaks, probe)
     opts.log(f'  train step: {sec.seconds:.0f} s')
@@ -233,7 +233,7 @@ def run_all(opts, *, step_iters: int, child_argv: list[str] | None = None) -> di
     opts.log('== pipeline')
     if child_argv is not None:
       job = {'peaks': peaks, 'consumers': step_rate}
-      sec = bench.Section.from_json(run_in_child('pipeline', job, child_argv, opts.log)['section'])
+      sec = bench.Section.from_json(run_in_child('pipeline', job, child_argv)['section'])
     else:
       sec = pipeline.run(opts, peaks, step_rate)
     opts.log(f'  pipeline: {sec.seconds:.0f} s')

@@ -16,9 +16,9 @@ the HF model is deleted once converted, so that neither framework's heap, page s
 other's way, as in real use (`python -m mmproj.bench.diagnose train-step` times ours alone, theirs alone, and
 both in one process).
 Before timing, both compute the loss of the same batch from the same weights; it must agree to LOSS_RTOL.
-Timing interleaves ours / theirs (and the diagnostic below), two back-to-back steps per side and round with the
-second timed: a training loop's steady state (the first step, right after the other framework's, runs with its
-memory and caches; its times are reported too), warm-up excluded, median; tokens/s = B * L / time.
+Timing interleaves ours / theirs (the diagnostic below is timed after them), two back-to-back steps per side and
+round with the second timed: a training loop's steady state (the first step, right after the other framework's,
+runs with its memory and caches; its times are reported too), warm-up excluded, median; tokens/s = B * L / time.
 
 Diagnostic row 'ours, projector grads only': the same model, loss and optimizer, but value_and_grad taken w.r.t.
 the projector's params only (zero gradients for the frozen rest, which the optimizer drops anyway): the least work
