@@ -46,6 +46,19 @@ setup() {  # $1: pip extras ('' or '[test]')
 
 die() { echo "launch.sh${MODE:+ $MODE}: $*" >&2; exit 2; }
 
+# On a CPU host glibc keeps freed memory for reuse instead of unmapping it, so that XLA's per-call temporaries stop
+# costing page faults on every step (why, with figures: mmproj/host_malloc.py, whose REUSE this must equal). Not on
+# GPU/TPU hosts, nor when GLIBC_TUNABLES is already set (set it empty for glibc's defaults).
+MALLOC_REUSE=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+cpu_malloc() {
+  [ -z "${GLIBC_TUNABLES+set}" ] || return 0
+  if compgen -G '/dev/nvidia[0-9]*' >/dev/null || compgen -G '/dev/accel[0-9]*' >/dev/null \
+     || compgen -G '/dev/vfio/[0-9]*' >/dev/null; then
+    return 0
+  fi
+  export GLIBC_TUNABLES=$MALLOC_REUSE
+}
+
 check_config() {  # $1: CONFIG[:ARG]
   case "$1" in
     -*|'') die "the first argument must be a config file (got ${1:-nothing}); see README.md";;
@@ -184,6 +197,7 @@ case "${1:-}" in
         ENVS+=(TF_CPP_MIN_LOG_LEVEL=3)
         if [ "$DRY_RUN" = 1 ]; then quote "${ENVS[@]}" "$VENV/bin/python" "${RUN[@]}"; echo; exit 0; fi
         setup ""
+        cpu_malloc
         exec env "${ENVS[@]}" "$VENV/bin/python" "${RUN[@]}"
         ;;
 
@@ -206,6 +220,7 @@ case "${1:-}" in
           die "needs bash >= 4.3 (wait -n); this is bash $BASH_VERSION"
         fi
         setup ""
+        [ -n "${GLIBC_TUNABLES+set}" ] || export GLIBC_TUNABLES=$MALLOC_REUSE   # JAX_PLATFORMS=cpu: a CPU run
         PIDS=()
         for ((i = 0; i < NUM_PROCESSES; i++)); do
           env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count="$DEVICES_PER_PROCESS" \
@@ -235,4 +250,5 @@ CONFIG=${1:-configs/quickstart.py}
 check_config "$CONFIG"
 with_workdir "$CONFIG" "$@"
 export TF_CPP_MIN_LOG_LEVEL=3
+cpu_malloc
 exec "$VENV/bin/python" -m mmproj.main --config "$CONFIG" "${ARGS[@]}"

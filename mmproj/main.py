@@ -28,7 +28,7 @@ def main(argv):
   import jax
   import tensorflow_datasets as tfds
 
-  from mmproj import experiment
+  from mmproj import experiment, host_malloc
 
   tfds.disable_progress_bar()
 
@@ -38,6 +38,9 @@ def main(argv):
     shown = workdir if '://' in workdir else os.path.abspath(workdir)
     print(f'workdir: {shown}' + (f' ({jax.process_count()} processes, {jax.device_count()} devices)'
                                   if jax.process_count() > 1 else ''), flush=True)
+    if jax.default_backend() == 'cpu' and host_malloc.ENV not in os.environ:
+      print(f'note: {host_malloc.ENV} is unset; ./launch.sh sets {host_malloc.ENV}={host_malloc.REUSE} on CPU '
+            'hosts (freed memory reused instead of unmapped: faster XLA CPU steps; mmproj/host_malloc.py)', flush=True)
   experiment.run(cfg, workdir)
 
 

@@ -9,6 +9,11 @@ otherwise spin after every parallel region, which on a shared machine starves XL
 runs and makes even tiny torch ops wait tens of ms for their own spinning peers (measured: 44 ms vs 0.08 ms for a
 64 x 64 matmul + backward on the 2-core development machine).
 
+Memory. The re-exec also sets GLIBC_TUNABLES to mmproj.host_malloc.REUSE unless it is set (empty: glibc's defaults),
+as launch.sh does for every run on a CPU host: freed memory is reused instead of unmapped, so XLA's per-call
+temporaries stop costing hundreds of thousands of page faults per call (mmproj/host_malloc.py). transformers' process
+runs under the same setting (it inherits the environment).
+
 Isolation. Unless --in-process (or --quick), every projector row, the train-step section and the pipeline section
 each run in a fresh child process (`--child`, same pinning and environment) that hands its rows back as JSON: a row
 that allocates gigabytes per call (the perceiver, the train step) then runs on a fresh heap instead of after
@@ -32,6 +37,8 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+from mmproj import host_malloc
 
 ENV_PINNED = 'MMPROJ_BENCH_PINNED'
 ANALYSIS_BEGIN, ANALYSIS_END = '<!-- analysis -->', '<!-- /analysis -->'
@@ -68,6 +75,7 @@ def pin_and_reexec(argv: list[str], threads: int, quick: bool = False) -> None:
   env = dict(os.environ)
   env[ENV_PINNED] = '1'
   env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+  host_malloc.with_reuse(env)
   for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
     env.setdefault(var, str(threads))
   if quick and 'xla_backend_optimization_level' not in env.get('XLA_FLAGS', ''):
@@ -274,8 +282,8 @@ def render(result: dict[str, Any], argv: list[str], opts, analysis: str | None) 
           f'XLA sizes its pools from that mask: {info["xla_threads"]} XLAEigen threads seen); '
           f'torch.set_num_threads({info["threads"]}), OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS", "unset")}, '
           f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")}, '
-          f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "unset")} (transparent huge pages: '
-          f'{info.get("thp", "unknown")}); why: mmproj/bench/__main__.py; XLA_FLAGS='
+          f'{host_malloc.describe()} (transparent huge pages: {info.get("thp", "unknown")}); why: '
+          f'mmproj/bench/__main__.py; XLA_FLAGS='
           f'`{info["xla_flags"] or "(none)"}` (XLA CPU defaults: multi-threaded Eigen/YNNPACK kernels on that pool)',
           f'- processes: {info.get("isolation", "all sections in one process")} (why: mmproj/bench/__main__.py)',
           f'- measured at the start of the run: XLA f32 matmul {peaks["xla_f32"] / 1e9:.1f} GFLOP/s, PyTorch '

@@ -1,12 +1,12 @@
-"""Two measurements behind the analysis in BENCHMARKS.md, each one command.
+"""Measurements behind the analysis in BENCHMARKS.md, each one command.
 
   python -m mmproj.bench.diagnose faults [--calls 5] [--quick]
       Page faults and kernel time per call of a jitted forward + backward (value_and_grad of every param) of the
-      Idefics2-8B perceiver resampler (mmproj's own module, random init: no torch), once with glibc's default
-      malloc and once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages on malloc's mappings),
-      each in a fresh process pinned to the same CPUs. Every call maps its gradients and temporaries afresh
-      (~3 GB, ~760,000 faults of 4 KiB pages); huge pages cut the faults but not the time here, which is why
-      neither launch.sh nor the bench sets the variable.
+      Idefics2-8B perceiver resampler (mmproj's own module, random init: no torch) under three malloc settings,
+      each in a fresh process pinned to the same CPUs: glibc's defaults (every call maps its gradients and
+      temporaries afresh: ~3 GB, ~760,000 faults of 4 KiB pages), GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (huge
+      pages on those mappings: fewer faults, no faster here), and mmproj.host_malloc.REUSE (freed memory reused:
+      no faults after the first call), the setting launch.sh and the bench use.
 
   python -m mmproj.bench.diagnose matmul-forms [--quick]
       GFLOP/s of the three matmuls of a dense layer's forward + backward, at the bench's projector shapes:
@@ -18,7 +18,9 @@
   python -m mmproj.bench.diagnose train-step [--calls 4]
       The bench's LLaVA stage-1 train step (mmproj.bench.train_step) timed three ways, each in a fresh process
       pinned to the same CPUs: ours alone, theirs (transformers) alone, and both in one process, alternating. Why
-      the bench runs theirs in a process of its own.
+      the bench runs theirs in a process of its own. The children run under the bench's malloc setting
+      (mmproj.host_malloc.REUSE) unless GLIBC_TUNABLES is set: `GLIBC_TUNABLES= python -m mmproj.bench.diagnose
+      train-step` times the same steps with glibc's defaults.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import resource
 import subprocess
 import sys
 import time
+
+from mmproj import host_malloc
 
 ENV_CHILD = 'MMPROJ_DIAGNOSE_CHILD'
 
@@ -71,7 +75,9 @@ def faults(calls: int, quick: bool, threads: int) -> int:
   cpus = sorted(os.sched_getaffinity(0))[:threads] if hasattr(os, 'sched_getaffinity') else None
   print(f'perceiver forward + backward ({"tiny" if quick else "Idefics2-8B sizes, 667M params"}), {calls} calls '
         f'after a warm-up, CPUs {cpus}; median over the calls:')
-  for label, tunables in (('glibc default (4 KiB pages)', ''), ('glibc.malloc.hugetlb=1', 'glibc.malloc.hugetlb=1')):
+  settings = (('glibc defaults', ''), ('glibc.malloc.hugetlb=1', 'glibc.malloc.hugetlb=1'),
+              ('host_malloc.REUSE', host_malloc.REUSE))
+  for label, tunables in settings:
     env = dict(os.environ, GLIBC_TUNABLES=tunables, **{ENV_CHILD: '1'})
     cmd = [sys.executable, '-m', 'mmproj.bench.diagnose', 'faults', '--calls', str(calls)] + (['--quick'] * quick)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
@@ -81,7 +87,7 @@ def faults(calls: int, quick: bool, threads: int) -> int:
       return proc.returncode
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     med = {k: sorted(r[k] for r in rows)[len(rows) // 2] for k in rows[0]}
-    print(f'  {label:28s} wall {med["wall"]:.3f} s  user {med["user"]:.2f} s  sys {med["sys"]:.2f} s  '
+    print(f'  {label:24s} wall {med["wall"]:.3f} s  user {med["user"]:.2f} s  sys {med["sys"]:.2f} s  '
           f'minor faults {med["minflt"]:,.0f}')
   return 0
 
@@ -126,9 +132,10 @@ def train_step_child(which: str, calls: int, quick: bool) -> dict[str, list[floa
 def train_step(calls: int, quick: bool, threads: int) -> int:
   cpus = sorted(os.sched_getaffinity(0))[:threads]
   print(f'LLaVA stage-1 train step of mmproj.bench.train_step ({"tiny" if quick else "full bench sizes"}), {calls} '
-        f'timed steps per side after one untimed, CPUs {cpus}, OMP_WAIT_POLICY=PASSIVE as in the bench:')
+        f'timed steps per side after one untimed, CPUs {cpus}, OMP_WAIT_POLICY=PASSIVE as in the bench, '
+        f'{host_malloc.describe(host_malloc.with_reuse(dict(os.environ)))}:')
   for which in ('ours', 'theirs', 'both'):
-    env = dict(os.environ, **{ENV_CHILD: '1'})
+    env = host_malloc.with_reuse(dict(os.environ, **{ENV_CHILD: '1'}))
     env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     env.setdefault('OMP_NUM_THREADS', str(threads))
     cmd = [sys.executable, '-m', 'mmproj.bench.diagnose', 'train-step', '--which', which, '--calls', str(calls)]
