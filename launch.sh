@@ -50,10 +50,10 @@ die() { echo "launch.sh${MODE:+ $MODE}: $*" >&2; exit 2; }
 # costing page faults on every step (why, with figures: mmproj/host_malloc.py, whose REUSE this must equal). Not on
 # GPU/TPU hosts, nor when GLIBC_TUNABLES is already set (set it empty for glibc's defaults).
 MALLOC_REUSE=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
-cpu_malloc() {
+cpu_malloc() {  # $1 = cpu: the run is on the CPU whatever devices the host has (local-multiprocess)
   [ -z "${GLIBC_TUNABLES+set}" ] || return 0
-  if compgen -G '/dev/nvidia[0-9]*' >/dev/null || compgen -G '/dev/accel[0-9]*' >/dev/null \
-     || compgen -G '/dev/vfio/[0-9]*' >/dev/null; then
+  if [ "${1:-}" != cpu ] && { compgen -G '/dev/nvidia[0-9]*' || compgen -G '/dev/accel[0-9]*' \
+                               || compgen -G '/dev/vfio/[0-9]*'; } >/dev/null; then
     return 0
   fi
   export GLIBC_TUNABLES=$MALLOC_REUSE
@@ -220,7 +220,7 @@ case "${1:-}" in
           die "needs bash >= 4.3 (wait -n); this is bash $BASH_VERSION"
         fi
         setup ""
-        [ -n "${GLIBC_TUNABLES+set}" ] || export GLIBC_TUNABLES=$MALLOC_REUSE   # JAX_PLATFORMS=cpu: a CPU run
+        cpu_malloc cpu   # JAX_PLATFORMS=cpu
         PIDS=()
         for ((i = 0; i < NUM_PROCESSES; i++)); do
           env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count="$DEVICES_PER_PROCESS" \
