@@ -12,8 +12,14 @@
       GFLOP/s of the three matmuls of a dense layer's forward + backward, at the bench's projector shapes:
       y = x W (forward), dx = dy W^T, dW = x^T dy (contracting over the tokens), plus dW with x^T materialised
       first (a transpose copy, then a plain matmul). XLA CPU (jax 0.10) runs the first two and the last as
-      YNNPACK fusions, and dW as an Eigen dot whose rate is what separates the matmul-bound projectors from the
-      roofline goal.
+      YNNPACK fusions, and dW as a slower Eigen dot; mmproj's dense layers take the last form
+      (mmproj/layers/matmul.py).
+
+  python -m mmproj.bench.diagnose matmul-tokens [--quick]
+      Time of y = x W at the Idefics3 connector's weight (10368 x 4096, 170 MB) against the token rows T of x, and
+      the least-squares line time = a + b T: a is the part of every call that does not depend on T (the kernel
+      preparing the weight), b the time per token row. At the bench's T = 162 the fixed part is what keeps that
+      row's forward and input-gradient matmuls below the 1024^3 peak.
 
   python -m mmproj.bench.diagnose train-step [--calls 4]
       The bench's LLaVA stage-1 train step (mmproj.bench.train_step) timed three ways, each in a fresh process
@@ -185,9 +191,33 @@ def matmul_forms(quick: bool) -> list[tuple[str, str, float]]:
   return out
 
 
+def matmul_tokens(quick: bool) -> tuple[list[tuple[int, float, float]], float, float, float]:
+  """([(T, seconds best of 8, GFLOP/s)], a, b, 2 D F / b / 1e9) for y = x W, x [T, D], W [D, F] at the Idefics3
+  connector's D, F, with time ~ a + b T fitted by least squares."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  d, f, rows = (256, 128, (8, 16, 32)) if quick else (10368, 4096, (64, 128, 162, 256, 384, 512))
+  w = jnp.full((d, f), 0.01, jnp.float32)
+  matmul = jax.jit(lambda x, w: x @ w)
+  out = []
+  for t in rows:
+    x = jnp.full((t, d), 0.5, jnp.float32)
+    jax.block_until_ready(matmul(x, w))
+    best = float('inf')
+    for _ in range(2 if quick else 8):
+      t0 = time.perf_counter()
+      jax.block_until_ready(matmul(x, w))
+      best = min(best, time.perf_counter() - t0)
+    out.append((t, best, 2 * t * d * f / best / 1e9))
+  slope, intercept = np.polyfit([r[0] for r in out], [r[1] for r in out], 1)
+  return out, float(intercept), float(slope), 2 * d * f / float(slope) / 1e9
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog='python -m mmproj.bench.diagnose', description=__doc__.split('\n\n')[0])
-  p.add_argument('what', choices=('faults', 'matmul-forms', 'train-step'))
+  p.add_argument('what', choices=('faults', 'matmul-forms', 'matmul-tokens', 'train-step'))
   p.add_argument('--which', choices=('ours', 'theirs', 'both'), default=None, help=argparse.SUPPRESS)
   p.add_argument('--calls', type=int, default=5, help='timed calls (faults: default 5; train-step: 4 is plenty)')
   p.add_argument('--quick', action='store_true', help='tiny shapes (a smoke run; numbers meaningless)')
@@ -203,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
       print(json.dumps(train_step_child(args.which, args.calls, args.quick)))
       return 0
     return train_step(args.calls, args.quick, args.threads)
+  if args.what == 'matmul-tokens':
+    rows, fixed, per_row, row_rate = matmul_tokens(args.quick)
+    for t, sec, rate in rows:
+      print(f'T={t:<5d} {sec * 1e3:7.1f} ms {rate:7.1f} GFLOP/s')
+    print(f'fit: {fixed * 1e3:.1f} ms per call + {per_row * 1e3:.3f} ms per token row (the rows alone at '
+          f'{row_rate:.0f} GFLOP/s)')
+    return 0
   for shape, form, rate in matmul_forms(args.quick):
     print(f'{shape:24s} {form:20s} {rate:7.1f} GFLOP/s')
   return 0
