@@ -93,6 +93,42 @@ def test_records_deterministic_and_independent_of_build(world, tmp_path):
   assert shapes.config_from(cfg).name != shapes.config_from(other).name
 
 
+def test_parsed_source_equals_tfds_decoder_on_every_record(world):
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.proto import tf_example_pb2
+
+  cfg, _, _ = world
+  for split in ('train', 'test'):
+    ours = shapes.data_source(cfg, split)
+    assert isinstance(ours, shapes.ParsedSource)
+    theirs = tfds.data_source(shapes.ShapesWorld.name, split=split, data_dir=cfg.data_dir, download=False,
+                              builder_kwargs={'config': shapes.config_from(cfg), 'file_format': 'array_record'})
+    assert len(ours) == len(theirs) == (NUM_TRAIN if split == 'train' else NUM_TEST)
+    for i in range(len(ours)):
+      a, b = ours[i], theirs[i]
+      assert a.keys() == b.keys()
+      for k in a:
+        if isinstance(b[k], np.ndarray):
+          assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and a[k].flags.writeable, (split, i, k)
+          np.testing.assert_array_equal(a[k], b[k])
+        else:
+          assert type(a[k]) is type(b[k]) and a[k] == b[k], (split, i, k)
+
+  # Faults surface as exceptions naming what is wrong, for the loader's data.bad_records handling.
+  raw = shapes.data_source(cfg, 'test')._raw
+  ex = tf_example_pb2.Example.FromString(raw[0])
+  ex.features.feature['image'].bytes_list.value[0] = b'\0' * 10
+  no_caption = tf_example_pb2.Example.FromString(raw[0])
+  del no_caption.features.feature['caption']
+  bad = shapes.ParsedSource([ex.SerializeToString(), no_caption.SerializeToString(), raw[0][:40]], 48)
+  with pytest.raises(ValueError, match=r"field 'image': 10 bytes, expected \(48, 48, 3\) uint8"):
+    bad[0]
+  with pytest.raises(KeyError, match='caption'):
+    bad[1]
+  with pytest.raises(Exception, match='DecodeError|[Ee]rror parsing'):
+    bad[2]
+
+
 def _expected_answer(family, question, o, grid):
   """Recomputes an answer from the object annotations alone (independently of the generator)."""
   desc = list(zip([shapes.COLORS[c] for c in o['color']], [shapes.SHAPES[s] for s in o['shape']]))

@@ -63,11 +63,15 @@ def _encode_cached(tok: tokenizers.Tokenizer, text: str) -> tuple[int, ...]:
   return tuple(tokenizer_lib.encode(tok, text))
 
 
-def _encode(tok: tokenizers.Tokenizer, text: str, where: str) -> list[int]:
+def _encode_cached_where(tok: tokenizers.Tokenizer, text: str, where: str) -> tuple[int, ...]:
   try:
-    return list(_encode_cached(tok, text))
+    return _encode_cached(tok, text)
   except ValueError as e:
     raise ValueError(f'{where}: {e}') from None
+
+
+def _encode(tok: tokenizers.Tokenizer, text: str, where: str) -> list[int]:
+  return list(_encode_cached_where(tok, text, where))
 
 
 def _check_len(n_text: int, text_len: int, where: str) -> None:
@@ -99,32 +103,39 @@ def conversation_row(tok: tokenizers.Tokenizer, turns: Sequence[tuple[str, str, 
   Otherwise later turns see earlier ones, as in a LLaVA conversation. `where` names the record and field in
   errors (over-long text, unknown words).
   """
-  ids = [tokenizer_lib.BOS_ID] + [tokenizer_lib.IMAGE_ID] * num_image_tokens
-  answer_targets = []  # (first, last) positions whose targets are one turn's answer + <eos>
-  for question, answer, where in turns:
-    q, a = _encode(tok, question, where), _encode(tok, answer, where)
-    _check_len(len(ids) - num_image_tokens + len(q) + len(a) + 2, text_len, where)
-    sep = len(ids) + len(q)  # index of <sep>; its target is the first answer token
-    ids += q + [tokenizer_lib.SEP_ID] + a + [tokenizer_lib.EOS_ID]
-    answer_targets.append((sep, len(ids) - 1))
-  seq_len = num_image_tokens + text_len
-  tokens = np.full(seq_len, tokenizer_lib.PAD_ID, np.int32)  # [L]
-  tokens[:len(ids)] = ids
-  input_mask = (np.arange(seq_len) < len(ids)).astype(np.int32)  # [L]
-  targets = np.append(tokens[1:], tokenizer_lib.PAD_ID).astype(np.int32)  # [L] next token
-  loss_mask = np.zeros(seq_len, np.float32)  # [L]
-  segment_ids = np.zeros(seq_len, np.int32)  # [L]
-  positions = _positions(input_mask)  # [L]
+  # Built as Python lists and converted once: a row is ~100 tokens, where numpy's per-call cost dominates (this
+  # function was the loader's largest self time in the pipeline benchmark's profile).
   prefix = 1 + num_image_tokens
-  turn_start = prefix
-  for k, (first, end) in enumerate(answer_targets, start=1):
-    loss_mask[first:end] = 1.0
-    segment_ids[turn_start:end + 1] = k
-    if isolate_turns:
-      positions[turn_start:end + 1] = prefix + np.arange(end + 1 - turn_start)
-    turn_start = end + 1
-  return dict(tokens=tokens, positions=positions, input_mask=input_mask, targets=targets, loss_mask=loss_mask,
-              segment_ids=segment_ids)
+  ids = [tokenizer_lib.BOS_ID] + [tokenizer_lib.IMAGE_ID] * num_image_tokens
+  loss_mask = [0.0] * prefix      # 1 where the target (the next token) is an answer token or its turn's <eos>
+  segment_ids = [0] * prefix
+  turn_positions = []             # with isolate_turns: positions restart after the image in every turn
+  for k, (question, answer, where) in enumerate(turns, start=1):
+    q, a = _encode_cached_where(tok, question, where), _encode_cached_where(tok, answer, where)
+    _check_len(len(ids) - num_image_tokens + len(q) + len(a) + 2, text_len, where)
+    n = len(q) + len(a) + 2
+    ids += q
+    ids.append(tokenizer_lib.SEP_ID)   # its target is the first answer token
+    ids += a
+    ids.append(tokenizer_lib.EOS_ID)
+    loss_mask += [0.0] * len(q) + [1.0] * (len(a) + 1) + [0.0]
+    segment_ids += [k] * n
+    turn_positions.append(n)
+  seq_len = num_image_tokens + text_len
+  pad = seq_len - len(ids)
+  tokens = ids + [tokenizer_lib.PAD_ID] * pad                                   # [L]
+  if isolate_turns:
+    positions = list(range(prefix))
+    for n in turn_positions:
+      positions += range(prefix, prefix + n)
+  else:
+    positions = list(range(len(ids)))
+  positions += [max(len(ids) - 1, 0)] * pad                                    # padding: the last real position
+  return dict(tokens=np.array(tokens, np.int32), positions=np.array(positions, np.int32),
+              input_mask=np.array([1] * len(ids) + [0] * pad, np.int32),
+              targets=np.array(tokens[1:] + [tokenizer_lib.PAD_ID], np.int32),
+              loss_mask=np.array(loss_mask + [0.0] * pad, np.float32),
+              segment_ids=np.array(segment_ids + [0] * pad, np.int32))
 
 
 def _turn_length(tok: tokenizers.Tokenizer, question: str, answer: str) -> int:
@@ -183,15 +194,19 @@ class SampleText(grain.transforms.RandomMap):
     chosen = []
     if not families or rng.random() < self.caption_prob:
       chosen.append((shapes.CAPTION_QUESTION, _txt(element['caption']), where + "'caption'"))
-    remaining = list(range(len(families)))
+    pairs_of = {}                                   # family -> indices of its pairs not drawn yet, ascending
+    for j, family in enumerate(families):
+      pairs_of.setdefault(family, []).append(j)
+    present = sorted(pairs_of, key=shapes.FAMILIES.index)
     budget = self.text_len - 1 - sum(_turn_length(self.tok, q, a) for q, a, _ in chosen)  # - <bos>
-    while remaining and len(chosen) < self.turns:
-      present = sorted({families[j] for j in remaining}, key=shapes.FAMILIES.index)
+    questions, answers = element['questions'], element['answers']
+    while present and len(chosen) < self.turns:
       family = present[rng.integers(len(present))]
-      choices = [j for j in remaining if families[j] == family]
-      j = choices[rng.integers(len(choices))]
-      remaining.remove(j)
-      question, answer = _txt(element['questions'][j]), _txt(element['answers'][j])
+      choices = pairs_of[family]
+      j = choices.pop(rng.integers(len(choices)))
+      if not choices:
+        present.remove(family)
+      question, answer = _txt(questions[j]), _txt(answers[j])
       cost = _turn_length(self.tok, question, answer)
       if chosen and cost > budget:
         break
@@ -216,9 +231,9 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
   grain.checkpoint.CheckpointSave / CheckpointRestore inside ocp.args.Composite. process_index/count default to
   jax.process_index()/process_count(); worker_count to data.worker_count (0 = batches built by threads of the
   calling process; > 0 = grain worker processes); read_threads to data.read_threads or 1 (threads building batches
-  ahead of the consumer; building a row is Python-bound, so more threads only contend for the GIL: the bench's
-  shapes-loader row on 2 cores, `python -m mmproj.bench --only pipeline/shapes`, measured 3,140-3,610 rows/s with
-  two threads and 4,370-4,700 with one).
+  ahead of the consumer; building a row is Python-bound, so more threads only contend for the GIL: the quickstart
+  data's loader alone on 2 cores (mmproj.bench.pipeline.loader_rate, 2026-11-22) made 7,920-8,310 rows/s with one
+  thread and 5,410-5,480 with two).
   data.bad_records: 'error' (default) | 'skip' (module docstring; 'skip' adds the int32 field bad_records).
   """
   if process_index is None or process_count is None:
