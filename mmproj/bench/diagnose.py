@@ -166,6 +166,7 @@ def matmul_forms(quick: bool) -> list[tuple[str, str, float]]:
       (1152, 1024, 4096),     # llava_mlp linear_1: 2 x 576 tokens, 1024 -> 4096
       (1152, 4096, 4096),     # llava_mlp linear_2
       (162, 10368, 4096),     # idefics3_connector: 2 x 81 tokens after the x3 shuffle, 1152*9 -> 4096
+      (1053, 10368, 4096),    # the same for 13 tiles (one 4:3 image as Idefics3's processor splits it)
       (512, 5120, 5120),      # qwen2_vl_merger mlp.0: 2 x 256 merged tokens, 1280*4 -> 5120
   ]
   forms = {

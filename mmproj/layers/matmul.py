@@ -14,6 +14,8 @@ whose weight term is written with that copy, so that reverse mode transposes it 
 On CPU, T(x) is the transpose inside a lax.cond: XLA does not fuse across a conditional, so x is the materialised
 array its other consumers read and the transpose is a layout copy; both branches are the same transpose, so the
 predicate (read from x) never changes the result. On other backends T(x) is x^T and the compiler picks the layout.
+Measured (`diagnose matmul-forms`, BENCHMARKS.md): faster at every bench shape (e.g. 445 vs 368 GFLOP/s for
+llava_mlp's first layer); slower at one measured shape, T = 1053 rows into D = 10368 (365 vs 405).
 A JVP rule (not a VJP) keeps the dots plain dot_general primitives, so remat policies ('dots') and the traced FLOP
 counts (mmproj.train.flops) see what they see without it, and a frozen weight (no tangent) costs no copy.
 """
