@@ -18,10 +18,10 @@ _CHILD = r'''
 import json, resource, jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.tanh(x @ x.T + 1.0) @ x)        # [2048, 4096] -> temporaries of 16-64 MB each
 x = jnp.full((2048, 4096), 0.01, jnp.float32)
-for _ in range(3):
+for _ in range(5):
   jax.block_until_ready(f(x))
 faults = []
-for _ in range(3):
+for _ in range(6):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   jax.block_until_ready(f(x))
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -42,7 +42,8 @@ def test_reuse_setting_stops_per_call_page_faults():
   default = _faults_per_call('')
   reuse = _faults_per_call(host_malloc.REUSE)
   # glibc's defaults map every large temporary afresh (~8,000 4 KiB pages per call here); REUSE serves the same
-  # calls from pages the process already has.
+  # calls from pages the process already has. The least of several calls: under load (CI's other test worker),
+  # a REUSE call now and then still touches a fresh 16-32 MB block (4,096-8,192 faults).
   assert default > 2_000, default
   assert reuse < default / 20, (reuse, default)
 

@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tokenizers
 from etils import epath
+from tensorflow_datasets.proto import tf_example_pb2  # TFDS's copy of the proto: no TensorFlow needed
 
 from mmproj.data import tokenizer as tokenizer_lib
 
@@ -444,9 +445,8 @@ class ParsedSource:
   agree on every record of a built split."""
 
   def __init__(self, raw: Any, image_size: int):
-    from tensorflow_datasets.proto import tf_example_pb2   # TFDS's copy of the proto: no TensorFlow needed
+    # Holds only picklable state (grain's worker processes pickle the dataset): the raw source and the shape.
     self._raw, self._image_shape = raw, (image_size, image_size, 3)
-    self._parse = tf_example_pb2.Example.FromString
 
   def __len__(self) -> int:
     return len(self._raw)
@@ -455,7 +455,7 @@ class ParsedSource:
     return f'ParsedSource({self._raw!r})'
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    fields = self._parse(self._raw[index]).features.feature
+    fields = tf_example_pb2.Example.FromString(self._raw[index]).features.feature
 
     def values(key: str, kind: str):
       if key not in fields:                 # (indexing a proto map would insert an empty entry)
