@@ -82,28 +82,21 @@ def test_dense_layer_uses_it_under_remat_and_scan():
   assert layer.dot_general is dense_dot_general
 
   class Stack(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      def body(block, h, _):
-        return jnp.tanh(block(h)), None
-      scanned = nn.scan(nn.remat(body), variable_axes={'params': 0}, split_rngs={'params': True}, length=3)
-      h, _ = scanned(nn.Dense(8, name='a', dot_general=dense_dot_general), x, None)
-      return h
+    dot_general: object = None           # None: nn.Dense's own (lax.dot_general)
 
-  class PlainStack(nn.Module):
     @nn.compact
     def __call__(self, x):
       def body(block, h, _):
         return jnp.tanh(block(h)), None
       scanned = nn.scan(nn.remat(body), variable_axes={'params': 0}, split_rngs={'params': True}, length=3)
-      h, _ = scanned(nn.Dense(8, name='a'), x, None)
+      h, _ = scanned(nn.Dense(8, name='a', dot_general=self.dot_general), x, None)
       return h
 
   x = jax.random.normal(jax.random.key(1), (2, 5, 8))
-  params = Stack().init(jax.random.key(2), x)
+  params = Stack(dense_dot_general).init(jax.random.key(2), x)
 
   def grads(module):
     return jax.jit(jax.grad(lambda p, x: jnp.sum(module.apply(p, x) ** 2), argnums=(0, 1)))(params, x)
 
-  for a, b in zip(jax.tree.leaves(grads(Stack())), jax.tree.leaves(grads(PlainStack()))):
+  for a, b in zip(jax.tree.leaves(grads(Stack(dense_dot_general))), jax.tree.leaves(grads(Stack()))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
