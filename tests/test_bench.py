@@ -181,8 +181,8 @@ def test_diagnose_commands_measure_on_tiny_shapes():
   forms = diagnose.matmul_forms(quick=True)
   assert {form for _, form, _ in forms} == {'y = x W', 'dx = dy W^T', 'dW = x^T dy', 'dW = copy(x^T) dy'}
   assert all(rate > 0 and math.isfinite(rate) for _, _, rate in forms)
-  rows, fixed, per_row, row_rate = diagnose.matmul_tokens(quick=True)
+  rows, fixed, per_row, row_rate, read = diagnose.matmul_tokens(quick=True)
   assert [t for t, _, _ in rows] == [8, 16, 32] and all(sec > 0 and rate > 0 for _, sec, rate in rows)
-  assert all(map(math.isfinite, (fixed, per_row, row_rate)))     # tiny shapes: the fit's sign is noise
+  assert all(map(math.isfinite, (fixed, per_row, row_rate))) and read > 0   # tiny shapes: the fit's sign is noise
   calls = diagnose.faults_child(2, quick=True)
   assert len(calls) == 2 and all(c['wall'] > 0 and c['minflt'] >= 0 for c in calls)

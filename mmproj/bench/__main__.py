@@ -282,7 +282,7 @@ def render(result: dict[str, Any], argv: list[str], opts, analysis: str | None) 
           f'XLA sizes its pools from that mask: {info["xla_threads"]} XLAEigen threads seen); '
           f'torch.set_num_threads({info["threads"]}), OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS", "unset")}, '
           f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")}, '
-          f'{host_malloc.describe()} (transparent huge pages: {info.get("thp", "unknown")}); why: '
+          f'{host_malloc.describe()}, transparent huge pages {info.get("thp", "unknown")}; why: '
           f'mmproj/bench/__main__.py; XLA_FLAGS='
           f'`{info["xla_flags"] or "(none)"}` (XLA CPU defaults: multi-threaded Eigen/YNNPACK kernels on that pool)',
           f'- processes: {info.get("isolation", "all sections in one process")} (why: mmproj/bench/__main__.py)',

@@ -15,11 +15,12 @@
       YNNPACK fusions, and dW as a slower Eigen dot; mmproj's dense layers take the last form
       (mmproj/layers/matmul.py).
 
-  python -m mmproj.bench.diagnose matmul-tokens [--quick]
-      Time of y = x W at the Idefics3 connector's weight (10368 x 4096, 170 MB) against the token rows T of x, and
-      the least-squares line time = a + b T: a is the part of every call that does not depend on T (the kernel
-      preparing the weight), b the time per token row. At the bench's T = 162 the fixed part is what keeps that
-      row's forward and input-gradient matmuls below the 1024^3 peak.
+  python -m mmproj.bench.diagnose matmul-tokens [--dims D F] [--quick]
+      Time of y = x W, W [D, F], against the token rows T of x, and the least-squares line time = a + b T: a is
+      the part of every call that does not depend on T, b the time per token row; beside them, the time of one
+      plain read of W (a column sum), to compare a with. Default W: SmolVLM-Instruct's connector (x3 shuffle of
+      SigLIP-so400m, 10368 x 2048, 85 MB). With few rows per weight byte (SmolVLM's 81 tokens a tile) the fixed
+      part keeps the forward and input-gradient matmuls well below the 1024^3 peak.
 
   python -m mmproj.bench.diagnose train-step [--calls 4]
       The bench's LLaVA stage-1 train step (mmproj.bench.train_step) timed three ways, each in a fresh process
@@ -42,6 +43,7 @@ import time
 from mmproj import host_malloc
 
 ENV_CHILD = 'MMPROJ_DIAGNOSE_CHILD'
+TOKENS_QUICK_DIMS = (256, 128)     # matmul-tokens --quick: W [D, F]
 
 
 def _perceiver_fn(quick: bool):
@@ -165,8 +167,9 @@ def matmul_forms(quick: bool) -> list[tuple[str, str, float]]:
   shapes = [(64, 32, 48)] if quick else [
       (1152, 1024, 4096),     # llava_mlp linear_1: 2 x 576 tokens, 1024 -> 4096
       (1152, 4096, 4096),     # llava_mlp linear_2
-      (162, 10368, 4096),     # idefics3_connector: 2 x 81 tokens after the x3 shuffle, 1152*9 -> 4096
-      (1053, 10368, 4096),    # the same for 13 tiles (one 4:3 image as Idefics3's processor splits it)
+      (338, 4608, 4096),      # idefics3_connector: 2 tiles x 169 tokens after the x2 shuffle, 1152*4 -> 4096
+      (2197, 4608, 4096),     # the same for 13 tiles (one 4:3 image as Idefics3's processor splits it)
+      (162, 10368, 2048),     # SmolVLM-Instruct's connector: 2 tiles x 81 tokens after the x3 shuffle -> 2048
       (512, 5120, 5120),      # qwen2_vl_merger mlp.0: 2 x 256 merged tokens, 1280*4 -> 5120
   ]
   forms = {
@@ -192,28 +195,39 @@ def matmul_forms(quick: bool) -> list[tuple[str, str, float]]:
   return out
 
 
-def matmul_tokens(quick: bool) -> tuple[list[tuple[int, float, float]], float, float, float]:
-  """([(T, seconds best of 8, GFLOP/s)], a, b, 2 D F / b / 1e9) for y = x W, x [T, D], W [D, F] at the Idefics3
-  connector's D, F, with time ~ a + b T fitted by least squares."""
+def _best_time(fn, *args, calls: int) -> float:
+  """Least wall time of `calls` calls of a jitted fn, after one untimed call."""
+  import jax
+
+  jax.block_until_ready(fn(*args))
+  best = float('inf')
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def matmul_tokens(quick: bool, dims: tuple[int, int] = (10368, 2048)
+                  ) -> tuple[list[tuple[int, float, float]], float, float, float, float]:
+  """([(T, seconds best of 8, GFLOP/s)], a, b, 2 D F / b / 1e9, read) for y = x W, x [T, D], W [D, F] (dims =
+  (D, F); default SmolVLM-Instruct's connector), with time ~ a + b T fitted by least squares; read = the best
+  time of one column sum of W (every byte of W read once)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
 
-  d, f, rows = (256, 128, (8, 16, 32)) if quick else (10368, 4096, (64, 128, 162, 256, 384, 512))
+  (d, f), rows = (TOKENS_QUICK_DIMS, (8, 16, 32)) if quick else (dims, (64, 128, 162, 256, 384, 512))
+  calls = 2 if quick else 8
   w = jnp.full((d, f), 0.01, jnp.float32)
   matmul = jax.jit(lambda x, w: x @ w)
   out = []
   for t in rows:
-    x = jnp.full((t, d), 0.5, jnp.float32)
-    jax.block_until_ready(matmul(x, w))
-    best = float('inf')
-    for _ in range(2 if quick else 8):
-      t0 = time.perf_counter()
-      jax.block_until_ready(matmul(x, w))
-      best = min(best, time.perf_counter() - t0)
+    best = _best_time(matmul, jnp.full((t, d), 0.5, jnp.float32), w, calls=calls)
     out.append((t, best, 2 * t * d * f / best / 1e9))
   slope, intercept = np.polyfit([r[0] for r in out], [r[1] for r in out], 1)
-  return out, float(intercept), float(slope), 2 * d * f / float(slope) / 1e9
+  read = _best_time(jax.jit(lambda w: jnp.sum(w, axis=0)), w, calls=calls)
+  return out, float(intercept), float(slope), 2 * d * f / float(slope) / 1e9, read
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--calls', type=int, default=5, help='timed calls (faults: default 5; train-step: 4 is plenty)')
   p.add_argument('--quick', action='store_true', help='tiny shapes (a smoke run; numbers meaningless)')
   p.add_argument('--threads', type=int, default=2, help='CPUs the faults children are pinned to (default 2)')
+  p.add_argument('--dims', type=int, nargs=2, default=(10368, 2048), metavar=('D', 'F'),
+                 help="matmul-tokens: the weight's shape (default SmolVLM-Instruct's connector, 10368 2048)")
   args = p.parse_args(argv)
   if args.what == 'faults':
     if os.environ.get(ENV_CHILD) == '1':
@@ -235,11 +251,14 @@ def main(argv: list[str] | None = None) -> int:
       return 0
     return train_step(args.calls, args.quick, args.threads)
   if args.what == 'matmul-tokens':
-    rows, fixed, per_row, row_rate = matmul_tokens(args.quick)
+    rows, fixed, per_row, row_rate, read = matmul_tokens(args.quick, tuple(args.dims))
+    d, f = TOKENS_QUICK_DIMS if args.quick else args.dims
+    print(f'W [{d}, {f}] f32, {d * f * 4 / 1e6:.0f} MB')
     for t, sec, rate in rows:
       print(f'T={t:<5d} {sec * 1e3:7.1f} ms {rate:7.1f} GFLOP/s')
     print(f'fit: {fixed * 1e3:.1f} ms per call + {per_row * 1e3:.3f} ms per token row (the rows alone at '
           f'{row_rate:.0f} GFLOP/s)')
+    print(f'one read of W (column sum): {read * 1e3:.1f} ms ({d * f * 4 / read / 1e9:.1f} GB/s)')
     return 0
   for shape, form, rate in matmul_forms(args.quick):
     print(f'{shape:24s} {form:20s} {rate:7.1f} GFLOP/s')

@@ -206,14 +206,15 @@ def mllama_cross_attention(quick: bool) -> Pair:
 
 
 def idefics3_connector(quick: bool) -> Pair:
-  """Idefics3-8B's connector: SigLIP 27 x 27 x 1152 tokens, pixel shuffle x3 -> 81 tokens of 10368 -> Linear
-  to 4096; batch 2."""
+  """Idefics3-8B's connector (HuggingFaceM4/Idefics3-8B-Llama3; transformers' Idefics3Config / processor
+  defaults): SigLIP-so400m on 364 px tiles = 26 x 26 x 1152 patches, pixel shuffle x2 -> 169 tokens of 4608
+  (the processor's image_seq_len) -> Linear to Llama-3.1-8B's 4096; batch 2 tiles."""
   from transformers import Idefics3Config
   from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
 
   from mmproj import convert
 
-  dv, dt, s, side, b, heads = (8, 24, 2, 4, 2, 2) if quick else (1152, 4096, 3, 27, 2, 16)
+  dv, dt, s, side, b, heads = (8, 24, 2, 4, 2, 2) if quick else (1152, 4096, 2, 26, 2, 16)
   cfg = Idefics3Config(vision_config=dict(hidden_size=dv, num_attention_heads=heads), scale_factor=s,
                        text_config=dict(hidden_size=dt, num_attention_heads=heads, num_key_value_heads=heads,
                                         head_dim=dt // heads))

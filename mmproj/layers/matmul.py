@@ -14,8 +14,9 @@ whose weight term is written with that copy, so that reverse mode transposes it 
 On CPU, T(x) is the transpose inside a lax.cond: XLA does not fuse across a conditional, so x is the materialised
 array its other consumers read and the transpose is a layout copy; both branches are the same transpose, so the
 predicate (read from x) never changes the result. On other backends T(x) is x^T and the compiler picks the layout.
-Measured (`diagnose matmul-forms`, BENCHMARKS.md): faster at every bench shape (e.g. 445 vs 368 GFLOP/s for
-llava_mlp's first layer); slower at one measured shape, T = 1053 rows into D = 10368 (365 vs 405).
+Measured (`diagnose matmul-forms`, BENCHMARKS.md): faster at every bench row's shape (e.g. 463-467 vs 376-379
+GFLOP/s for llava_mlp's first layer); slower at one measured shape, SmolVLM-Instruct's connector (T = 162 rows,
+D = 10368, F = 2048: 424-437 vs 452-455), which has no bench row.
 A JVP rule (not a VJP) keeps the dots plain dot_general primitives, so remat policies ('dots') and the traced FLOP
 counts (mmproj.train.flops) see what they see without it, and a frozen weight (no tangent) costs no copy.
 """
