@@ -144,6 +144,17 @@ def interleaved(fns: Sequence[tuple[str, Callable[[], Any]]], *, iters: int, war
   return times
 
 
+def best_time(call: Callable[[], Any], calls: int) -> float:
+  """Least wall time (s) of `calls` calls of call(), which must finish its work before returning (jax:
+  block_until_ready)."""
+  best = math.inf
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    call()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
 def median(xs: Sequence[float]) -> float:
   return float(statistics.median(xs)) if xs else math.nan
 
@@ -239,18 +250,8 @@ class PeakProbe:
     import torch
 
     flops = 2 * self.size ** 3
-    best = math.inf
-    for _ in range(self.calls):
-      t0 = time.perf_counter()
-      jax.block_until_ready(self._mm(self._a, self._b))
-      best = min(best, time.perf_counter() - t0)
-    self.xla_samples.append(flops / best)
-    best = math.inf
-    for _ in range(max(1, self.calls // 2)):
-      t0 = time.perf_counter()
-      torch.mm(self._ta, self._tb)
-      best = min(best, time.perf_counter() - t0)
-    self.torch_samples.append(flops / best)
+    self.xla_samples.append(flops / best_time(lambda: jax.block_until_ready(self._mm(self._a, self._b)), self.calls))
+    self.torch_samples.append(flops / best_time(lambda: torch.mm(self._ta, self._tb), max(1, self.calls // 2)))
 
   def xla(self, default: float = math.nan) -> float:
     """The best XLA matmul rate (FLOP/s) seen since reset(): measure_matmul_peak's best-call rule over every

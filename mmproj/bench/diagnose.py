@@ -41,6 +41,7 @@ import sys
 import time
 
 from mmproj import host_malloc
+from mmproj.bench import best_time
 
 ENV_CHILD = 'MMPROJ_DIAGNOSE_CHILD'
 TOKENS_QUICK_DIMS = (256, 128)     # matmul-tokens --quick: W [D, F]
@@ -184,28 +185,17 @@ def matmul_forms(quick: bool) -> list[tuple[str, str, float]]:
     w = jnp.full((d, f), 0.25, jnp.float32)
     dy = jnp.full((t, f), 0.125, jnp.float32)
     for name, fn in forms.items():
-      jitted = jax.jit(fn)
-      jax.block_until_ready(jitted(x, w, dy))
-      best = float('inf')
-      for _ in range(2 if quick else 10):
-        t0 = time.perf_counter()
-        jax.block_until_ready(jitted(x, w, dy))
-        best = min(best, time.perf_counter() - t0)
+      best = _best_time(jax.jit(fn), x, w, dy, calls=2 if quick else 10)
       out.append((f'T={t} D={d} F={f}', name, 2 * t * d * f / best / 1e9))
   return out
 
 
 def _best_time(fn, *args, calls: int) -> float:
-  """Least wall time of `calls` calls of a jitted fn, after one untimed call."""
+  """Least wall time of `calls` calls of a jitted fn, after one untimed call (the compile)."""
   import jax
 
   jax.block_until_ready(fn(*args))
-  best = float('inf')
-  for _ in range(calls):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
-  return best
+  return best_time(lambda: jax.block_until_ready(fn(*args)), calls)
 
 
 def matmul_tokens(quick: bool, dims: tuple[int, int] = (10368, 2048)
