@@ -44,7 +44,8 @@ from mmproj import host_malloc
 from mmproj.bench import best_time
 
 ENV_CHILD = 'MMPROJ_DIAGNOSE_CHILD'
-TOKENS_QUICK_DIMS = (256, 128)     # matmul-tokens --quick: W [D, F]
+TOKENS_DIMS = (10368, 2048)        # matmul-tokens: W [D, F], SmolVLM-Instruct's connector
+TOKENS_QUICK_DIMS = (256, 128)     # matmul-tokens --quick
 
 
 def _perceiver_fn(quick: bool):
@@ -198,7 +199,7 @@ def _best_time(fn, *args, calls: int) -> float:
   return best_time(lambda: jax.block_until_ready(fn(*args)), calls)
 
 
-def matmul_tokens(quick: bool, dims: tuple[int, int] = (10368, 2048)
+def matmul_tokens(quick: bool, dims: tuple[int, int] = TOKENS_DIMS
                   ) -> tuple[list[tuple[int, float, float]], float, float, float, float]:
   """([(T, seconds best of 8, GFLOP/s)], a, b, 2 D F / b / 1e9, read) for y = x W, x [T, D], W [D, F] (dims =
   (D, F); default SmolVLM-Instruct's connector), with time ~ a + b T fitted by least squares; read = the best
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--calls', type=int, default=5, help='timed calls (faults: default 5; train-step: 4 is plenty)')
   p.add_argument('--quick', action='store_true', help='tiny shapes (a smoke run; numbers meaningless)')
   p.add_argument('--threads', type=int, default=2, help='CPUs the faults children are pinned to (default 2)')
-  p.add_argument('--dims', type=int, nargs=2, default=(10368, 2048), metavar=('D', 'F'),
+  p.add_argument('--dims', type=int, nargs=2, default=TOKENS_DIMS, metavar=('D', 'F'),
                  help="matmul-tokens: the weight's shape (default SmolVLM-Instruct's connector, 10368 2048)")
   args = p.parse_args(argv)
   if args.what == 'faults':
