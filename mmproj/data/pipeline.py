@@ -63,15 +63,11 @@ def _encode_cached(tok: tokenizers.Tokenizer, text: str) -> tuple[int, ...]:
   return tuple(tokenizer_lib.encode(tok, text))
 
 
-def _encode_cached_where(tok: tokenizers.Tokenizer, text: str, where: str) -> tuple[int, ...]:
+def _encode(tok: tokenizers.Tokenizer, text: str, where: str) -> tuple[int, ...]:
   try:
     return _encode_cached(tok, text)
   except ValueError as e:
     raise ValueError(f'{where}: {e}') from None
-
-
-def _encode(tok: tokenizers.Tokenizer, text: str, where: str) -> list[int]:
-  return list(_encode_cached_where(tok, text, where))
 
 
 def _check_len(n_text: int, text_len: int, where: str) -> None:
@@ -111,7 +107,7 @@ def conversation_row(tok: tokenizers.Tokenizer, turns: Sequence[tuple[str, str, 
   segment_ids = [0] * prefix
   turn_positions = []             # with isolate_turns: positions restart after the image in every turn
   for k, (question, answer, where) in enumerate(turns, start=1):
-    q, a = _encode_cached_where(tok, question, where), _encode_cached_where(tok, answer, where)
+    q, a = _encode(tok, question, where), _encode(tok, answer, where)
     _check_len(len(ids) - num_image_tokens + len(q) + len(a) + 2, text_len, where)
     n = len(q) + len(a) + 2
     ids += q
@@ -150,7 +146,7 @@ def prompt_row(tok: tokenizers.Tokenizer, question: str, *, num_image_tokens: in
   """
   q = _encode(tok, question, where)
   _check_len(len(q) + answer_len + 3, text_len, where)
-  ids = [tokenizer_lib.BOS_ID] + [tokenizer_lib.IMAGE_ID] * num_image_tokens + q + [tokenizer_lib.SEP_ID]
+  ids = [tokenizer_lib.BOS_ID] + [tokenizer_lib.IMAGE_ID] * num_image_tokens + list(q) + [tokenizer_lib.SEP_ID]
   seq_len = num_image_tokens + text_len
   tokens = np.full(seq_len, tokenizer_lib.PAD_ID, np.int32)  # [L]
   tokens[seq_len - len(ids):] = ids
