@@ -47,16 +47,16 @@ setup() {  # $1: pip extras ('' or '[test]')
 die() { echo "launch.sh${MODE:+ $MODE}: $*" >&2; exit 2; }
 
 # On a CPU host glibc keeps freed memory for reuse instead of unmapping it, so that XLA's per-call temporaries stop
-# costing page faults on every step (why, with figures: mmproj/host_malloc.py, whose REUSE this must equal). Not on
-# GPU/TPU hosts, nor when GLIBC_TUNABLES is already set (set it empty for glibc's defaults).
-MALLOC_REUSE=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+# costing page faults on every step (the setting and why, with figures: benchmarks/host_malloc.py, which prints it).
+# Not on GPU/TPU hosts, nor when GLIBC_TUNABLES is already set (set it empty for glibc's defaults).
 cpu_malloc() {  # $1 = cpu: the run is on the CPU whatever devices the host has (local-multiprocess)
   [ -z "${GLIBC_TUNABLES+set}" ] || return 0
   if [ "${1:-}" != cpu ] && { compgen -G '/dev/nvidia[0-9]*' || compgen -G '/dev/accel[0-9]*' \
                                || compgen -G '/dev/vfio/[0-9]*'; } >/dev/null; then
     return 0
   fi
-  export GLIBC_TUNABLES=$MALLOC_REUSE
+  GLIBC_TUNABLES=$("$PYTHON" "$ROOT/benchmarks/host_malloc.py")
+  export GLIBC_TUNABLES
 }
 
 check_config() {  # $1: CONFIG[:ARG]

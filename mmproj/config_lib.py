@@ -1,4 +1,6 @@
-"""Building blocks for experiment configs (configs/*.py): the shapes-world experiment every config starts from.
+"""Building blocks for experiment configs (configs/*.py): cfg.model's fields (`model_config`), the shapes-world
+experiment most configs start from, LLaVA-1.5's, and the one config-file loader. Pure: nothing here reads the disk
+but `load_config_file` (the config file itself).
 
 A config file stays a few lines: it names its projector and its variants, and `shapes_experiment` fills in the
 data, encoder, LM, optimiser, mesh, checkpoint and eval settings, so every projector trains on the same budget.
@@ -9,9 +11,40 @@ data, encoder, LM, optimiser, mesh, checkpoint and eval settings, so every proje
 """
 from __future__ import annotations
 
+import ast
+from collections.abc import Sequence
+from typing import Any
+
 import ml_collections as mlc
 
 VARIANTS = ('', 'smoke')  # '' = the full CPU budget; 'smoke' = tiny data and steps, for tests and quick checks
+
+
+def model_config(*, lm: dict, encoder: dict | None = None, projector: dict | None = None, image_token_id: int = 0,
+                 use_image: bool = True, dtype: str = 'float32', remat: str = 'none',
+                 kernels: dict | None = None) -> mlc.ConfigDict:
+  """cfg.model with every model-level field; the one place they default. The towers' own fields default in their
+  modules (mmproj/encoders/vit.py ViT, mmproj/lm/llama.py Llama); their memory levers are added here:
+  scan_layers=False and remat=None (= model.remat).
+
+    use_image       False: the blind baseline (LM only, no encoder or projector)
+    dtype           compute dtype, 'float32' | 'bfloat16' (params stay float32)
+    remat           'none' | 'dots' | 'minimal' | 'full' for both towers (mmproj/layers/scan.py)
+    kernels         {'dense', 'attention'}: implementations (mmproj/layers/kernels.py); 'auto' = plain XLA, or
+                    cuDNN attention on a GPU in bf16
+  """
+  levers = dict(scan_layers=False, remat=None)
+  c = mlc.ConfigDict()
+  c.use_image = use_image
+  c.image_token_id = image_token_id
+  c.dtype = dtype
+  c.remat = remat
+  c.kernels = {'dense': 'auto', 'attention': 'auto', **(kernels or {})}
+  c.lm = {**levers, **lm}
+  if use_image or encoder is not None:
+    c.encoder = {**levers, **encoder}
+    c.projector = dict(projector)
+  return c
 
 
 def parse_variant(arg: str, where: str) -> bool:
@@ -46,22 +79,19 @@ def shapes_experiment(arg: str, *, name: str, projector: dict, patch_size: int =
                 read_threads=1,       # rows are built in Python: a 2nd thread only contends for the GIL
                 bad_records='error')  # unreadable record: 'error' | 'skip' (a stand-in row, counted)
 
-  c.model = mlc.ConfigDict()
-  c.model.use_image = True
-  c.model.image_token_id = 3
-  c.model.dtype = 'float32'
-  c.model.encoder = dict(name='vit', image_size=48, patch_size=patch_size, width=96, depth=3, num_heads=4,
-                         mlp_dim=384, output_layer=-1, cls_token=False, pre_norm=False, final_norm=True,
-                         norm_eps=1e-6, act='gelu')
-  c.model.projector = dict(projector)
-  c.model.lm = dict(vocab_size=64, width=128, depth=3, num_heads=4, num_kv_heads=2, head_dim=None, mlp_dim=384,
-                    rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=False, max_len=256)
+  c.model = model_config(
+      image_token_id=3, projector=projector,
+      encoder=dict(name='vit', image_size=48, patch_size=patch_size, width=96, depth=3, num_heads=4, mlp_dim=384,
+                   output_layer=-1, cls_token=False, pre_norm=False, final_norm=True, norm_eps=1e-6, act='gelu'),
+      lm=dict(vocab_size=64, width=128, depth=3, num_heads=4, num_kv_heads=2, head_dim=None, mlp_dim=384,
+              rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=False, max_len=256))
 
   c.train = dict(steps=60 if smoke else steps, batch_size=32 if smoke else 64, learning_rate=1e-3,
                  warmup_steps=10 if smoke else 100, end_lr_frac=0.05, weight_decay=0.01, grad_clip=1.0,
                  b1=0.9, b2=0.98, trainable=['.*'], frozen=[], grad_accum_steps=1,
                  on_nonfinite='skip',  # NaN/Inf loss or grads: 'skip' the update (counted) | 'stop', last good saved
-                 loss_positions='auto')  # vocab projection at the text positions only | 'all' | 'K'
+                 loss_positions='auto',  # vocab projection at the text positions only | 'all' | 'K'
+                 device_peak_flops=None)  # FLOP/s of one device for MFU; None: the accelerator table (CPU: no MFU)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding_rules = None   # None = mmproj.train.sharding.DEFAULT_RULES
   c.checkpoint = dict(every=20 if smoke else 200, keep=3, async_save=True)
@@ -85,8 +115,9 @@ def parse_arg(arg: str, where: str, **defaults) -> mlc.ConfigDict:
 
 # LLaVA-1.5-7B's parts (Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning"): CLIP ViT-L/14 at
 # 336 px (openai/clip-vit-large-patch14-336), penultimate layer, CLS dropped -> 24 x 24 = 576 tokens; Vicuna-7B
-# v1.5 (lmsys/vicuna-7b-v1.5, a Llama-2-7B fine-tune); a 2-layer GELU MLP between them. Used when the HF
-# directories are not on this machine (abstract builds, memory estimates); otherwise their config.json wins.
+# v1.5 (lmsys/vicuna-7b-v1.5, a Llama-2-7B fine-tune), its vocabulary grown to llava-hf's tokenizer (32000 +
+# <image> + <pad>, rounded up to 32064); a 2-layer GELU MLP between them. A run checks the HF directories it starts
+# from against these (mmproj/train/pretrained.py) and stops naming the first field that differs.
 CLIP_L14_336 = dict(name='vit', image_size=336, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096,
                     output_layer=-2, cls_token=True, pre_norm=True, final_norm=False, norm_eps=1e-5,
                     act='quick_gelu', image_mean=[0.48145466, 0.4578275, 0.40821073],
@@ -96,51 +127,6 @@ VICUNA_7B = dict(vocab_size=32064, width=4096, depth=32, num_heads=32, num_kv_he
                  qkv_bias=False, rope_scaling=None, sliding_window=None)
 VICUNA_13B = dict(VICUNA_7B, width=5120, depth=40, num_heads=40, num_kv_heads=40, mlp_dim=13824)
 LLAVA_IMAGE_TOKEN_ID = 32000   # <image> in llava-hf/llava-1.5-7b-hf's tokenizer.json
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
-def hf_model_parts(vision_dir: str, lm_dir: str, tokenizer_path: str, *, output_layer: int = -2,
-                   image_token: str = '<image>', default_lm: dict | None = None) -> tuple[dict, dict, int]:
-  """(cfg.model.encoder, cfg.model.lm, image_token_id) from HF directories when they exist, else LLaVA-1.5-7B's.
-
-  The LM's vocabulary is the larger of the checkpoint's and the tokenizer's, rounded up to a multiple of 64
-  (32000 + <image> + <pad> -> 32064, as llava-hf); the rows added start at the mean embedding (train/pretrained.py).
-  """
-  import json
-  import os
-
-  from mmproj.convert import hf_dir, llama, vision
-  from mmproj.data import preprocess
-
-  vision_dir, lm_dir, tokenizer_path = (os.path.expanduser(p) for p in (vision_dir, lm_dir, tokenizer_path))
-  encoder = dict(CLIP_L14_336)
-  if os.path.isfile(os.path.join(vision_dir, 'config.json')):
-    hf = hf_dir.read_config(vision_dir)
-    encoder = vision.encoder_config_from_hf(hf, output_layer=output_layer)
-    clip = encoder['cls_token']
-    encoder['image_mean'] = list(preprocess.OPENAI_CLIP_MEAN if clip else preprocess.IMAGENET_STANDARD_MEAN)
-    encoder['image_std'] = list(preprocess.OPENAI_CLIP_STD if clip else preprocess.IMAGENET_STANDARD_STD)
-    if os.path.isfile(os.path.join(vision_dir, 'preprocessor_config.json')):
-      processor = preprocess.ImageProcessor.from_dir(vision_dir)
-      encoder['image_mean'], encoder['image_std'] = list(processor.image_mean), list(processor.image_std)
-  lm, image_token_id = dict(default_lm or VICUNA_7B), LLAVA_IMAGE_TOKEN_ID
-  if os.path.isfile(os.path.join(lm_dir, 'config.json')):
-    lm = llama.lm_config_from_hf(hf_dir.read_config(lm_dir))
-  tok_file = os.path.join(tokenizer_path, 'tokenizer.json') if os.path.isdir(tokenizer_path) else tokenizer_path
-  if os.path.isfile(tok_file):
-    with open(tok_file) as f:
-      tok = json.load(f)
-    vocab = dict(tok['model'].get('vocab') or {})
-    vocab.update({t['content']: t['id'] for t in tok.get('added_tokens', [])})
-    if image_token not in vocab:
-      raise ValueError(f'data.tokenizer={tokenizer_path}: no {image_token} token (use a LLaVA tokenizer.json, e.g. '
-                       "llava-hf/llava-1.5-7b-hf's, or add it as a special token)")
-    image_token_id = vocab[image_token]
-    lm['vocab_size'] = _round_up(max(lm['vocab_size'], max(vocab.values()) + 1), 64)
-  return encoder, lm, image_token_id
 
 
 def llava15_experiment(arg: str, *, stage: int, name: str, size: str = '7b', fsdp: int = 1, scan: bool = False,
@@ -161,9 +147,8 @@ def llava15_experiment(arg: str, *, stage: int, name: str, size: str = '7b', fsd
                 tokenizer='~/models/llava-1.5-7b-hf/tokenizer.json', data_dir='~/.cache/mmproj/data',
                 text_len=1472, dtype='bfloat16', save_every=500, log_every=10, fsdp=fsdp, tensor=1,
                 scan=int(scan), remat=remat, **defaults)
-  encoder, lm, image_token_id = hf_model_parts(a.vision, a.lm, a.tokenizer,
-                                               default_lm={'7b': VICUNA_7B, '13b': VICUNA_13B}[size])
-  lm['scan_layers'] = encoder['scan_layers'] = bool(a.scan)
+  encoder = dict(CLIP_L14_336, scan_layers=bool(a.scan))
+  lm = dict({'7b': VICUNA_7B, '13b': VICUNA_13B}[size], scan_layers=bool(a.scan))
 
   c = mlc.ConfigDict()
   c.name = name
@@ -174,24 +159,20 @@ def llava15_experiment(arg: str, *, stage: int, name: str, size: str = '7b', fsd
   # with the mean colour, as LLaVA-1.5's fine-tuning does.
   c.data = dict(name='llava_json', json=a.json, image_dir=a.images, data_dir=a.data_dir, tokenizer=a.tokenizer,
                 template='plain' if stage == 1 else 'vicuna_v1', text_len=a.text_len,
-                image_size=encoder['image_size'], image_aspect='crop' if stage == 1 else 'pad',
-                image_mean=list(encoder['image_mean']),
+                image_aspect='crop' if stage == 1 else 'pad',
                 overflow='truncate', image_token='<image>', bos_token='<s>', eos_token='</s>', worker_count=0,
                 bad_records='error')  # malformed entry / undecodable image: 'error' | 'skip' (counted)
-  c.model = mlc.ConfigDict()
-  c.model.use_image = True
-  c.model.image_token_id = image_token_id
-  c.model.dtype = a.dtype
-  c.model.remat = a.remat
-  c.model.encoder = encoder
-  c.model.projector = dict(name='mlp', depth=2, act='gelu', use_bias=True)
-  c.model.lm = lm
+  c.model = model_config(image_token_id=LLAVA_IMAGE_TOKEN_ID, dtype=a.dtype, remat=a.remat, encoder=encoder, lm=lm,
+                         projector=dict(name='mlp', depth=2, act='gelu', use_bias=True))
+  # The images are prepared at the tower's size, padded with its mean colour (references: they follow the encoder).
+  c.data.image_size = c.model.encoder.get_ref('image_size')
+  c.data.image_mean = c.model.encoder.get_ref('image_mean')
   c.init = dict(encoder=a.vision, lm=a.lm, projector=a.projector or None)
   # Stage 1 trains the projector only; stage 2 the projector and the LM. The CLIP tower stays frozen.
   c.train = dict(steps=a.steps, batch_size=a.batch, learning_rate=a.lr, warmup_steps=max(1, round(0.03 * a.steps)),
                  end_lr_frac=0.0, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999,
                  trainable=['projector/.*'] if stage == 1 else ['projector/.*', 'lm/.*'], frozen=[],
-                 grad_accum_steps=1, on_nonfinite='skip', loss_positions='auto')
+                 grad_accum_steps=1, on_nonfinite='skip', loss_positions='auto', device_peak_flops=None)
   c.mesh = dict(data=-1 if a.fsdp != -1 else 1, fsdp=a.fsdp, tensor=a.tensor)
   c.sharding_rules = None
   c.checkpoint = dict(every=a.save_every, keep=3, async_save=True)
@@ -200,8 +181,11 @@ def llava15_experiment(arg: str, *, stage: int, name: str, size: str = '7b', fsd
   return c
 
 
-def load_config_file(spec: str) -> mlc.ConfigDict:
-  """'configs/x.py[:ARG]' -> get_config(ARG), as `--config` of mmproj.main reads it."""
+def load_config_file(spec: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
+  """'configs/x.py[:ARG]' -> get_config(ARG), then each override 'a.b.c=value' applied (the value a Python
+  literal, else a string; true/false as booleans): the one way every entry point (mmproj.main, the memory planner,
+  the benchmarks, the tests) reads a config file. An override of a field the config does not have, or of the
+  wrong type, is a ValueError naming it."""
   import importlib.util
   import os
 
@@ -211,4 +195,36 @@ def load_config_file(spec: str) -> mlc.ConfigDict:
   module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  cfg = module.get_config(arg) if arg else module.get_config()
+  for item in overrides:
+    field, sep, text = item.partition('=')
+    if not sep:
+      raise ValueError(f'override {item!r}: expected field=value, e.g. train.steps=200')
+    set_field(cfg, field, _literal(text))
+  return cfg
+
+
+def _literal(text: str) -> Any:
+  if text in ('true', 'false'):
+    return text == 'true'
+  try:
+    return ast.literal_eval(text)
+  except (SyntaxError, ValueError):
+    return text
+
+
+def set_field(cfg: mlc.ConfigDict, field: str, value: Any) -> None:
+  """cfg.<field> = value for a dotted field ('model.lm.width'); ValueError naming it when the config has no such
+  field or the value has the wrong type (an int where a float goes is converted)."""
+  *parents, leaf = field.split('.')
+  node = cfg
+  for i, key in enumerate(parents):
+    if not isinstance(node, mlc.ConfigDict) or key not in node:
+      raise ValueError(f'config field {".".join(parents[:i + 1])} does not exist (override of {field})')
+    node = node[key]
+  if not isinstance(node, mlc.ConfigDict) or leaf not in node:
+    raise ValueError(f'config field {field} does not exist')
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise ValueError(f'config field {field}: {e}') from None

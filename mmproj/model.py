@@ -12,10 +12,11 @@ With encoder_trainable=False the encoder output goes through stop_gradient, so n
 A projector that declares `injects_into_lm = True` (gated_xattn, Flamingo) is wired differently: nothing is merged.
 Each image has one <image> marker in the row (num_image_tokens = 1), which keeps its text embedding; the
 projector's tokens are media [B, T_img, M, Dt] that the LM's gated cross-attention blocks (params under 'lm')
-attend to, each text token seeing images by media_index = cumsum(markers) (see mmproj/projectors/gated_xattn.py).
+attend to, each text token seeing images by media_index = cumsum(markers) (see mmproj/layers/gated_cross_attention.py).
 batch['image'] may then hold several images per row, [B, T_img, H, W, 3], one marker each, in order.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -25,12 +26,12 @@ import ml_collections
 
 from mmproj import projectors
 from mmproj.encoders import ENCODERS, build_encoder
-from mmproj.layers import ACTIVATIONS
+from mmproj.layers import ACTIVATIONS, kernels as kernels_lib
+from mmproj.layers.gated_cross_attention import media_index
 from mmproj.layers.rope import check_rope_scaling
 from mmproj.layers.scan import check_remat, check_scan
 from mmproj.lm import build_lm
-from mmproj.projectors import gated_xattn
-from mmproj.train.sharding import constrain
+from mmproj.layers.partitioning import constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -151,16 +152,44 @@ def merge_visual_tokens(text_embeds, visual, tokens, image_token_id: int, input_
   return jnp.where(is_image[:, :, None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
+def towers(cfg_model: Any) -> tuple[Any, Any, Any]:
+  """(encoder, projector, lm) modules of cfg.model, compute in model.dtype; encoder and projector None for the
+  blind baseline. model.remat applies to both towers unless a tower sets its own (model.encoder.remat /
+  model.lm.remat). Called unbound, the modules are for their methods (e.g. FLOP counts); MultimodalLM calls it in
+  its setup."""
+  c, dtype = cfg_model, DTYPES[cfg_model.dtype]
+  remat = c.get('remat', 'none')
+  encoder = projector = cross_attention = None
+  if c.use_image:
+    encoder = build_encoder({**dict(c.encoder), 'remat': c.encoder.get('remat', None) or remat}, dtype)
+    projector = projectors.build(c.projector, in_dim=c.encoder.width, out_dim=c.lm.width, dtype=dtype)
+    if injects_into_lm(c):
+      cross_attention = projectors.get(c.projector.name).lm_injection(c.projector, c.lm.width)
+  lm = build_lm({**dict(c.lm), 'remat': c.lm.get('remat', None) or remat}, dtype, cross_attention=cross_attention)
+  return encoder, projector, lm
+
+
+def _with_kernels(method):
+  """Runs a MultimodalLM method under its kernel choice (model.kernels, mmproj/layers/kernels.py)."""
+  @functools.wraps(method)
+  def wrapped(self, *args, **kwargs):
+    with kernels_lib.use(self.kernels):
+      return method(self, *args, **kwargs)
+  return wrapped
+
+
 class MultimodalLM(nn.Module):
   """Encoder + projector + Llama LM; visual tokens enter the LM at the <image> placeholders.
 
   Attributes:
     config: cfg.model as a FrozenConfigDict (hashable, so the module can be a static jit argument).
     encoder_trainable: False -> stop_gradient on the encoder output (a frozen tower gets zero grads).
+    kernels: the implementations of dense matmuls and attention (model.kernels resolved for a platform).
   """
 
   config: ml_collections.FrozenConfigDict
   encoder_trainable: bool = True
+  kernels: kernels_lib.Kernels = kernels_lib.Kernels()
 
   @property
   def dtype(self):
@@ -171,18 +200,9 @@ class MultimodalLM(nn.Module):
     return injects_into_lm(self.config)
 
   def setup(self):
-    c = self.config
-    remat = c.get('remat', 'none')
-    cross_attention = None
-    if c.use_image:
-      # model.remat applies to both towers unless a tower sets its own (model.encoder.remat / model.lm.remat).
-      self.encoder = build_encoder({**dict(c.encoder), 'remat': c.encoder.get('remat', None) or remat}, self.dtype)
-      self.projector = projectors.build(c.projector, in_dim=c.encoder.width, out_dim=c.lm.width, dtype=self.dtype)
-      if self.injects:
-        cross_attention = projectors.get(c.projector.name).lm_injection(c.projector, c.lm.width)
-    self.lm = build_lm({**dict(c.lm), 'remat': c.lm.get('remat', None) or remat}, self.dtype,
-                       cross_attention=cross_attention)
+    self.encoder, self.projector, self.lm = towers(self.config)
 
+  @_with_kernels
   def encode_image(self, image, deterministic: bool = True):
     """image [B, H, W, 3] (uint8, or float in [-1, 1]) -> visual tokens [B, M, Dt].
 
@@ -204,6 +224,7 @@ class MultimodalLM(nn.Module):
       return visual                                                          # [B, M, Dt]
     return visual.reshape((lead[0], -1) + visual.shape[1:])                  # [B, T_img, M, Dt]
 
+  @_with_kernels
   def lm_inputs(self, batch, deterministic: bool = True):
     """-> (x [B, L, Dt], media [B, T_img, M, Dt] or None, media_index int [B, L] or None).
 
@@ -216,16 +237,18 @@ class MultimodalLM(nn.Module):
       return x, None, None
     visual = self.encode_image(batch['image'], deterministic)               # [B, M, Dt] | [B, T_img, M, Dt]
     if self.injects:
-      index = gated_xattn.media_index(tokens, self.config.image_token_id, batch['input_mask'])  # [B, L]
+      index = media_index(tokens, self.config.image_token_id, batch['input_mask'])  # [B, L]
       return x, visual, index
     x = merge_visual_tokens(x, visual, tokens, self.config.image_token_id, batch['input_mask'])
     return constrain(x, 'act_batch', 'act_seq', 'act_embed'), None, None
 
+  @_with_kernels
   def embed_inputs(self, batch, deterministic: bool = True):
     """Token embeddings with visual tokens merged in: batch['tokens'] [B, L] -> [B, L, Dt] (an injecting
     projector merges nothing: the plain embeddings)."""
     return self.lm_inputs(batch, deterministic)[0]
 
+  @_with_kernels
   def __call__(self, batch, deterministic: bool = True, return_hidden: bool = False):
     """Full causal forward. batch: tokens/positions/input_mask [B, L] (+ image, + optional segment_ids [B, L]
     for shared-prefix packing, see Llama.__call__). -> logits [B, L, V] float32; with return_hidden=True the
@@ -239,10 +262,12 @@ class MultimodalLM(nn.Module):
       return constrain(out, 'act_batch', 'act_seq', 'act_embed')            # [B, L, Dt]
     return constrain(out, 'act_batch', 'act_seq', 'act_vocab')              # [B, L, V]
 
+  @_with_kernels
   def head(self, hidden):
     """The LM's final norm + vocabulary projection: hidden [B, K, Dt] -> logits [B, K, V] float32."""
     return constrain(self.lm.head(hidden), 'act_batch', 'act_seq', 'act_vocab')
 
+  @_with_kernels
   def prefill(self, batch, cache_len: int, deterministic: bool = True):
     """Runs the whole left-padded prompt (image included) into a fresh KV cache of `cache_len` slots.
 
@@ -259,6 +284,7 @@ class MultimodalLM(nn.Module):
                             media=media, media_index=index)
     return logits[:, -1], cache                                              # [B, V]
 
+  @_with_kernels
   def decode_step(self, token, cache):
     """Feeds one token per row. token int [B] -> (logits [B, V] float32, cache advanced by one slot).
 
@@ -271,12 +297,9 @@ class MultimodalLM(nn.Module):
     return logits[:, 0], cache                                               # [B, V]
 
 
-def build_model(cfg_model: Any, *, encoder_trainable: bool | None = None) -> MultimodalLM:
-  """Validates cfg.model and builds the MultimodalLM.
-
-  encoder_trainable: None -> cfg_model.get('encoder_trainable', True).
-  """
+def build_model(cfg_model: Any, *, encoder_trainable: bool = True, platform: str | None = None) -> MultimodalLM:
+  """Validates cfg.model and builds the MultimodalLM, its model.kernels resolved for `platform` (that of the mesh
+  it will run on; default jax's default backend)."""
   validate(cfg_model)
-  if encoder_trainable is None:
-    encoder_trainable = bool(cfg_model.get('encoder_trainable', True))
-  return MultimodalLM(config=_frozen(cfg_model), encoder_trainable=encoder_trainable)
+  chosen = kernels_lib.resolve(cfg_model.kernels, platform or jax.default_backend(), cfg_model.dtype)
+  return MultimodalLM(config=_frozen(cfg_model), encoder_trainable=encoder_trainable, kernels=chosen)

@@ -3,19 +3,17 @@
 import ml_collections
 import pytest
 
+from mmproj import config_lib
+
 
 def make_tiny_model_cfg() -> ml_collections.ConfigDict:
   """cfg.model as in the spec, with tiny dims (image 16, patch 4 -> 16 visual tokens, widths 32, depth 2)."""
-  cfg = ml_collections.ConfigDict()
-  cfg.use_image = True
-  cfg.image_token_id = 3
-  cfg.dtype = 'float32'
-  cfg.encoder = dict(name='vit', image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64,
-                     output_layer=-1, cls_token=False, pre_norm=False, final_norm=True, norm_eps=1e-6, act='gelu')
-  cfg.projector = dict(name='mlp', depth=2)
-  cfg.lm = dict(vocab_size=32, width=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=None, mlp_dim=64,
-                rope_theta=10000.0, norm_eps=1e-6, tie_embeddings=False, max_len=64)
-  return cfg
+  return config_lib.model_config(
+      image_token_id=3, projector=dict(name='mlp', depth=2),
+      encoder=dict(name='vit', image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64,
+                   output_layer=-1, cls_token=False, pre_norm=False, final_norm=True, norm_eps=1e-6, act='gelu'),
+      lm=dict(vocab_size=32, width=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=None, mlp_dim=64,
+              rope_theta=10000.0, norm_eps=1e-6, tie_embeddings=False, max_len=64))
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Shared by the training tests: a tiny experiment config and a way to run the CLI in a subprocess."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,10 +9,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(path: str, arg: str = ''):
-  spec = importlib.util.spec_from_file_location('config_module', os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """configs/X.py (relative to the repo) with its get_config argument, through the one config loader."""
+  from mmproj import config_lib
+  return config_lib.load_config_file(os.path.join(REPO, path) + (f':{arg}' if arg else ''))
+
+
+def llava_config(path: str, vision: str, lm: str, tokenizer: str, **args):
+  """configs/llava15_*.py for the towers in the HF directories `vision` and `lm` (e.g. tiny test models): the
+  config's arguments plus the model fields those directories and the tokenizer describe, as a config for them
+  would set them (mmproj.convert.llava.model_fields_from_dirs)."""
+  from mmproj.convert import llava
+  cfg = load_config(path, ','.join(f'{k}={v}' for k, v in dict(vision=vision, lm=lm, tokenizer=tokenizer,
+                                                                   **args).items()))
+  encoder, lm_fields, image_token_id = llava.model_fields_from_dirs(vision, lm, tokenizer)
+  cfg.model.encoder.update(encoder)
+  cfg.model.lm.update(lm_fields)
+  cfg.model.image_token_id = image_token_id
+  return cfg
 
 
 def tiny_experiment(data_dir: str):

@@ -13,7 +13,7 @@ from conftest import make_tiny_model_cfg
 
 import mmproj
 from mmproj import model as mm
-from mmproj.eval import attention
+from mmproj.inference import attention
 from mmproj.inference import Bundle
 from mmproj.layers import dot_product_attention
 
@@ -101,8 +101,9 @@ def test_dot_product_attention_probs_gqa_and_masks():
 
 
 def test_sowing_leaves_logits_bitwise_equal():
-  """Applying with mutable intermediates (eager and jitted) gives the same logits bit for bit; the sown LM
-  softmax is causal with rows summing to 1. The perceiver covers both Attention (ViT, LM) and CrossAttention."""
+  """Applying with mutable intermediates gives the same logits: bit for bit eagerly, and jitted up to XLA fusing
+  the extra einsum path of the maps differently (float rounding); the sown LM softmax is causal with rows summing
+  to 1. The perceiver covers both Attention (ViT, LM) and CrossAttention."""
   bundle = tiny_bundle(GRID_PROJECTORS['perceiver'][0])
   batch = tiny_batch(bundle.config.model, 2)
   variables = {'params': bundle.params}
@@ -111,7 +112,8 @@ def test_sowing_leaves_logits_bitwise_equal():
   np.testing.assert_array_equal(plain, sown)
   jitted = jax.jit(lambda p, x: bundle.model.apply({'params': p}, x))
   jitted_sown = jax.jit(lambda p, x: bundle.model.apply({'params': p}, x, mutable=['intermediates']))
-  np.testing.assert_array_equal(jitted(bundle.params, batch), jitted_sown(bundle.params, batch)[0])
+  np.testing.assert_allclose(jitted(bundle.params, batch), jitted_sown(bundle.params, batch)[0], rtol=1e-5,
+                             atol=1e-5)
 
   probs = attention.sown_attention(state['intermediates'])
   cfg = bundle.config.model

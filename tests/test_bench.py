@@ -1,4 +1,4 @@
-"""mmproj.bench: a --quick smoke run of every benchmark (tiny shapes, one iteration) writes a report with every row
+"""benchmarks: a --quick smoke run of every benchmark (tiny shapes, one iteration) writes a report with every row
 and finite ratios; the timing, profiling and report helpers on small inputs."""
 
 import json
@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmproj import bench
-from mmproj.bench import __main__ as bench_main
-from mmproj.bench import projectors
+import benchmarks as bench
+from benchmarks import __main__ as bench_main
+from benchmarks import projectors
 
 torch = pytest.importorskip('torch')
 pytest.importorskip('transformers')
@@ -50,30 +50,34 @@ def test_quick_run_writes_every_row(tmp_path):
   out = tmp_path / 'BENCH.md'
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('MMPROJ_BENCH_PINNED', None)
-  proc = subprocess.run([sys.executable, '-m', 'mmproj.bench', '--quick', '--out', str(out)], cwd=REPO, env=env,
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks', '--quick', '--out', str(out)], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   text = out.read_text()
-  assert 'python -m mmproj.bench --quick' in text and '## Machine and settings' in text
+  assert 'python -m benchmarks --quick' in text and '## Machine and settings' in text
   assert '--quick smoke run' in text
   tables = _tables(text)
   goals, proj, step, pipe = tables
   assert {r['projector'] for r in proj} == {c.name for c in projectors.CASES}
-  for r in proj:
-    assert _finite(r['ratio']) and float(r['ratio']) > 0, r
-    assert _finite(r['ours GFLOP/s']) and _finite(r['roofline']) and _finite(r['XLA peak GFLOP/s']), r
-    fwd, grad = (float(x) for x in r['parity (fwd / grad)'].split(' / '))
-    assert fwd <= projectors.PARITY_RTOL and grad <= projectors.PARITY_RTOL, r
-  assert [r['step'] for r in step] == ['stage 1 (projector trains)', 'diagnostic: ours, projector grads only']
+  for r in proj:                        # both kernel settings side by side, each checked against the reference
+    for setting in bench.SETTINGS:
+      assert _finite(r[f'ratio {setting}']) and float(r[f'ratio {setting}']) > 0, r
+      assert _finite(r[f'{setting} (ms)']) and _finite(r[f'roofline {setting}']), r
+    assert _finite(r['XLA peak GFLOP/s']), r
+    errors = [float(x) for pair in r['parity (fwd / grad)'].split(', ') for x in pair.split(' / ')]
+    assert len(errors) == 2 * len(bench.SETTINGS) and max(errors) <= projectors.PARITY_RTOL, r
+  assert [r['step'] for r in step] == [f'stage 1 (projector trains), {k}' for k in bench.SETTINGS]
   assert all(_finite(r['ratio']) and _finite(r['roofline']) for r in step)
-  ours_loss, theirs_loss = (float(x) for x in step[0]['loss (ours / theirs)'].split(' / '))
-  assert abs(ours_loss - theirs_loss) <= 1e-3 * abs(theirs_loss)
-  assert len(pipe) == 2 and all(_finite(r['ratio']) and _finite(r['loader ex/s']) for r in pipe)
-  # One goal line per judged goal, each met or missed.
+  for r in step:
+    ours_loss, theirs_loss = (float(x) for x in r['loss (ours / theirs)'].split(' / '))
+    assert abs(ours_loss - theirs_loss) <= 1e-3 * abs(theirs_loss)
+  assert len(pipe) == 2 and all(_finite(r['loader ex/s']) for r in pipe)
+  assert all(_finite(r[f'ratio {k}']) for r in pipe for k in bench.SETTINGS)
+  # One goal line per judged goal (on the CPU-tuned setting), each met or missed.
   assert len(goals) == sum(1 if c.kind == 'memory' else 2 for c in projectors.CASES) + 1 + 2
-  assert all(r['met'] in ('met', '**missed**') for r in goals)
+  assert all(r['met'] in ('met', '**missed**') and bench.GOAL_SETTING in r['goal'] for r in goals)
   assert {r['row'] for r in goals} >= {f'projectors/{c.name}' for c in projectors.CASES} | {
-      'train_step/llava_stage1', 'pipeline/shapes', 'pipeline/llava_json'}
+      f'train_step/llava_stage1_{bench.GOAL_SETTING}', 'pipeline/shapes', 'pipeline/llava_json'}
   # A hand-written analysis block survives a re-render.
   analysis = 'The GEMM is the limit.'
   out.write_text(text.replace('_(no hand-written analysis yet)_', analysis))
@@ -154,13 +158,13 @@ def test_isolated_rows_run_in_child_processes(tmp_path):
   out = tmp_path / 'BENCH.md'
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('MMPROJ_BENCH_PINNED', None)
-  proc = subprocess.run([sys.executable, '-m', 'mmproj.bench', '--quick', '--isolate', '--only', 'llava_mlp',
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks', '--quick', '--isolate', '--only', 'llava_mlp',
                          '--out', str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   text = out.read_text()
   assert 'each projector row and each other section in its own child process' in text
   goals, proj = _tables(text)
-  assert [r['projector'] for r in proj] == ['llava_mlp'] and _finite(proj[0]['ratio'])
+  assert [r['projector'] for r in proj] == ['llava_mlp'] and _finite(proj[0][f'ratio {bench.GOAL_SETTING}'])
   assert float(proj[0]['parity (fwd / grad)'].split(' / ')[0]) <= projectors.PARITY_RTOL
   assert {r['row'] for r in goals} == {'projectors/llava_mlp'}
   with pytest.raises(RuntimeError, match="'projectors/no_such_case' exited with status 1"):
@@ -177,7 +181,7 @@ def test_rows_and_sections_survive_json():
 
 
 def test_diagnose_commands_measure_on_tiny_shapes():
-  from mmproj.bench import diagnose
+  from benchmarks import diagnose
   forms = diagnose.matmul_forms(quick=True)
   assert {form for _, form, _ in forms} == {'y = x W', 'dx = dy W^T', 'dW = x^T dy', 'dW = copy(x^T) dy'}
   assert all(rate > 0 and math.isfinite(rate) for _, _, rate in forms)

@@ -1,4 +1,4 @@
-"""mmproj.host_malloc: the glibc setting launch.sh and the bench start processes with, checked for what it is for
+"""benchmarks.host_malloc: the glibc setting launch.sh and the bench start processes with, checked for what it is for
 (a jitted call stops page-faulting its temporaries) and for who sets it when."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from experiment_utils import REPO
-from mmproj import host_malloc
+from benchmarks import host_malloc
 
 # A jitted function whose temporaries (~100 MB) are far above glibc's largest mmap threshold (32 MiB).
 _CHILD = r'''
@@ -57,10 +57,12 @@ def test_with_reuse_only_fills_in_a_missing_variable():
   assert 'empty' in host_malloc.describe({host_malloc.ENV: ''})
 
 
-def test_launch_sh_uses_the_same_string():
+def test_the_file_prints_the_setting_launch_sh_reads():
+  out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'host_malloc.py')], capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.strip() == host_malloc.REUSE
   with open(os.path.join(REPO, 'launch.sh')) as f:
-    (value,) = re.findall(r'^MALLOC_REUSE=(\S+)$', f.read(), flags=re.M)
-  assert value == host_malloc.REUSE
+    assert 'glibc.malloc' not in f.read()          # no copy of the string to drift
 
 
 def _fake_venv(tmp_path):

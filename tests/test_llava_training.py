@@ -15,7 +15,7 @@ transformers = pytest.importorskip('transformers')
 
 import llava_fixture  # noqa: E402
 import mmproj  # noqa: E402
-from experiment_utils import load_config  # noqa: E402
+from experiment_utils import llava_config, load_config  # noqa: E402
 from mmproj.convert import vision  # noqa: E402
 from mmproj.convert.llama import load_lm  # noqa: E402
 from mmproj.train import pretrained, trainer  # noqa: E402
@@ -40,10 +40,9 @@ def parts(tmp_path_factory):
 
 
 def _config(path, parts, **extra):
-  args = dict(vision=parts['vision'], lm=parts['lm'], tokenizer=parts['tokenizer'], json=parts['json'],
-              images=parts['images'], data_dir=parts['data_dir'], text_len=96, dtype='float32', steps=2, batch=4,
-              save_every=2, log_every=1, **extra)
-  return load_config(path, ','.join(f'{k}={v}' for k, v in args.items()))
+  return llava_config(path, parts['vision'], parts['lm'], parts['tokenizer'], json=parts['json'],
+                      images=parts['images'], data_dir=parts['data_dir'], text_len=96, dtype='float32', steps=2,
+                      batch=4, save_every=2, log_every=1, **extra)
 
 
 def _flat(tree):
@@ -65,11 +64,12 @@ def _changed(a, b):
 
 def test_stage1_then_stage2(parts, tmp_path):
   cfg1 = _config('configs/llava15_stage1.py', parts)
-  # The model's sizes come from the HF directories; the vocabulary grows to cover the tokenizer (as LLaVA's
-  # <image> and <pad> extend Vicuna's), rounded up to a multiple of 64.
+  # The model's sizes describe the HF directories; the vocabulary grows to cover the tokenizer (as LLaVA's
+  # <image> and <pad> extend Vicuna's), rounded up to a multiple of 64; the images follow the tower's size.
   assert cfg1.model.encoder.width == 32 and cfg1.model.encoder.output_layer == -2
   assert cfg1.model.lm.width == 48 and cfg1.model.lm.vocab_size == 256
   assert cfg1.model.image_token_id == llava_fixture.IMAGE_TOKEN_ID
+  assert cfg1.data.image_size == 32
   s1 = tmp_path / 'stage1'
   r1 = trainer.train(cfg1, str(s1))
   p1 = r1.state.params

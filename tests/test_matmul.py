@@ -1,5 +1,6 @@
-"""mmproj.layers.matmul: the dense matmul's custom JVP gives jax's own derivatives, takes the CPU branch here, and
-leaves the weight gradient out of programs that do not ask for it."""
+"""mmproj.layers.matmul (model.kernels.dense='cpu_transpose_copy'): the dense matmul's custom JVP gives jax's own
+derivatives, transposes behind a conditional, and leaves the weight gradient out of programs that do not ask for
+it; dense layers use it only under that kernel choice."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from mmproj.layers import dense
+from mmproj.layers import dense, kernels
 from mmproj.layers.matmul import dense_dot_general
 
 DENSE = (((2,), (0,)), ((), ()))
@@ -78,7 +79,9 @@ def test_other_contractions_are_plain_dot_general():
 
 
 def test_dense_layer_uses_it_under_remat_and_scan():
-  layer = dense(6, ('embed', 'mlp'), use_bias=True, dtype=jnp.float32)
+  assert dense(6, ('embed', 'mlp'), use_bias=True, dtype=jnp.float32).dot_general is None   # 'xla': nn.Dense's own
+  with kernels.use(kernels.Kernels(dense='cpu_transpose_copy')):
+    layer = dense(6, ('embed', 'mlp'), use_bias=True, dtype=jnp.float32)
   assert layer.dot_general is dense_dot_general
 
   class Stack(nn.Module):

@@ -138,41 +138,6 @@ def test_masked_softmax_matches_autodiff_of_the_plain_softmax():
   assert float(jnp.abs(jax.grad(lambda x: jnp.sum(masked_softmax(x, mask) * w))(x) * ~mask).max()) == 0.0
 
 
-def test_block_causal_attention_equals_dense():
-  """dot_product_attention(causal=True) splits the queries into causal_query_blocks and scores keys up to each
-  block's end only: same outputs and gradients as the dense masked computation, with padding, a sliding window
-  and shared-prefix segments inside the causal mask (GQA: 4 query heads on 2 kv heads)."""
-  from mmproj.layers import causal_padding_mask, causal_query_blocks, dot_product_attention
-
-  assert causal_query_blocks(351) == [(0, 351)]
-  assert causal_query_blocks(704) == [(0, 176), (176, 352), (352, 528), (528, 704)]
-  assert causal_query_blocks(540) == [(0, 180), (180, 360), (360, 540)]
-  b, t, h, hkv, dh = 2, 540, 4, 2, 8
-  kq, kk, kv, kw = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(kq, (b, t, h, dh))
-  k = jax.random.normal(kk, (b, t, hkv, dh))
-  v = jax.random.normal(kv, (b, t, hkv, dh))
-  w = jax.random.normal(kw, (b, t, h, dh))
-  key_mask = jnp.ones((b, t), jnp.int32).at[1, :17].set(0)                 # row 1 left-padded
-  slots = jnp.arange(t)
-  mask = causal_padding_mask(slots, slots, key_mask)
-  mask &= (slots[None, :] > slots[:, None] - 200)[None]                      # sliding window of 200
-  segments = jnp.where(slots < 40, 0, 1 + (slots - 40) // 150)[None]        # shared prefix + 4 segments
-  mask &= (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
-  for causal_mask in (mask, None):
-    m = causal_padding_mask(slots, slots, jnp.ones((b, t))) if causal_mask is None else causal_mask
-
-    def loss(q, k, v, causal):
-      return jnp.sum(dot_product_attention(q, k, v, m, causal=causal) * w)
-
-    dense, blocked = (jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, c) for c in (False, True))
-    np.testing.assert_allclose(blocked[0], dense[0], rtol=1e-5)
-    for g_blocked, g_dense in zip(blocked[1], dense[1]):
-      np.testing.assert_allclose(g_blocked, g_dense, atol=2e-5)
-  with pytest.raises(ValueError, match='causal attention needs as many keys as queries'):
-    dot_product_attention(q, k[:, :10], v[:, :10], causal=True)
-
-
 def test_rope_is_relative_and_norm_preserving():
   q = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))
   k = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))

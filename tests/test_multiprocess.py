@@ -43,14 +43,15 @@ TRAIN = textwrap.dedent('''
 CHECK = textwrap.dedent('''
     import json, shutil, sys
     import jax, ml_collections, numpy as np
-    from mmproj.train import checkpoint, trainer
+    from mmproj import inference
+    from mmproj.train import trainer
     cfg, one, two, resumed = ml_collections.ConfigDict(json.loads(sys.argv[1])), *sys.argv[2:]
     assert jax.device_count() == 8 and jax.process_count() == 1
     get = lambda t: jax.tree.map(np.asarray, jax.device_get(t))
-    _, p_one, *_ = checkpoint.restore_for_inference(one, devices=jax.devices()[:1])
-    _, p_two1, *_ = checkpoint.restore_for_inference(two, devices=jax.devices()[:1])
-    _, p_two4, _, _, step = checkpoint.restore_for_inference(two, mesh=dict(fsdp=2, tensor=2),
-                                                             devices=jax.devices()[:4])
+    _, p_one, *_ = inference.restore_for_inference(one, devices=jax.devices()[:1])
+    _, p_two1, *_ = inference.restore_for_inference(two, devices=jax.devices()[:1])
+    _, p_two4, _, _, step = inference.restore_for_inference(two, mesh=dict(fsdp=2, tensor=2),
+                                                            devices=jax.devices()[:4])
     leaves = jax.tree.leaves(p_two4)
     specs = {str(x.sharding.spec) for x in leaves}
     report = dict(step=step, devices=sorted({len(x.sharding.device_set) for x in leaves}),

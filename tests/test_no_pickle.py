@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import mmproj
-from experiment_utils import load_config, tiny_experiment
+from experiment_utils import llava_config, tiny_experiment
 from mmproj import data
 from mmproj.train import pretrained, trainer
 
@@ -292,11 +292,11 @@ def test_hf_directories_load_without_unpickling(hf):
   assert tower.prompt_format == 'none'
 
 
-def _llava_config(hf, data_dir, **extra):
-  args = dict(vision=hf['clip'], lm=hf['llama'], tokenizer=hf['tokenizer'], json=hf['json'], images=hf['images'],
-              data_dir=data_dir, text_len=64, dtype='float32', steps=2, batch=2)
+def _llava_config(hf, data_dir, lm=None, **extra):
+  args = dict(json=hf['json'], images=hf['images'], data_dir=data_dir, text_len=64, dtype='float32', steps=2,
+              batch=2)
   args.update(extra)
-  return load_config('configs/llava15_stage1.py', ','.join(f'{k}={v}' for k, v in args.items()))
+  return llava_config('configs/llava15_stage1.py', hf['clip'], lm or hf['llama'], hf['tokenizer'], **args)
 
 
 def test_pretrained_init_from_hf_dirs_never_unpickles(hf, tmp_path):

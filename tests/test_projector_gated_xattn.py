@@ -19,8 +19,9 @@ from mmproj import convert, projectors
 from mmproj import model as mm
 from mmproj.eval.generate import generate_tokens
 from mmproj.lm import build_lm
-from mmproj.projectors.gated_xattn import (GatedCrossAttentionBlock, GatedXAttnProjector, media_attention_mask,
-                                           media_ids, media_index, xattn_layer_ids)
+from mmproj.layers.gated_cross_attention import (GatedCrossAttentionBlock, media_attention_mask, media_ids,
+                                                 media_index, xattn_layer_ids)
+from mmproj.projectors.gated_xattn import GatedXAttnProjector
 
 torch = pytest.importorskip('torch')
 pytest.importorskip('transformers')

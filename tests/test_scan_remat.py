@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import make_tiny_model_cfg
 
+from mmproj import config_lib
 from mmproj import model as mm
 from mmproj.convert import stack_layers, stack_model_params, unstack_layers, unstack_model_params
 from mmproj.encoders import build_encoder
@@ -357,12 +358,18 @@ def test_stack_unstack_round_trip_and_errors():
     ('encoder.remat', 'all'),
 ])
 def test_bad_values_name_the_field(field, value):
+  """A bad value that reaches the model (e.g. from a JSON config) is a ValueError naming the field; a command-line
+  override of the wrong type is refused before that, naming it too."""
   cfg = make_tiny_model_cfg()
   mm.validate(cfg)
+  raw = cfg.to_dict()
   section, _, key = field.rpartition('.')
-  (cfg[section] if section else cfg)[key] = value
+  (raw[section] if section else raw)[key] = value
   with pytest.raises(ValueError, match=re.escape(f'model.{field}=')):
-    mm.validate(cfg)
+    mm.validate(ml_collections.ConfigDict(raw))
+  if not isinstance(value, str):
+    with pytest.raises(ValueError, match=re.escape(f'config field {field}')):
+      config_lib.set_field(cfg, field, value)
 
 
 def test_modules_reject_bad_values():
@@ -429,11 +436,16 @@ def test_hf_llama_dir_loads_into_scanned_model(tmp_path):
 
 
 def test_block_causal_attention_under_scan_and_remat():
-  """L = 360 >= 352: the LM's causal attention runs in query blocks (layers.causal_query_blocks); scanned layers
-  with remat='minimal', a sliding window and packed segments give the unrolled, no-remat model's loss and
-  gradients."""
-  from mmproj.layers import causal_query_blocks
+  """model.kernels.attention='query_blocks' at L = 360 >= 352: the LM's causal attention runs in query blocks
+  (layers.causal_query_blocks); scanned layers with remat='minimal', a sliding window and packed segments give the
+  unrolled, no-remat model's loss and gradients."""
+  from mmproj.layers import causal_query_blocks, kernels
   assert len(causal_query_blocks(360)) == 2
+  with kernels.use(kernels.Kernels(attention='query_blocks')):
+    _block_causal_under_scan_and_remat()
+
+
+def _block_causal_under_scan_and_remat():
   tokens, positions, mask, segments = lm_batch(length=360, pads=(0, 7))
   flat = build_lm(dict(lm_cfg(sliding_window=300), max_len=512))
   scanned = build_lm(dict(lm_cfg(sliding_window=300, scan_layers=True, remat='minimal'), max_len=512))

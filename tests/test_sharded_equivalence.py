@@ -13,7 +13,7 @@ import json, sys
 sys.path.insert(0, 'tests')
 import jax, numpy as np
 from experiment_utils import tiny_experiment
-from mmproj.train import trainer
+from mmproj.train import state as state_lib, trainer
 
 cfg = tiny_experiment('/nonexistent')
 cfg.model.lm.scan_layers = True
@@ -22,7 +22,7 @@ cfg.model.remat = 'full'
 cfg.model.lm.depth = 2
 cfg.train.batch_size = 8
 rng = np.random.default_rng(0)
-L = trainer.sequence_length(cfg)
+L = state_lib.sequence_length(cfg)
 batches = []
 for _ in range(2):
   tokens = rng.integers(6, 58, (8, L)).astype(np.int32)

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from experiment_utils import REPO, python_env, run_script, tiny_experiment
+from mmproj.train import loss as loss_lib
+from mmproj.train import state as state_lib
 from mmproj.train import trainer
 
 
@@ -142,14 +144,14 @@ def test_load_returns_the_trained_params(tiny_cfg, tmp_path):
                jax.device_get(result.state.params), jax.device_get(bundle.params))
   batch = {k: np.zeros(v.shape, v.dtype) for k, v in trainer.dummy_batch(tiny_cfg, 2).items()}
   logits = bundle.model.apply({'params': bundle.params}, batch)
-  assert logits.shape == (2, trainer.sequence_length(tiny_cfg), tiny_cfg.model.lm.vocab_size)
+  assert logits.shape == (2, state_lib.sequence_length(tiny_cfg), tiny_cfg.model.lm.vocab_size)
   with pytest.raises(FileNotFoundError, match='not an mmproj workdir'):
     mmproj.load(str(tmp_path / 'missing'))
 
 
 def _synthetic_batches(cfg, n, seed=0):
   rng = np.random.default_rng(seed)
-  b, length = int(cfg.train.batch_size), trainer.sequence_length(cfg)
+  b, length = int(cfg.train.batch_size), state_lib.sequence_length(cfg)
   out = []
   for _ in range(n):
     tokens = rng.integers(6, 58, (b, length)).astype(np.int32)
@@ -178,7 +180,7 @@ def test_loss_positions_give_the_update_of_every_position(tiny_cfg):
   exactly as 'all': batches whose loss lies in the text part (the gathered path) and a batch with a row of more
   than K loss positions (the every-position path, lax.cond), in one run."""
   batches = _synthetic_batches(tiny_cfg, 3)
-  n_img = trainer.sequence_length(tiny_cfg) - int(tiny_cfg.data.text_len)
+  n_img = state_lib.sequence_length(tiny_cfg) - int(tiny_cfg.data.text_len)
   for b in batches[:2]:
     b['loss_mask'][:, :n_img] = 0.0                                  # fits: every loss position is a text one
   batches[2]['loss_mask'][0] = 1.0                                 # overflows K: loss at all L positions
@@ -186,7 +188,7 @@ def test_loss_positions_give_the_update_of_every_position(tiny_cfg):
   for value in ('auto', 'all'):
     cfg = tiny_cfg.copy_and_resolve_references()
     cfg.train.loss_positions = value
-    assert trainer.loss_positions(cfg) == (int(cfg.data.text_len) if value == 'auto' else None)
+    assert state_lib.loss_positions(cfg) == (int(cfg.data.text_len) if value == 'auto' else None)
     results[value] = _train_on(cfg, batches)
   np.testing.assert_allclose(results['auto'][0], results['all'][0], atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results['auto'][1], results['all'][1])
@@ -207,7 +209,7 @@ def test_token_loss_sums_gathers_exactly():
   over[2, :7] = 1.0                                                # 7 > K loss positions
   for mask in (fits, over):
     def loss(h, w, positions):
-      nll, correct, count = trainer.token_loss_sums(lambda x: x @ w, h, targets, jax.numpy.asarray(mask), positions)
+      nll, correct, count = loss_lib.token_loss_sums(lambda x: x @ w, h, targets, jax.numpy.asarray(mask), positions)
       return nll, (correct, count)
     (nll_k, aux_k), g_k = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, w, k)
     (nll_all, aux_all), g_all = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, w, None)
@@ -237,8 +239,15 @@ def test_gradient_accumulation_equals_one_pass(tiny_cfg):
 
 
 def test_mfu_and_flops_are_logged(tiny_cfg, tmp_path, capsys):
-  trainer.train(tiny_cfg, str(tmp_path))
-  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  assert all(r['mfu'] > 0 and r['tflops_per_device'] > 0 for r in records)
+  """A CPU has no peak in the table: FLOP/s are logged, MFU only once train.device_peak_flops gives the peak."""
+  trainer.train(tiny_cfg, str(tmp_path / 'no_peak'))
+  records = [json.loads(line) for line in (tmp_path / 'no_peak' / 'metrics.jsonl').read_text().splitlines()]
+  assert all(r['tflops_per_device'] > 0 and 'mfu' not in r for r in records)
+  assert 'set train.device_peak_flops to report MFU' in capsys.readouterr().out
+  tiny_cfg.train.device_peak_flops = 1e11
+  trainer.train(tiny_cfg, str(tmp_path / 'peak'))
+  records = [json.loads(line) for line in (tmp_path / 'peak' / 'metrics.jsonl').read_text().splitlines()]
+  assert all(r['mfu'] == pytest.approx(r['tflops_per_device'] * 1e12 / 1e11) for r in records)
   out = capsys.readouterr().out
-  assert 'GFLOP' in out and 'peak:' in out and 'compiled step memory per device' in out and 'MFU' in out
+  assert 'GFLOP' in out and 'peak: train.device_peak_flops' in out and 'compiled step memory per device' in out
+  assert 'MFU' in out

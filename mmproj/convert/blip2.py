@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmproj import projectors
-from mmproj.convert import StateDict, activation, converter
+from mmproj.convert.base import StateDict, activation, converter
 from mmproj.projectors.qformer_losses import QFormerLMHead, QFormerPretrainer
 
 _FULL_MODEL_IGNORE = ('vision_model.', 'language_model.')  # the towers around the projector (post_layernorm is taken)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmproj import projectors
-from mmproj.convert import StateDict, converter
+from mmproj.convert.base import StateDict, converter
 
 
 @converter('Idefics3Connector', 'SmolVLMConnector')

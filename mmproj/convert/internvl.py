@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmproj import projectors
-from mmproj.convert import StateDict, activation, converter
+from mmproj.convert.base import StateDict, activation, converter
 
 
 @converter('InternVLMultiModalProjector')

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from mmproj.convert import StateDict, converter
+from mmproj.convert.base import StateDict, converter
 from mmproj.layers.rope import ROPE_SCALING_KEYS
 
 MODEL_TYPES = ('llama', 'mistral', 'qwen2')
@@ -278,7 +278,7 @@ def lm_params_to_hf(params: Any, cfg_lm: Any, prefix: str = 'model.', head_prefi
   """mmproj Llama params -> {HF key: float32 array}: the decoder under `prefix`, the head at `head_prefix` (absent
   when tied). Inverse of `lm_params_from_hf`; every param must be used and have the configured shape (ValueError
   naming the param path otherwise)."""
-  from mmproj.convert import ParamReader
+  from mmproj.convert.base import ParamReader
 
   c = dict(cfg_lm)
   d, h = int(c['width']), int(c['num_heads'])

@@ -55,8 +55,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mmproj import projectors
-from mmproj.convert import ParamReader, StateDict, activation, converter, hf_activation
+from mmproj import config_lib, projectors
+from mmproj.convert.base import ParamReader, StateDict, activation, converter, hf_activation
 from mmproj.convert import llama, vision
 
 # LlavaConfig (transformers 5) defaults for the fields read here; a diff-only config.json omits fields equal to these.
@@ -132,7 +132,6 @@ def _image_normalisation(preprocessor_config: dict | None, family: str, image_si
 def llava_model_config(hf_config: dict, preprocessor_config: dict | None = None) -> dict:
   """An HF LlavaConfig dict (config.json) -> a complete cfg.model dict for `mmproj.build_model` (see the module
   docstring for the mapping and what is refused, always with a ValueError naming the HF field)."""
-  import ml_collections
 
   from mmproj import model as mm
 
@@ -164,16 +163,46 @@ def llava_model_config(hf_config: dict, preprocessor_config: dict | None = None)
     raise ValueError(f'image_token_index={image_token_id} is not in [0, text_config.vocab_size={lm["vocab_size"]})')
   projector = dict(name='mlp', depth=2, act=activation(hf['projector_hidden_act'], 'projector_hidden_act'),
                    use_bias=bool(hf['multimodal_projector_bias']))
-  cfg = dict(use_image=True, image_token_id=int(image_token_id), dtype='float32', encoder=encoder,
-             projector=projector, lm=lm)
-  frozen = ml_collections.ConfigDict(cfg)
-  mm.validate(frozen)
+  cfg = config_lib.model_config(image_token_id=int(image_token_id), encoder=encoder, projector=projector, lm=lm)
+  mm.validate(cfg)
   if dict(hf_config).get('image_seq_length') is not None:
-    n = mm.num_image_tokens(frozen)
+    n = mm.num_image_tokens(cfg)
     if int(hf_config['image_seq_length']) != n:
       raise ValueError(f"image_seq_length={hf_config['image_seq_length']} differs from the {n} patch tokens of the "
                        f"vision tower ({encoder['image_size']}/{encoder['patch_size']} px)")
-  return cfg
+  return cfg.to_dict()
+
+
+def model_fields_from_dirs(vision_dir: str, lm_dir: str, tokenizer_path: str, *, output_layer: int = -2,
+                           image_token: str = '<image>') -> tuple[dict, dict, int]:
+  """(cfg.model.encoder, cfg.model.lm, image_token_id) describing a vision tower and an LM in HF directories and a
+  tokenizer.json holding <image>: the fields a config for those towers sets (configs/llava15_*.py describe
+  LLaVA-1.5's; a run checks its init directories against them). The LM's vocabulary is the larger of the
+  checkpoint's and the tokenizer's, rounded up to a multiple of 64 (32000 + <image> + <pad> -> 32064, as llava-hf);
+  the rows added start at the mean embedding (train/pretrained.py). Image mean / std come from the tower's
+  preprocessor_config.json, else CLIP's (a tower with a CLS token) or SigLIP's."""
+  from mmproj.convert import hf_dir
+  from mmproj.data import preprocess
+
+  vision_dir, lm_dir, tokenizer_path = (os.path.expanduser(p) for p in (vision_dir, lm_dir, tokenizer_path))
+  encoder = vision.encoder_config_from_hf(hf_dir.read_config(vision_dir), output_layer=output_layer)
+  clip = encoder['cls_token']
+  encoder['image_mean'] = list(preprocess.OPENAI_CLIP_MEAN if clip else preprocess.IMAGENET_STANDARD_MEAN)
+  encoder['image_std'] = list(preprocess.OPENAI_CLIP_STD if clip else preprocess.IMAGENET_STANDARD_STD)
+  if os.path.isfile(os.path.join(vision_dir, 'preprocessor_config.json')):
+    processor = preprocess.ImageProcessor.from_dir(vision_dir)
+    encoder['image_mean'], encoder['image_std'] = list(processor.image_mean), list(processor.image_std)
+  lm = llama.lm_config_from_hf(hf_dir.read_config(lm_dir))
+  tok_file = os.path.join(tokenizer_path, 'tokenizer.json') if os.path.isdir(tokenizer_path) else tokenizer_path
+  with open(tok_file) as f:
+    tok = json.load(f)
+  ids = dict(tok['model'].get('vocab') or {})
+  ids.update({t['content']: t['id'] for t in tok.get('added_tokens', [])})
+  if image_token not in ids:
+    raise ValueError(f'{tok_file}: no {image_token} token (use a LLaVA tokenizer.json, e.g. llava-hf/llava-1.5-7b-hf\'s, '
+                     'or add it as a special token)')
+  lm['vocab_size'] = -(-max(lm['vocab_size'], max(ids.values()) + 1) // 64) * 64
+  return encoder, lm, ids[image_token]
 
 
 # -- weights: HF -> mmproj ----------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmproj.convert import StateDict, activation, converter
+from mmproj.convert.base import StateDict, activation, converter
 from mmproj.projectors.gated_xattn import GatedXAttnProjector
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmproj import projectors
-from mmproj.convert import StateDict, activation, converter
+from mmproj.convert.base import StateDict, activation, converter
 
 
 def _attention(sd: StateDict, prefix: str, d: int, h: int, hkv: int, dh: int, out_name: str = 'o_proj') -> dict:

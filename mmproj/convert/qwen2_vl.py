@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 from mmproj import projectors
-from mmproj.convert import StateDict, activation, converter
+from mmproj.convert.base import StateDict, activation, converter
 
 
 @converter('PatchMerger', 'Qwen2_5_VLPatchMerger')

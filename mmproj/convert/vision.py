@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from mmproj.convert import ParamReader, StateDict, activation, converter, hf_activation
+from mmproj.convert.base import ParamReader, StateDict, activation, converter, hf_activation
 
 # model_type -> (family, HF defaults for fields a saved (diff-only) config may omit).
 _FAMILIES = {

@@ -111,12 +111,13 @@ BAD_ENTRIES_FILE = 'bad_entries.json'  # in the data set directory: JSON entries
 _log = logging.getLogger(__name__)
 
 
-def _cfg(data_cfg: Any, key: str) -> Any:
+def config_value(data_cfg: Any, key: str) -> Any:
+  """data_cfg.key, or its DEFAULTS value when the config leaves it out."""
   return shapes.get_field(data_cfg, key, DEFAULTS.get(key))
 
 
 def _path_field(data_cfg: Any, key: str) -> str:
-  value = _cfg(data_cfg, key)
+  value = config_value(data_cfg, key)
   if not value:
     raise ValueError(f'data.{key}: must be set')
   return os.path.abspath(os.path.expanduser(os.fspath(value)))
@@ -162,10 +163,10 @@ def config_from(data_cfg: Any) -> LlavaJsonConfig:
   json_path = _path_field(data_cfg, 'json')
   if not os.path.isfile(json_path):
     raise FileNotFoundError(f'data.json: {json_path} is not a file')
-  image_dir = _cfg(data_cfg, 'image_dir')
+  image_dir = config_value(data_cfg, 'image_dir')
   image_dir = os.path.abspath(os.path.expanduser(os.fspath(image_dir))) if image_dir else ''
   stem = re.sub(r'[^A-Za-z0-9_]+', '_', os.path.splitext(os.path.basename(json_path))[0])[:48] or 'data'
-  bad = sampling.check_bad_records(_cfg(data_cfg, 'bad_records'))
+  bad = sampling.check_bad_records(config_value(data_cfg, 'bad_records'))
   # A 'skip' build may leave entries out: it must never be read by a run that asked for errors.
   suffix = '_skipbad' if bad == 'skip' else ''
   return LlavaJsonConfig(name=f'{stem}_{json_hash(json_path)[:16]}{suffix}', json_path=json_path,
@@ -327,8 +328,8 @@ def load_tokenizer(data_cfg: Any) -> tokenizers.Tokenizer:
 
 def special_tokens(data_cfg: Any, tok: tokenizers.Tokenizer) -> conversation.SpecialTokens:
   return conversation.SpecialTokens.from_tokenizer(
-      tok, image_token=_cfg(data_cfg, 'image_token'), bos_token=_cfg(data_cfg, 'bos_token'),
-      eos_token=_cfg(data_cfg, 'eos_token'))
+      tok, image_token=config_value(data_cfg, 'image_token'), bos_token=config_value(data_cfg, 'bos_token'),
+      eos_token=config_value(data_cfg, 'eos_token'))
 
 
 def prepare(data_cfg: Any) -> tuple[str, tokenizers.Tokenizer]:
@@ -449,7 +450,7 @@ def load_image(data: bytes, *, size: int, aspect: str, mean: Sequence[float] | N
 
 def _check_options(data_cfg: Any) -> dict[str, Any]:
   """The row options from cfg.data, validated (ValueError naming the field)."""
-  o = {k: _cfg(data_cfg, k) for k in ('template', 'text_len', 'image_size', 'image_aspect', 'image_mean',
+  o = {k: config_value(data_cfg, k) for k in ('template', 'text_len', 'image_size', 'image_aspect', 'image_mean',
                                        'overflow', 'bad_records')}
   sampling.check_bad_records(o['bad_records'])
   if o['template'] not in conversation.TEMPLATES:
@@ -547,9 +548,9 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
   o = _check_options(data_cfg)
   special = special_tokens(data_cfg, tok)
   if worker_count is None:
-    worker_count = int(_cfg(data_cfg, 'worker_count') or 0)
+    worker_count = int(config_value(data_cfg, 'worker_count') or 0)
   if read_threads is None:
-    read_threads = int(_cfg(data_cfg, 'read_threads'))
+    read_threads = int(config_value(data_cfg, 'read_threads'))
   if worker_count > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app use defaults
@@ -598,7 +599,7 @@ def _records_that_fit(data_cfg: Any, tok: tokenizers.Tokenizer, source, *, num_i
   others when `log` (the first process only, in a multi-process run). Lengths come from `token_lengths`, cached
   as .npy in the data set directory (keyed by the tokenizer, the template, the special tokens and
   num_image_tokens; not cached when that directory is read-only)."""
-  key = hashlib.sha256('\n'.join(map(str, (tok.to_str(), _cfg(data_cfg, 'template'), special_tokens(data_cfg, tok),
+  key = hashlib.sha256('\n'.join(map(str, (tok.to_str(), config_value(data_cfg, 'template'), special_tokens(data_cfg, tok),
                                             num_image_tokens, split))).encode()).hexdigest()[:16]
   cache = os.path.join(os.fspath(builder(data_cfg).data_path), f'token_lengths-{split}-{key}.npy')
   lengths = None

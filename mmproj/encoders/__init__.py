@@ -13,6 +13,8 @@ def build_encoder(cfg: Any, dtype: Any = jnp.float32) -> ViT:
   """cfg.model.encoder (ConfigDict / FrozenConfigDict / dict) -> encoder module (compute dtype `dtype`)."""
   kwargs = dict(cfg)
   name = kwargs.pop('name', 'vit')
+  if kwargs.get('remat') is None:             # None: not set for this tower (the module's default)
+    kwargs.pop('remat', None)
   for key in ('image_mean', 'image_std'):     # ConfigDict lists -> tuples (module attributes must be hashable)
     if kwargs.get(key) is not None:
       kwargs[key] = tuple(float(v) for v in kwargs[key])

@@ -132,6 +132,19 @@ class ViT(nn.Module):
       raise ValueError(f'output_layer={self.output_layer} out of range [-{self.depth}, -1]')
     return self.depth + self.output_layer + 1
 
+  def matmul_flops(self) -> dict[str, int]:
+    """Matmul FLOPs (2 per multiply-add) of one image's forward pass, N = (image_size / p)^2 patches, S = N (+1
+    with cls_token) tokens, D width, F mlp_dim:
+      embed      patch embedding                                    2 * N * (3 p^2) * D
+      per block (`blocks` = num_blocks of them):
+        weights    q, k, v, o, fc1, fc2                             2 * S * (4 D^2 + 2 D F)
+        attention  scores q k^T and weighted sum p v                2 * 2 * S^2 * D
+        last       fc2, the block's last matmul (the one remat='full' does not recompute)   2 * S * F * D"""
+    n = (self.image_size // self.patch_size) ** 2
+    s, d, f = n + int(self.cls_token), self.width, self.mlp_dim
+    return dict(embed=2 * n * 3 * self.patch_size ** 2 * d, blocks=self.num_blocks,
+                weights=2 * s * (4 * d * d + 2 * d * f), attention=2 * 2 * s * s * d, last=2 * s * f * d)
+
   @nn.compact
   def __call__(self, image):                                              # [B, H, W, 3]
     if image.shape[1:3] != (self.image_size, self.image_size):

@@ -5,7 +5,8 @@ G = num_heads // num_kv_heads (HF `repeat_kv` order). num_kv_heads == num_heads 
 
 Masks are boolean [B, T, S] (True = query t may attend key s), built with the helpers below. A query whose keys
 are all masked (e.g. a left-padding position) attends to nothing: its attention output is zero (no NaNs, and no
-dependence on other positions).
+dependence on other positions). Which implementation computes it is model.kernels.attention
+(mmproj/layers/kernels.py): jax.nn.dot_product_attention by default.
 
 KV cache (decoding): pass `kv_cache=(k, v)` with k, v [B, S, Hkv, Dh] and `cache_index` (int32 scalar). The T new
 keys/values are written at slots [cache_index, cache_index + T) and the queries attend over all S slots; the new
@@ -22,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmproj.layers import kernels
 from mmproj.layers.rope import apply_rope
 
 Dtype = Any
@@ -76,16 +78,24 @@ masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
 
 
 def causal_query_blocks(length: int) -> list[tuple[int, int]]:
-  """Query blocks [start, end) for causal self-attention over `length` tokens: block i needs keys [0, end) only,
-  since every later key is masked for all of its queries. length // 176 blocks (at most 8) of near-equal size,
-  one (plain dense attention) below 352 tokens; n blocks compute (n + 1) / 2n of the L x L scores (5/8 at L = 704,
-  9/16 at 2048). Why 176: on CPU the LLaVA stage-1 bench step (L = 704) was fastest with 4 blocks (2 to 8
-  tried: fewer skip less, more pay more per-block slicing). mmproj.train.flops counts the same blocks."""
+  """Query blocks [start, end) for causal self-attention over `length` tokens (model.kernels.attention =
+  'query_blocks'): block i needs keys [0, end) only, since every later key is masked for all of its queries.
+  length // 176 blocks (at most 8) of near-equal size, one (plain dense attention) below 352 tokens; n blocks
+  compute (n + 1) / 2n of the L x L scores (5/8 at L = 704, 9/16 at 2048). The block size is the one the CPU
+  benchmark's LLaVA stage-1 step ran fastest with (BENCHMARKS.md)."""
   n = min(8, length // 176)
   if n < 2:
     return [(0, length)]
   bounds = [round(i * length / n) for i in range(n + 1)]
   return list(zip(bounds[:-1], bounds[1:]))
+
+
+def attention_pairs(num_queries: int, num_keys: int, *, causal: bool = False, kernel: str = 'xla') -> int:
+  """(query, key) score pairs one head of `dot_product_attention` computes with model.kernels.attention =
+  `kernel`: T * S, or for causal self-attention with 'query_blocks' the pairs of its blocks."""
+  if causal and kernel == 'query_blocks':
+    return sum((hi - lo) * hi for lo, hi in causal_query_blocks(num_queries))
+  return num_queries * num_keys
 
 
 def _attend(q, k, v, mask):
@@ -98,23 +108,39 @@ def _attend(q, k, v, mask):
 
 
 def dot_product_attention(q, k, v, mask=None, return_probs: bool = False, causal: bool = False):
-  """Grouped-query softmax attention.
+  """Grouped-query softmax attention, by the implementation of model.kernels.attention (mmproj/layers/kernels.py).
 
   q [B, T, H, Dh], k/v [B, S, Hkv, Dh], mask bool [B, T, S] or None.  -> [B, T, H, Dh] in q.dtype.
-  Logits and softmax in float32. return_probs=True also returns the float32 softmax probabilities
-  [B, H, T, S] (head h = query head h; fully masked rows are zero), i.e. (out, probs).
+  Logits and softmax in float32. A query whose keys are all masked gets a zero output. return_probs=True also
+  returns the float32 softmax probabilities [B, H, T, S] (head h = query head h; fully masked rows are zero),
+  i.e. (out, probs): the output is the kernel's, the probabilities come from the einsum path (computed again).
 
   causal=True promises that query t and key s are the same sequence's slots (S == T) and that the mask hides
-  every key s > t (it may hide more: padding, a sliding window, segments). The queries are then split into
-  causal_query_blocks and block [a, b) attends keys [0, b) only: the same result without the scores above the
-  diagonal blocks. Not with return_probs (the maps are returned whole).
+  every key s > t (it may hide more: padding, a sliding window, segments). The 'query_blocks' kernel then splits
+  the queries into causal_query_blocks, block [a, b) attending keys [0, b) only: the same result without the
+  scores above the diagonal blocks; 'cudnn' uses its causal mask type.
   """
+  if causal and k.shape[1] != q.shape[1]:
+    raise ValueError(f'causal attention needs as many keys as queries: {k.shape[1]} keys, {q.shape[1]} queries')
+  kernel = kernels.current().attention
+  if kernel == 'query_blocks':
+    out = _einsum_attention(q, k, v, mask, False, causal)
+  else:
+    out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
+                                       is_causal=causal and kernel == 'cudnn', implementation=kernel)
+    if mask is not None:                                                      # fully masked queries -> 0
+      out = out * jnp.any(mask, axis=-1)[:, :, None, None].astype(out.dtype)
+  if return_probs:       # the maps from the einsum path; the output stays the kernel's
+    return out, _einsum_attention(q, k, v, mask, True, False)[1]
+  return out                                                                  # [B, T, H, Dh]
+
+
+def _einsum_attention(q, k, v, mask, return_probs: bool, causal: bool):
+  """The einsum path: scores, masked_softmax, weighted sum; causal queries in blocks (see dot_product_attention)."""
   b, t, h, dh = q.shape
   hkv = k.shape[2]
   q = q.reshape(b, t, hkv, h // hkv, dh) * jnp.asarray(dh ** -0.5, q.dtype)  # [B, T, Hkv, G, Dh]
   blocks = causal_query_blocks(t) if causal and not return_probs else [(0, t)]
-  if causal and k.shape[1] != t:
-    raise ValueError(f'causal attention needs as many keys as queries: {k.shape[1]} keys, {t} queries')
   if len(blocks) > 1:
     # Head-major layout, so that each block's rows are contiguous slices and its dots need no transposes.
     qh = jnp.transpose(q, (0, 2, 3, 1, 4))                                   # [B, Hkv, G, T, Dh]
@@ -189,7 +215,7 @@ class Attention(nn.Module):
       new_cache = (k, v)
       k, v = k.astype(self.dtype), v.astype(self.dtype)
 
-    if self.is_mutable_collection('intermediates'):  # apply(..., mutable=['intermediates']): mmproj/eval/attention.py
+    if self.is_mutable_collection('intermediates'):  # apply(..., mutable=['intermediates']): mmproj/inference/attention.py
       out, probs = dot_product_attention(q, k, v, mask, return_probs=True)    # [B, T, H, Dh], [B, H, T, S]
       self.sow('intermediates', 'attention_probs', probs)
     else:

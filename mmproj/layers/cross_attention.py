@@ -72,7 +72,7 @@ class CrossAttention(nn.Module):
     if self.qk_norm is not None:
       q = make_norm(self.qk_norm, self.norm_eps, self.dtype, 'q_norm')(q)     # [B, T, H, Dh]
       k = make_norm(self.qk_norm, self.norm_eps, self.dtype, 'k_norm')(k)     # [B, S, Hkv, Dh]
-    if self.is_mutable_collection('intermediates'):  # apply(..., mutable=['intermediates']): mmproj/eval/attention.py
+    if self.is_mutable_collection('intermediates'):  # apply(..., mutable=['intermediates']): mmproj/inference/attention.py
       out, probs = dot_product_attention(q, k, v, mask, return_probs=True)    # [B, T, H, Dh], [B, H, T, S]
       self.sow('intermediates', 'attention_probs', probs)
     else:

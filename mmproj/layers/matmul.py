@@ -1,22 +1,19 @@
-"""The matmul of a dense layer, y = x W, with a weight gradient that XLA CPU runs at its matmul rate.
+"""model.kernels.dense = 'cpu_transpose_copy': a dense layer's matmul, y = x W, with a weight gradient in the form
+XLA CPU runs at its matmul rate (mmproj/layers/kernels.py; the default, 'xla', is nn.Dense's plain dot_general).
 
-The weight gradient dW = x^T dy contracts over the tokens, the leading axis of both operands. XLA CPU (jax 0.10)
-runs plain (x W) and right-transposed (dy W^T) matmuls as YNNPACK kernels but this left-transposed one as an Eigen
-dot, 10-20% slower at the projectors' shapes; where it does transpose an operand first, it fuses the transpose into
-the operand's elementwise producer (the bias add, the GELU), and that fused, strided loop takes ~10x the time of a
-plain transpose copy (13 ms vs 1 ms for [1152, 4096] f32 here). `python -m mmproj.bench.diagnose matmul-forms`
-measures the forms.
+The weight gradient dW = x^T dy contracts over the tokens, the leading axis of both operands. XLA CPU runs plain
+(x W) and right-transposed (dy W^T) matmuls as YNNPACK kernels but this left-transposed one as a slower Eigen dot;
+where it does transpose an operand first, it fuses the transpose into the operand's elementwise producer (the
+bias add, the GELU), a strided loop much slower than a plain transpose copy. `python -m benchmarks.diagnose
+matmul-forms` measures the forms; BENCHMARKS.md has the figures, with the one measured shape where this loses.
 
-`dense_dot_general` (nn.Dense's `dot_general` in `mmproj.layers.dense`) has the same forward and a custom JVP
-whose weight term is written with that copy, so that reverse mode transposes it into the fast form:
+`dense_dot_general` (nn.Dense's `dot_general` in `mmproj.layers.dense` under this choice) has the same forward and
+a custom JVP whose weight term is written with that copy, so that reverse mode transposes it into the fast form:
   y' = x' W + x W'   with   x W' = T(x)^T W'     T(x) = x^T as a plain copy [D, T] (T = tokens, all lead axes)
   -> dx = dy W^T [..., D],   dW = T(x) dy [D, F]
-On CPU, T(x) is the transpose inside a lax.cond: XLA does not fuse across a conditional, so x is the materialised
-array its other consumers read and the transpose is a layout copy; both branches are the same transpose, so the
-predicate (read from x) never changes the result. On other backends T(x) is x^T and the compiler picks the layout.
-Measured (`diagnose matmul-forms`, BENCHMARKS.md): faster at every bench row's shape (e.g. 463-467 vs 376-379
-GFLOP/s for llava_mlp's first layer); slower at one measured shape, SmolVLM-Instruct's connector (T = 162 rows,
-D = 10368, F = 2048: 424-437 vs 452-455), which has no bench row.
+T(x) is the transpose inside a lax.cond: XLA does not fuse across a conditional, so x is the materialised array its
+other consumers read and the transpose is a layout copy; both branches are the same transpose, so the predicate
+(read from x) never changes the result.
 A JVP rule (not a VJP) keeps the dots plain dot_general primitives, so remat policies ('dots') and the traced FLOP
 counts (mmproj.train.flops) see what they see without it, and a frozen weight (no tangent) costs no copy.
 """
@@ -32,8 +29,6 @@ from jax.custom_derivatives import SymbolicZero
 
 
 def _transposed_copy(x2):                                               # x2 [T, D] -> [D, T]
-  if jax.default_backend() != 'cpu':
-    return x2.T
   # The predicate is data so that XLA cannot fold the conditional away; both branches are identical.
   return lax.cond(jnp.isnan(x2[0, 0]), jnp.transpose, jnp.transpose, x2)
 

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmproj.layers import kernels
 from mmproj.layers.matmul import dense_dot_general
 
 Dtype = Any
@@ -39,10 +40,12 @@ def get_activation(name: str):
 
 def dense(features: int, names: tuple, *, use_bias: bool, dtype: Dtype, name: str | None = None) -> nn.Dense:
   """nn.Dense (lecun-normal kernel, zero bias) with logical axes `names` on the kernel and names[-1:] on the bias;
-  params float32, compute in `dtype`; its matmul is `dense_dot_general` (the weight gradient in the form XLA CPU
-  runs fastest, mmproj/layers/matmul.py)."""
+  params float32, compute in `dtype`. Its matmul is lax.dot_general, or with model.kernels.dense =
+  'cpu_transpose_copy' `dense_dot_general` (mmproj/layers/matmul.py)."""
+  cpu_form = kernels.current().dense == 'cpu_transpose_copy'
   return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name, dot_general=dense_dot_general,
+      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+      dot_general=dense_dot_general if cpu_form else None,
       kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
 

@@ -13,7 +13,10 @@ def build_lm(cfg: Any, dtype: Any = jnp.float32, cross_attention: Any = None) ->
   cross_attention: None, or the gated cross-attention blocks an injecting projector asks for
   (e.g. GatedXAttnProjector.lm_injection(cfg.model.projector, width)); see mmproj/lm/llama.py.
   """
-  return Llama(**dict(cfg), cross_attention=cross_attention, dtype=dtype)
+  kwargs = dict(cfg)
+  if kwargs.get('remat') is None:             # None: not set for this tower (the module's default)
+    kwargs.pop('remat', None)
+  return Llama(**kwargs, cross_attention=cross_attention, dtype=dtype)
 
 
 __all__ = ['DecoderBlock', 'Llama', 'build_lm', 'make_cache']

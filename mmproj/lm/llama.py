@@ -20,7 +20,7 @@ A call with T new tokens writes slots [index, index + T) and advances index by T
 s <= index + t and mask[s] == 1.
 
 Gated cross-attention (Flamingo; `cross_attention` set by MultimodalLM for an injecting projector such as
-gated_xattn): a GatedCrossAttentionBlock (mmproj/projectors/gated_xattn.py) runs before every `every`-th block
+gated_xattn): a GatedCrossAttentionBlock (mmproj/layers/gated_cross_attention.py) runs before every `every`-th block
 (params xattn_layers_{i}, i = the block it precedes), attending to media tokens [B, T_img, M, D] under a media
 mask built from media_index [B, T] (images at or before each token). The blocks run only when media is passed
 (or cached): without it the LM is exactly the text-only LM. A prefill with media adds to the cache
@@ -49,11 +49,12 @@ import jax
 import jax.numpy as jnp
 
 from mmproj.layers import Attention, RMSNorm, SwiGLU, causal_padding_mask, dense
+from mmproj.layers.attention import attention_pairs
 from mmproj.layers.rope import check_rope_scaling
 from mmproj.layers.scan import check_remat, check_scan, remat_block, scan_blocks
-from mmproj.projectors.gated_xattn import (GatedCrossAttentionBlock, media_attention_mask, media_ids,
-                                           xattn_layer_ids)
-from mmproj.train.sharding import constrain
+from mmproj.layers.gated_cross_attention import (GatedCrossAttentionBlock, media_attention_mask, media_ids,
+                                                 xattn_layer_ids)
+from mmproj.layers.partitioning import constrain
 
 Dtype = Any
 
@@ -157,6 +158,30 @@ class Llama(nn.Module):
     self.norm = RMSNorm(self.norm_eps, self.dtype)
     if not self.tie_embeddings:
       self.lm_head = dense(self.vocab_size, ('embed', 'vocab'), use_bias=False, dtype=self.dtype)
+
+  def matmul_flops(self, length: int, head_positions: int, attention: str = 'xla',
+                   media_len: int = 0) -> dict[str, Any]:
+    """Matmul FLOPs (2 per multiply-add) of one row of `length` tokens, D width, H heads, K kv heads, d head_dim,
+    F mlp_dim, V vocab_size, P = the (query, key) pairs the attention kernel scores (mmproj.layers.attention_pairs:
+    L^2, fewer with 'query_blocks'):
+      per block (`blocks` = depth of them):
+        weights    q, o  2 * 2 * L * D * H * d;  k, v  2 * 2 * L * D * K * d;  gate, up, down  3 * 2 * L * D * F
+        attention  scores and weighted sum  2 * 2 * P * H * d
+        last       down_proj, the block's last matmul (the one remat='full' does not recompute)   2 * L * F * D
+      head         the vocabulary projection at `head_positions` of the row (tied or not)   2 * N * D * V
+      gated        {LM block i: that gated cross-attention block's figures} over media_len media tokens
+    The embedding is a gather: no matmul."""
+    d, h, k, dh, f = self.width, self.num_heads, self.num_kv_heads, self.dim_per_head, self.mlp_dim
+    pairs = attention_pairs(length, length, causal=True, kernel=attention)
+    out = dict(blocks=self.depth, weights=2 * length * (2 * d * h * dh + 2 * d * k * dh + 3 * d * f),
+               attention=2 * 2 * pairs * h * dh, last=2 * length * f * d,
+               head=2 * head_positions * d * self.vocab_size, gated={})
+    if self.cross_attention is not None:
+      fields = {k: v for k, v in dict(self.cross_attention).items() if k not in ('every', 'media_mask')}
+      block = GatedCrossAttentionBlock(**fields, dtype=self.dtype, parent=None)   # unbound: for its count
+      out['gated'] = {i: block.matmul_flops(length, media_len)
+                      for i in xattn_layer_ids(self.depth, self.cross_attention['every'])}
+    return out
 
   def embed(self, tokens):
     """tokens int [B, T] -> embeddings [B, T, D] (compute dtype).

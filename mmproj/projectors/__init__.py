@@ -11,125 +11,25 @@ Every projector class
     y = proj.apply({'params': p}, x, grid=(h, w), deterministic=True)    # x [B, N, Dv] -> y [B, M, Dt]
 """
 
-import dataclasses
-import numbers
-from typing import Any, Callable
+from mmproj.projectors.registry import (REGISTRY, build, check_choice, check_int, check_positive, get,
+                                       num_output_tokens, param_count, register, validate)
 
-import jax.numpy as jnp
-
-REGISTRY: dict[str, type] = {}
-
-# cfg keys handled by the registry itself rather than passed to the projector class.
-_RESERVED = ('name', 'in_dim', 'out_dim')
-
-
-def check_int(cfg: Any, key: str, default: Any, minimum: int = 1) -> int | None:
-  """cfg[key] (or default), an int >= minimum (bool is not; None only when default is None); ValueError naming it."""
-  value = cfg.get(key, default)
-  if value is None and default is None:
-    return None
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    allowed = 'None or an int' if default is None else 'an int'
-    raise ValueError(f'model.projector.{key} must be {allowed} >= {minimum}, got {value!r}')
-  return value
-
-
-def check_choice(cfg: Any, key: str, default: Any, choices: Any) -> Any:
-  """cfg[key] (or default), one of choices (None only when default is None); ValueError naming it and them."""
-  value = cfg.get(key, default)
-  if value is None and default is None:
-    return None
-  if value not in choices:
-    shown = list(choices) if isinstance(choices, (tuple, list)) else sorted(choices)
-    raise ValueError(f'model.projector.{key}={value!r} is not one of {shown}')
-  return value
-
-
-def check_positive(cfg: Any, key: str, default: Any) -> float | None:
-  """cfg[key] (or default), a number > 0 (bool is not; None only when default is None); ValueError naming it."""
-  value = cfg.get(key, default)
-  if value is None and default is None:
-    return None
-  if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
-    allowed = 'None or a number' if default is None else 'a number'
-    raise ValueError(f'model.projector.{key} must be {allowed} > 0, got {value!r}')
-  return value
-
-
-def register(name: str) -> Callable[[type], type]:
-  """Class decorator: `@register('mlp') class MLPProjector(nn.Module): ...`."""
-  def decorator(cls: type) -> type:
-    if name in REGISTRY:
-      raise ValueError(f'projector {name!r} is already registered ({REGISTRY[name].__name__})')
-    REGISTRY[name] = cls
-    return cls
-  return decorator
-
-
-def get(name: str) -> type:
-  """Projector class for `name`; ValueError naming model.projector.name and the known names otherwise."""
-  if name not in REGISTRY:
-    raise ValueError(f'unknown model.projector.name {name!r}; known projectors: {sorted(REGISTRY)}')
-  return REGISTRY[name]
-
-
-def _hparams(cfg: Any) -> dict:
-  """The projector's own hyper-parameters from cfg (reserved keys dropped); unknown keys -> ValueError."""
-  cls = get(cfg['name'])
-  fields = {f.name for f in dataclasses.fields(cls)} - {'in_dim', 'out_dim', 'dtype', 'parent', 'name'}
-  hparams = {k: v for k, v in dict(cfg).items() if k not in _RESERVED}
-  unknown = sorted(set(hparams) - fields)
-  if unknown:
-    raise ValueError(f'unknown field(s) model.projector.{unknown[0]} for projector {cfg["name"]!r} '
-                     f'(all unknown: {unknown}); it accepts: {sorted(fields)}')
-  return hparams
-
-
-def validate(cfg: Any, in_dim: int, out_dim: int) -> None:
-  """Checks name, optional in_dim/out_dim and the projector's own fields; ValueError naming the field."""
-  cls = get(cfg['name'])
-  for key, actual in (('in_dim', in_dim), ('out_dim', out_dim)):
-    given = cfg.get(key, None)
-    if given is not None and given != actual:
-      raise ValueError(f'model.projector.{key}={given} does not match the '
-                       f'{"encoder" if key == "in_dim" else "LM"} width {actual}')
-  _hparams(cfg)
-  if hasattr(cls, 'check_config'):
-    cls.check_config(cfg)
-
-
-def build(cfg: Any, in_dim: int, out_dim: int, dtype: Any = jnp.float32):
-  """cfg.model.projector -> projector module (params float32, compute in `dtype`)."""
-  validate(cfg, in_dim, out_dim)
-  return get(cfg['name'])(in_dim=in_dim, out_dim=out_dim, dtype=dtype, **_hparams(cfg))
-
-
-def num_output_tokens(cfg: Any, grid: tuple[int, int]) -> int:
-  """Number of tokens M the projector emits for an encoder grid (h, w)."""
-  return get(cfg['name']).num_output_tokens(cfg, tuple(grid))
-
-
-def param_count(cfg: Any, in_dim: int, out_dim: int) -> int:
-  """The projector's documented parameter-count formula."""
-  return get(cfg['name']).param_count(cfg, in_dim, out_dim)
-
-
-# Projector families register themselves on import (must come after `register` is defined).
-from mmproj.projectors import linear as linear  # noqa: E402
-from mmproj.projectors import mlp as mlp  # noqa: E402
-from mmproj.projectors import gated_xattn as gated_xattn  # noqa: E402
-from mmproj.projectors import qformer as qformer  # noqa: E402
-from mmproj.projectors import pixel_shuffle as pixel_shuffle  # noqa: E402
-from mmproj.projectors import patch_merger as patch_merger  # noqa: E402
-from mmproj.projectors import avg_pool as avg_pool  # noqa: E402
-from mmproj.projectors import perceiver as perceiver  # noqa: E402
-from mmproj.projectors import qwen_vl_resampler as qwen_vl_resampler  # noqa: E402
-from mmproj.projectors import cross_attention as cross_attention  # noqa: E402
-from mmproj.projectors import tokenpacker as tokenpacker  # noqa: E402
-from mmproj.projectors import c_abstractor as c_abstractor  # noqa: E402
-from mmproj.projectors import d_abstractor as d_abstractor  # noqa: E402
-from mmproj.projectors import ldp as ldp  # noqa: E402
-from mmproj.projectors import ldpv2 as ldpv2  # noqa: E402
+# Projector families register themselves on import.
+from mmproj.projectors import linear as linear
+from mmproj.projectors import mlp as mlp
+from mmproj.projectors import gated_xattn as gated_xattn
+from mmproj.projectors import qformer as qformer
+from mmproj.projectors import pixel_shuffle as pixel_shuffle
+from mmproj.projectors import patch_merger as patch_merger
+from mmproj.projectors import avg_pool as avg_pool
+from mmproj.projectors import perceiver as perceiver
+from mmproj.projectors import qwen_vl_resampler as qwen_vl_resampler
+from mmproj.projectors import cross_attention as cross_attention
+from mmproj.projectors import tokenpacker as tokenpacker
+from mmproj.projectors import c_abstractor as c_abstractor
+from mmproj.projectors import d_abstractor as d_abstractor
+from mmproj.projectors import ldp as ldp
+from mmproj.projectors import ldpv2 as ldpv2
 
 __all__ = ['REGISTRY', 'build', 'check_choice', 'check_int', 'check_positive', 'get', 'num_output_tokens', 'param_count',
            'register', 'validate']

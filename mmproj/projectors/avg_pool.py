@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmproj.layers.token_grid import NORMS, avg_pool_2d, check_grid, norm_layer, norm_params
-from mmproj.projectors import check_choice, register
+from mmproj.projectors.registry import check_choice, register
 from mmproj.projectors.mlp import MLPProjector
 
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from mmproj.layers import ACTIVATIONS, LayerNorm, dense, get_activation
 from mmproj.layers.feature_map import DepthwiseConv2d, SqueezeExcite, map_to_tokens, square_side, tokens_to_map
 from mmproj.layers.token_grid import avg_pool_2d
-from mmproj.projectors import check_choice, check_int, register
+from mmproj.projectors.registry import check_choice, check_int, register
 
 
 def se_channels(in_channels: int, se_ratio: float) -> int:

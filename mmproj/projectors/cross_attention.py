@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from mmproj.layers import ACTIVATIONS, GeluMLP, LayerNorm, padding_mask
 from mmproj.layers.cross_attention import CrossAttention
-from mmproj.projectors import check_choice, check_int, check_positive, register
+from mmproj.projectors.registry import check_choice, check_int, check_positive, register
 
 
 def check_num_kv_heads(cfg, heads: int) -> None:

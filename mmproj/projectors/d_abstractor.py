@@ -56,7 +56,7 @@ from mmproj.layers import ACTIVATIONS, CrossAttention, GeluMLP, LayerNorm, dense
 from mmproj.layers.deformable_attention import DeformableAttention
 from mmproj.layers.feature_map import map_to_tokens, square_side, tokens_to_map
 from mmproj.layers.token_grid import avg_pool_2d
-from mmproj.projectors import check_choice, check_int, register
+from mmproj.projectors.registry import check_choice, check_int, register
 from mmproj.projectors.c_abstractor import (check_grid_matches_pos_emb, check_pos_emb_grid, position_embedding,
                                             readout_mlp, readout_param_count)
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from mmproj.layers import LayerNorm, dense
 from mmproj.layers.feature_map import DepthwiseConv2d, SqueezeExcite, map_to_tokens, tokens_to_map
-from mmproj.projectors import check_positive, register
+from mmproj.projectors.registry import check_positive, register
 
 
 def make_divisible(v: float, divisor: int = 8) -> int:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from mmproj.layers.feature_map import DepthwiseConv2d, map_to_tokens, tokens_to_map
 from mmproj.layers.token_grid import avg_pool_2d
-from mmproj.projectors import check_int, register
+from mmproj.projectors.registry import check_int, register
 from mmproj.projectors.ldp import pointwise_mlp
 
 

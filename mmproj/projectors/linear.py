@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmproj.layers import dense
-from mmproj.projectors import register
+from mmproj.projectors.registry import register
 
 
 @register('linear')

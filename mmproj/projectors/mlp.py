@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmproj.layers import ACTIVATIONS, dense, get_activation
-from mmproj.projectors import check_choice, check_int, register
+from mmproj.projectors.registry import check_choice, check_int, register
 
 
 @register('mlp')

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from mmproj.layers import ACTIVATIONS, dense, get_activation
 from mmproj.layers.token_grid import (check_divisible, check_grid, norm_layer, norm_params, space_to_depth,
                                    windows_to_depth)
-from mmproj.projectors import check_choice, check_int, register
+from mmproj.projectors.registry import check_choice, check_int, register
 
 INPUT_ORDERS = ('row_major', 'windowed')
 

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 
 from mmproj.layers import ACTIVATIONS, GeluMLP, dense, get_activation, padding_mask
 from mmproj.layers.cross_attention import CrossAttention, make_norm, norm_param_count
-from mmproj.projectors import check_choice, check_int, check_positive, register
+from mmproj.projectors.registry import check_choice, check_int, check_positive, register
 from mmproj.projectors.cross_attention import check_num_kv_heads
 
 VARIANTS = {

@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmproj.layers.token_grid import NORMS, check_divisible, check_grid, norm_layer, norm_params, space_to_depth
-from mmproj.projectors import check_choice, check_int, register
+from mmproj.projectors.registry import check_choice, check_int, register
 from mmproj.projectors.mlp import MLPProjector
 
 

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 
 from mmproj.layers import ACTIVATIONS, BertAttention, BertFeedForward, LayerNorm, dense, padding_mask
 from mmproj.layers.bert import PostLN
-from mmproj.projectors import check_choice, check_int, check_positive, register
+from mmproj.projectors.registry import check_choice, check_int, check_positive, register
 
 Dtype = Any
 

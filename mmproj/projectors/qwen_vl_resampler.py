@@ -39,7 +39,7 @@ import numpy as np
 
 from mmproj.layers import LayerNorm, dense
 from mmproj.layers.cross_attention import CrossAttention
-from mmproj.projectors import check_int, check_positive, register
+from mmproj.projectors.registry import check_int, check_positive, register
 
 
 def sincos_2d(dim: int, rows: int, cols: int) -> np.ndarray:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from mmproj.layers import ACTIVATIONS, LayerNorm, dense
 from mmproj.layers.cross_attention import CrossAttention
-from mmproj.projectors import check_choice, check_int, check_positive, register
+from mmproj.projectors.registry import check_choice, check_int, check_positive, register
 from mmproj.projectors.mlp import MLPProjector
 
 

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the train state together with the data iterator, and the restore behind `mmproj.load`.
+"""Orbax checkpoints of the train state together with the data iterator, and the read-only restore behind
+`mmproj.load`.
 
 Layout of a workdir (in a multi-host run, a directory every host sees: NFS, Filestore, a gcsfuse mount):
   WORKDIR/config.json          the full experiment config (what `load` rebuilds the model from)
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import grain
@@ -28,6 +29,8 @@ import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+
+from mmproj import config_lib
 
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.json'
@@ -253,21 +256,11 @@ def save_run_files(workdir: str, cfg: ml_collections.ConfigDict, tokenizer) -> N
   (root / TOKENIZER_FILE).write_text(tokenizer.to_str(pretty=True))
 
 
-def restore_for_inference(path: str, step: int | None = None, *, mesh: Mapping[str, int] | None = None,
-                          devices: Sequence[jax.Device] | None = None):
-  """An Orbax workdir (latest step, or `step`) or one of its step directories -> (model, params, tokenizer, cfg,
-  step), params placed on `devices` (default: all of this process's devices) laid out as `mesh` ({data, fsdp,
-  tensor} sizes, one may be -1; default data-parallel over all of them, {'data': -1}). The checkpoint may have
-  been written by any number of processes on any mesh. mmproj.load wraps this."""
+def read_run_files(path: str) -> tuple[ml_collections.ConfigDict, Any]:
+  """A workdir's config.json and tokenizer.json -> (cfg, tokenizers.Tokenizer); FileNotFoundError / ValueError
+  naming the file when one is missing or malformed."""
   from tokenizers import Tokenizer
 
-  from mmproj.train import trainer  # the trainer knows how to build the abstract state for a config
-
-  path = workdir_path(path)
-  parts = path.rsplit('/', 2)
-  if len(parts) == 3 and parts[1] == 'checkpoints' and parts[2].isdigit():
-    step = int(parts[2]) if step is None else step
-    path = parts[0]
   root = epath.Path(path)
   config_path = root / CONFIG_FILE
   if not config_path.is_file():
@@ -276,20 +269,34 @@ def restore_for_inference(path: str, step: int | None = None, *, mesh: Mapping[s
     cfg = ml_collections.ConfigDict(json.loads(config_path.read_text()))
   except ValueError as e:
     raise ValueError(f'{config_path}: malformed JSON ({e})') from None
+  # A run saved before a model field existed gets that field's default.
+  cfg.model = config_lib.model_config(**cfg.model.to_dict())
   tokenizer_path = root / TOKENIZER_FILE
   if not tokenizer_path.is_file():
     raise FileNotFoundError(f'{tokenizer_path} not found: the workdir {path} is incomplete')
-  tokenizer = Tokenizer.from_str(tokenizer_path.read_text())
+  return cfg, Tokenizer.from_str(tokenizer_path.read_text())
 
-  mesh = {'data': -1} if mesh is None else dict(mesh)
-  cfg.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1, **mesh})
-  setup = trainer.setup(cfg, list(jax.local_devices() if devices is None else devices))
-  manager = ocp.CheckpointManager(checkpoint_dir(path), options=ocp.CheckpointManagerOptions(read_only=True))
+
+def split_step_path(path: str, step: int | None = None) -> tuple[str, int | None]:
+  """WORKDIR or WORKDIR/checkpoints/<step> -> (workdir, step): a step directory names its step (unless `step`
+  is given)."""
+  path = workdir_path(path)
+  parts = path.rsplit('/', 2)
+  if len(parts) == 3 and parts[1] == 'checkpoints' and parts[2].isdigit():
+    return parts[0], int(parts[2]) if step is None else step
+  return path, step
+
+
+def restore_state(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
+  """The train state of `step` (default the latest) in a workdir, read-only, onto the shardings of
+  `abstract_state` and checked against its checksums -> (state, step). The checkpoint may have been written by
+  any number of processes on any mesh."""
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(f'no checkpoint{"" if step is None else f" for step {step}"} in {checkpoint_dir(path)}'
+    raise FileNotFoundError(f'no checkpoint{"" if step is None else f" for step {step}"} in {checkpoint_dir(workdir)}'
                             f' (steps present: {list(manager.all_steps())})')
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(setup.abstract_state),
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                           meta=ocp.args.JsonRestore()))
-  verify_checksums(restored['state'], dict(restored['meta']), f'checkpoint step {step} in {checkpoint_dir(path)}')
-  return setup.model, restored['state'].params, tokenizer, cfg, step
+  verify_checksums(restored['state'], dict(restored['meta']), f'checkpoint step {step} in {checkpoint_dir(workdir)}')
+  return restored['state'], step

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from mmproj.train import sharding as shard_lib
+from mmproj.train import state as state_lib
 
 
 def abstract_mesh(mesh_cfg: Any, num_devices: int) -> jax.sharding.AbstractMesh:
@@ -39,9 +40,8 @@ def _bytes_per_device(tree: Any) -> dict[str, int]:
 def state_memory(cfg, num_devices: int, mesh_cfg: Any = None) -> dict[str, dict[str, int]]:
   """Per-device bytes of params and optimizer state by part, for cfg on `num_devices` devices laid out as
   `mesh_cfg` (default cfg.mesh). -> {'params': {part: bytes}, 'opt_state': {part: bytes}}."""
-  from mmproj.train import trainer
   mesh = abstract_mesh(mesh_cfg if mesh_cfg is not None else cfg.mesh, num_devices)
-  s = trainer.setup(cfg, mesh=mesh)
+  s = state_lib.setup(cfg, mesh=mesh)
   return {'params': _bytes_per_device(s.abstract_state.params),
           'opt_state': _bytes_per_device(s.abstract_state.opt_state)}
 

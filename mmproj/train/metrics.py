@@ -1,4 +1,5 @@
-"""Training metrics to the console, TensorBoard event files and WORKDIR/metrics.jsonl (process 0 only)."""
+"""Training metrics: one record per log interval (`LogInterval`), written to the console, TensorBoard event files
+and WORKDIR/metrics.jsonl (`MetricWriter`, process 0 only)."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 
 def _fmt_seconds(s: float) -> str:
@@ -59,3 +61,67 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class LogInterval:
+  """The steps since the last log line -> one record: the mean of each step metric, the last value of running
+  ones, the run's total of counted ones, and throughput (steps, tokens and images per second, FLOP/s per device,
+  MFU when the device's peak is known).
+
+  A checkpoint keeps the metrics of the interval it cuts through and the run's counts (`to_meta`), so a resumed
+  run logs the same records as one that never stopped."""
+
+  LAST = ('learning_rate', 'nonfinite_steps')   # running values: the last step's
+  SUMMED = ('bad_records',)                     # counts: summed over the whole run
+
+  def __init__(self, meta: dict, *, flops_per_step: float, peak_flops: float | None, processes: int,
+               log=print):
+    # Restored float32, as the step returned them.
+    self.pending = [{k: np.float32(v) for k, v in m.items()} for m in meta.get('pending_metrics', [])]
+    self.totals = {k: int(meta.get(k, 0)) for k in self.SUMMED}
+    self.flops_per_step = flops_per_step
+    self.peak_flops = peak_flops
+    self.processes = processes
+    self.log = log
+    self.start()
+
+  def start(self) -> None:
+    """Throughput counts the steps this process ran from here (pending may hold restored metrics)."""
+    self.steps, self.tokens, self.images, self.t0 = 0, 0, 0, time.time()
+
+  def add(self, metrics: dict, local_batch: dict) -> None:
+    self.pending.append(metrics)
+    self.steps += 1
+    self.tokens += int(local_batch['input_mask'].sum()) * self.processes
+    self.images += len(local_batch['image']) * self.processes
+
+  def clear(self) -> None:
+    self.pending = []
+
+  def record(self, step: int) -> dict[str, float]:
+    """The interval's record (and a warning for the bad records it skipped); starts the next interval."""
+    values = [jax.device_get(m) for m in self.pending]
+    out = {k: float(np.mean([v[k] for v in values])) for k in values[0] if k not in self.LAST + self.SUMMED}
+    out.update({k: float(values[-1][k]) for k in self.LAST})
+    for k in self.SUMMED:
+      if k in values[0]:
+        new = int(sum(v[k] for v in values))
+        if new:
+          self.log(f'WARNING: {new} unreadable data record(s) in steps {step - len(values) + 1}-{step} were skipped '
+                   f'(data.bad_records=skip; {self.totals[k] + new} so far)')
+        self.totals[k] += new
+        out[k] = float(self.totals[k])
+    seconds = time.time() - self.t0
+    steps_per_sec = self.steps / seconds
+    flops_per_device = self.flops_per_step * steps_per_sec / jax.device_count()
+    out.update(steps_per_sec=steps_per_sec, tokens_per_sec=self.tokens / seconds, images_per_sec=self.images / seconds,
+               tflops_per_device=flops_per_device / 1e12)
+    if self.peak_flops:
+      out['mfu'] = flops_per_device / self.peak_flops
+    self.clear()
+    self.start()
+    return out
+
+  def to_meta(self) -> dict:
+    return {**self.totals,
+            'pending_metrics': [{k: float(v) for k, v in jax.device_get(m).items()} for m in self.pending]}

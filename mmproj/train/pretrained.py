@@ -101,6 +101,12 @@ def check(cfg) -> None:
   if 'encoder' in sources:
     _compare('model.encoder', cfg.model.encoder, _encoder_config(cfg, sources['encoder']),
              f'init.encoder ({sources["encoder"]}/config.json)', _ENCODER_FREE_FIELDS)
+    if os.path.isfile(os.path.join(sources['encoder'], 'preprocessor_config.json')):
+      from mmproj.data import preprocess
+      processor = preprocess.ImageProcessor.from_dir(sources['encoder'])
+      _compare('model.encoder', cfg.model.encoder, dict(image_mean=list(processor.image_mean),
+                                                         image_std=list(processor.image_std)),
+               f'init.encoder ({sources["encoder"]}/preprocessor_config.json)', ())
   if 'lm' in sources:
     theirs = _lm_config(sources['lm'])
     _compare('model.lm', cfg.model.lm, theirs, f'init.lm ({sources["lm"]}/config.json)', _LM_FREE_FIELDS)
@@ -149,10 +155,15 @@ def _load_lm(cfg, path: str) -> dict:
 
 
 def _load_projector(path: str) -> dict:
-  from mmproj.train import checkpoint
+  """params['projector'] of the latest step of an mmproj workdir."""
   import jax
-  _, params, _, _, _ = checkpoint.restore_for_inference(path)
-  return jax.device_get(params['projector'])
+  import ml_collections
+
+  from mmproj.train import checkpoint, state
+  cfg, _ = checkpoint.read_run_files(path)
+  cfg.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  restored, _ = checkpoint.restore_state(path, state.setup(cfg, jax.local_devices()).abstract_state)
+  return jax.device_get(restored.params['projector'])
 
 
 def load(cfg) -> dict[str, Any]:

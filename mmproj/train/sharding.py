@@ -9,8 +9,6 @@ The rules live in the config (`cfg.sharding_rules`) so an experiment can change 
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from typing import Any, Sequence
 
@@ -42,31 +40,6 @@ DEFAULT_RULES = (
     ('act_heads', 'tensor'),
     ('act_vocab', 'tensor'),
 )
-
-
-_ACTIVATION_RULES: contextvars.ContextVar = contextvars.ContextVar('mmproj_activation_rules', default=None)
-
-
-@contextlib.contextmanager
-def activation_rules(rules):
-  """Within this context (the trainer's step, while tracing), `constrain` pins activations with `rules`.
-
-  Not flax's own `nn.logical_axis_rules`: under that, flax's parameter shape check re-runs DenseGeneral's
-  initializer, whose flattened kernel would be constrained with the unflattened kernel's axis names."""
-  token = _ACTIVATION_RULES.set(tuple(rules))
-  try:
-    yield
-  finally:
-    _ACTIVATION_RULES.reset(token)
-
-
-def constrain(x, *logical_axes: str | None):
-  """Pins activation x to the mesh by logical axis names, with the rules of the enclosing `activation_rules`.
-  A no-op outside that context (inference, tests), so modules stay usable without a mesh."""
-  rules = _ACTIVATION_RULES.get()
-  if rules is None:
-    return x
-  return nn.with_logical_constraint(x, logical_axes, rules=rules)
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:

@@ -1,5 +1,5 @@
-"""`python -m mmproj.bench [--quick] [--only NAME] [--out BENCHMARKS.md]`: runs the benchmark sections and writes
-the markdown report (see mmproj/bench/__init__.py).
+"""`python -m benchmarks [--quick] [--only NAME] [--out BENCHMARKS.md]`: runs the benchmark sections and writes
+the markdown report (see benchmarks/__init__.py).
 
 Threads. Both frameworks get the same CPUs: the process pins itself to the first --threads CPUs of its affinity
 mask (os.sched_setaffinity) and re-executes itself, so that XLA, whose CPU client sizes its thread pools from the
@@ -9,9 +9,9 @@ otherwise spin after every parallel region, which on a shared machine starves XL
 runs and makes even tiny torch ops wait tens of ms for their own spinning peers (measured: 44 ms vs 0.08 ms for a
 64 x 64 matmul + backward on the 2-core development machine).
 
-Memory. The re-exec also sets GLIBC_TUNABLES to mmproj.host_malloc.REUSE unless it is set (empty: glibc's defaults),
+Memory. The re-exec also sets GLIBC_TUNABLES to benchmarks.host_malloc.REUSE unless it is set (empty: glibc's defaults),
 as launch.sh does for every run on a CPU host: freed memory is reused instead of unmapped, so XLA's per-call
-temporaries stop costing hundreds of thousands of page faults per call (mmproj/host_malloc.py). transformers' process
+temporaries stop costing hundreds of thousands of page faults per call (benchmarks/host_malloc.py). transformers' process
 runs under the same setting (it inherits the environment).
 
 Isolation. Unless --in-process (or --quick), every projector row, the train-step section and the pipeline section
@@ -19,7 +19,7 @@ each run in a fresh child process (`--child`, same pinning and environment) that
 that allocates gigabytes per call (the perceiver, the train step) then runs on a fresh heap instead of after
 every earlier row's arrays, executables and torch modules (the 2026-11-21 full run, all in one process: our train
 step 11.3 s; the same section run alone right after: 8.5 s). The train-step section also runs transformers' side
-in a process of its own (mmproj/bench/train_step.py). The matmul and bandwidth peaks are measured once, in the
+in a process of its own (benchmarks/train_step.py). The matmul and bandwidth peaks are measured once, in the
 parent.
 
 The report keeps a hand-written block between `<!-- analysis -->` and `<!-- /analysis -->` of an existing output
@@ -38,14 +38,14 @@ import tempfile
 import time
 from typing import Any
 
-from mmproj import host_malloc
+from benchmarks import host_malloc
 
 ENV_PINNED = 'MMPROJ_BENCH_PINNED'
 ANALYSIS_BEGIN, ANALYSIS_END = '<!-- analysis -->', '<!-- /analysis -->'
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog='python -m mmproj.bench', description=__doc__.split('\n\n')[0])
+  p = argparse.ArgumentParser(prog='python -m benchmarks', description=__doc__.split('\n\n')[0])
   p.add_argument('--quick', action='store_true', help='tiny shapes, 1 iteration: a smoke run (numbers meaningless)')
   p.add_argument('--only', default=None, help="run only sections / rows whose name contains this (e.g. 'qformer', "
                                               "'train_step', 'pipeline')")
@@ -85,7 +85,7 @@ def pin_and_reexec(argv: list[str], threads: int, quick: bool = False) -> None:
     os.sched_setaffinity(0, cpus)
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, '-m', 'mmproj.bench', *argv], env)
+  os.execve(sys.executable, [sys.executable, '-m', 'benchmarks', *argv], env)
 
 
 def _quiet() -> None:
@@ -136,7 +136,7 @@ def _json_default(o: Any) -> Any:
 
 
 def run_in_child(unit: str, job: dict[str, Any], child_argv: list[str]) -> dict[str, Any]:
-  """Runs one unit ('projectors/<case>', 'train_step' or 'pipeline') in a fresh `python -m mmproj.bench --child`
+  """Runs one unit ('projectors/<case>', 'train_step' or 'pipeline') in a fresh `python -m benchmarks --child`
   process and returns what it wrote: {'row': ...} or {'section': ...}. A child that dies (killed for memory, a
   crash) raises RuntimeError naming the unit and its exit status."""
   with tempfile.TemporaryDirectory(prefix='mmproj-bench-child-') as tmp:
@@ -144,7 +144,7 @@ def run_in_child(unit: str, job: dict[str, Any], child_argv: list[str]) -> dict[
     with open(job_path, 'w') as f:
       json.dump(dict(job, unit=unit), f, default=_json_default)
     sys.stdout.flush()
-    proc = subprocess.run([sys.executable, '-m', 'mmproj.bench', *child_argv, '--child', job_path],
+    proc = subprocess.run([sys.executable, '-m', 'benchmarks', *child_argv, '--child', job_path],
                           env=dict(os.environ), check=False)
     if proc.returncode != 0 or not os.path.exists(out_path):
       raise RuntimeError(f'bench child process for {unit!r} exited with status {proc.returncode}'
@@ -159,7 +159,7 @@ def child_main(opts, job_path: str, step_iters: int) -> int:
 
   import torch
 
-  from mmproj import bench
+  import benchmarks as bench
 
   with open(job_path) as f:
     job = json.load(f)
@@ -167,15 +167,15 @@ def child_main(opts, job_path: str, step_iters: int) -> int:
   torch.set_num_threads(opts.threads)
   probe = bench.PeakProbe(opts.threads, size=256 if opts.quick else 1024)
   if unit.startswith('projectors/'):
-    from mmproj.bench import projectors
+    from benchmarks import projectors
     case = {c.name: c for c in projectors.CASES}[unit.split('/', 1)[1]]
     result = {'row': projectors.run_case(case, opts, peaks, probe).to_json()}
   elif unit == 'train_step':
-    from mmproj.bench import train_step
+    from benchmarks import train_step
     sec = train_step.run(dataclasses.replace(opts, iters=step_iters), peaks, probe)
     result = {'section': sec.to_json()}
   elif unit == 'pipeline':
-    from mmproj.bench import pipeline
+    from benchmarks import pipeline
     result = {'section': pipeline.run(opts, peaks, job.get('consumers') or {}).to_json()}
   else:
     raise ValueError(f'unknown bench unit {unit!r}')
@@ -191,13 +191,13 @@ def run_all(opts, *, step_iters: int, child_argv: list[str] | None = None) -> di
 
   import torch
 
-  from mmproj import bench
+  import benchmarks as bench
 
   torch.set_num_threads(opts.threads)
   info = bench.machine_info(opts.threads)
   window = 0.3 if opts.quick else 1.0
   info['others_start'] = bench.other_processes(window=window)
-  opts.log(f'mmproj.bench: {info["cpu"]}, {len(info["affinity"] or [])} CPUs pinned, {opts.threads} threads, load '
+  opts.log(f'benchmarks: {info["cpu"]}, {len(info["affinity"] or [])} CPUs pinned, {opts.threads} threads, load '
            f'{info["load"][0]:.2f}; quick={opts.quick}')
   t0 = time.perf_counter()
   peaks = bench.matmul_peaks(opts.threads, size=256 if opts.quick else 1024, seconds=0.1 if opts.quick else 1.0)
@@ -208,7 +208,7 @@ def run_all(opts, *, step_iters: int, child_argv: list[str] | None = None) -> di
   sections = []
   loads = {'start': info['load']}
   if opts.wants('projectors') or any(opts.wants(f'projectors/{c}') for c in _case_names()):
-    from mmproj.bench import projectors
+    from benchmarks import projectors
     opts.log('== projectors')
     start = time.perf_counter()
     def row_in_child(name):
@@ -221,7 +221,7 @@ def run_all(opts, *, step_iters: int, child_argv: list[str] | None = None) -> di
     loads['after projectors'] = bench.load_average()
   step_rate = {}
   if opts.wants('train_step') or opts.wants('train_step/llava_stage1'):
-    from mmproj.bench import train_step
+    from benchmarks import train_step
     opts.log('== train step')
     if child_argv is not None:
       sec = bench.Section.from_json(run_in_child('train_step', {'peaks': peaks}, child_argv)['section'])
@@ -230,14 +230,12 @@ def run_all(opts, *, step_iters: int, child_argv: list[str] | None = None) -> di
     opts.log(f'  train step: {sec.seconds:.0f} s')
     if sec.rows:
       sections.append(sec)
-      row = sec.rows[0]
-      if 'ours (s)' in row.values and math.isfinite(row.values['ours (s)']):
-        rows = int(str(row.values['batch x L']).split(' x ')[0])
-        name = f'LLaVA stage-1 train step (train-step section, ours; batch x L {row.values["batch x L"]})'
-        step_rate[name] = rows / row.values['ours (s)']
+      for row, setting in zip(sec.rows, bench.SETTINGS):     # one row per kernel setting, in SETTINGS order
+        if 'ours (s)' in row.values and math.isfinite(row.values['ours (s)']):
+          step_rate[setting] = int(str(row.values['batch x L']).split(' x ')[0]) / row.values['ours (s)']
     loads['after train step'] = bench.load_average()
   if opts.wants('pipeline') or opts.wants('pipeline/shapes') or opts.wants('pipeline/llava_json'):
-    from mmproj.bench import pipeline
+    from benchmarks import pipeline
     opts.log('== pipeline')
     if child_argv is not None:
       job = {'peaks': peaks, 'consumers': step_rate}
@@ -254,17 +252,17 @@ def run_all(opts, *, step_iters: int, child_argv: list[str] | None = None) -> di
 
 
 def _case_names() -> list[str]:
-  from mmproj.bench.projectors import CASES
+  from benchmarks.projectors import CASES
   return [c.name for c in CASES]
 
 
 def _command(argv: list[str]) -> str:
-  return ' '.join(['python -m mmproj.bench', *argv])
+  return ' '.join(['python -m benchmarks', *argv])
 
 
 def render(result: dict[str, Any], argv: list[str], opts, analysis: str | None) -> str:
   """The markdown report."""
-  from mmproj import bench
+  import benchmarks as bench
 
   info, peaks = result['info'], result['peaks']
   out = ['# Benchmarks: mmproj vs the reference implementations', '']
@@ -283,9 +281,9 @@ def render(result: dict[str, Any], argv: list[str], opts, analysis: str | None) 
           f'torch.set_num_threads({info["threads"]}), OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS", "unset")}, '
           f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")}, '
           f'{host_malloc.describe()}, transparent huge pages {info.get("thp", "unknown")}; why: '
-          f'mmproj/bench/__main__.py; XLA_FLAGS='
+          f'benchmarks/__main__.py; XLA_FLAGS='
           f'`{info["xla_flags"] or "(none)"}` (XLA CPU defaults: multi-threaded Eigen/YNNPACK kernels on that pool)',
-          f'- processes: {info.get("isolation", "all sections in one process")} (why: mmproj/bench/__main__.py)',
+          f'- processes: {info.get("isolation", "all sections in one process")} (why: benchmarks/__main__.py)',
           f'- measured at the start of the run: XLA f32 matmul {peaks["xla_f32"] / 1e9:.1f} GFLOP/s, PyTorch '
           f'({info.get("torch_blas", "?")}) f32 matmul {peaks["torch_f32"] / 1e9:.1f} GFLOP/s, XLA elementwise '
           f'bandwidth {peaks["xla_bandwidth"] / 1e9:.1f} GB/s (rooflines read against the peak sampled in the rows\' '
@@ -305,7 +303,9 @@ def render(result: dict[str, Any], argv: list[str], opts, analysis: str | None) 
   out += ['## Goals', '',
           'From the issue: every projector >= 1.0x its reference in f32 and >= 0.85 of the matmul roofline where '
           'matmul-bound; attention-heavy projectors >= 1.3x; full train step >= 1.5x; pipeline >= 10x the step\'s '
-          'consumption.', '']
+          f'consumption. Judged on ours under the {bench.GOAL_SETTING} kernel setting (model.kernels '
+          f'{bench.SETTINGS[bench.GOAL_SETTING]}); every row also reports the default, plain XLA '
+          f'({bench.SETTINGS["xla"]}).', '']
   out.append(bench.markdown_table(['row', 'goal', 'measured', 'met'],
                                   [[row.name, g[0], g[1], 'met' if g[3] else '**missed**'] for row, g in goals]))
   met = sum(1 for _, g in goals if g[3])
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
   threads = args.threads or min(2, available)
   pin_and_reexec(argv, threads, args.quick)
   _quiet()
-  from mmproj import bench
+  import benchmarks as bench
 
   opts = bench.Options(quick=args.quick, iters=args.iters or (1 if args.quick else 5),
                        warmup=args.warmup if args.warmup is not None else (0 if args.quick else 1),

@@ -9,14 +9,14 @@ faults (4 KiB each) per forward + backward of the Idefics2 perceiver at its real
   glibc.malloc.mmap_max=0         large blocks come from that heap too, not from mmap,
   glibc.malloc.trim_threshold=64G freed memory at the top of the heap stays with the process,
 
-the next call reuses the previous call's pages. `python -m mmproj.bench.diagnose faults` measures the three
-settings (default / huge pages / this one) side by side; `python -m mmproj.bench.diagnose train-step` runs the bench's
+the next call reuses the previous call's pages. `python -m benchmarks.diagnose faults` measures the three
+settings (default / huge pages / this one) side by side; `python -m benchmarks.diagnose train-step` runs the bench's
 LLaVA stage-1 step under whatever GLIBC_TUNABLES it is given (empty for glibc's defaults). The cost: a process keeps
 its peak resident memory, which a training process reaches in its first step anyway.
 
 glibc reads GLIBC_TUNABLES once, at process start, so whoever starts the process sets it: launch.sh (on hosts without
-a GPU or TPU; its copy of the string is checked against this one by tests/test_host_malloc.py) and the benchmark's
-re-exec (mmproj/bench/__main__.py, for both frameworks' processes). A GLIBC_TUNABLES already in the environment,
+a GPU or TPU; it runs this file, which prints REUSE) and the benchmark's re-exec (benchmarks/__main__.py, for both
+frameworks' processes). A GLIBC_TUNABLES already in the environment,
 empty included, is left alone. Other C libraries (musl, macOS) ignore the variable.
 """
 
@@ -42,5 +42,9 @@ def describe(env: MutableMapping[str, str] | None = None) -> str:
   if value is None:
     return f'{ENV} unset (glibc defaults: large blocks mapped and unmapped per allocation)'
   if value == REUSE:
-    return f'{ENV}={value} (mmproj.host_malloc.REUSE: freed memory reused, not unmapped)'
+    return f'{ENV}={value} (benchmarks.host_malloc.REUSE: freed memory reused, not unmapped)'
   return f'{ENV}={value!r}' if value else f'{ENV} empty (glibc defaults)'
+
+
+if __name__ == '__main__':
+  print(REUSE)

@@ -28,25 +28,21 @@ import tempfile
 import time
 from typing import Any
 
-from mmproj.bench import Options, Row, Section, interleaved, median, ratio, spread
+from benchmarks import GOAL_SETTING, SETTINGS, Options, Row, Section, interleaved, median, ratio, spread
 
 GOAL_RATIO = 10.0
 FIXTURE_SIZES = ((500, 375), (640, 480), (375, 500), (512, 384), (640, 427))
 
 
 def repo_root() -> str:
-  return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def quickstart_config(quick: bool):
   """configs/quickstart.py (the 'smoke' variant for quick runs)."""
   from mmproj import config_lib
-
   path = os.path.join(repo_root(), 'configs', 'quickstart.py')
-  if os.path.isfile(path):
-    return config_lib.load_config_file(f'{path}:smoke' if quick else path)
-  return config_lib.shapes_experiment('smoke' if quick else '', name='quickstart', patch_size=16,
-                                      projector=dict(name='mlp', depth=2))
+  return config_lib.load_config_file(f'{path}:smoke' if quick else path)
 
 
 def llava_fixture_module():
@@ -111,8 +107,8 @@ def profile_loader(loader: Any, batch_rows: int, batches: int) -> str:
 
 
 def run(opts: Options, peaks: dict[str, float] | None = None, consumers: dict[str, float] | None = None) -> Section:
-  """Loader rows and the consumer row. consumers: other steps' examples/s to compare the LLaVA loader with
-  (e.g. {'LLaVA stage-1 step (train_step section)': 0.3})."""
+  """Loader rows. consumers: the LLaVA stage-1 step's examples/s per kernel setting (the train-step section's, e.g.
+  {'xla': 0.3, 'cpu-tuned': 0.4}) to compare the LLaVA loader with; None or empty: the quickstart step stands in."""
   del peaks
   import jax
 
@@ -126,8 +122,8 @@ def run(opts: Options, peaks: dict[str, float] | None = None, consumers: dict[st
   except ImportError:
     pass
   section = Section('pipeline', 'Input pipeline vs the train step\'s consumption',
-                    ['loader', 'data', 'batch', 'read threads', 'loader ex/s', 'consumer', 'consumer ex/s',
-                     'ratio'])
+                    ['loader', 'data', 'batch', 'read threads', 'loader ex/s', 'consumer']
+                    + [f'consumer ex/s {k}' for k in SETTINGS] + [f'ratio {k}' for k in SETTINGS])
   t_start = time.perf_counter()
   seconds = 0.5 if opts.quick else 8.0
   tmp = tempfile.TemporaryDirectory(prefix='mmproj-bench-')
@@ -139,46 +135,49 @@ def run(opts: Options, peaks: dict[str, float] | None = None, consumers: dict[st
     t0 = time.perf_counter()
     _, tok = data_lib.prepare(cfg.data)
     opts.log(f'  shapes data ready in {time.perf_counter() - t0:.0f} s ({cfg.data.data_dir})')
-    s = trainer.setup(cfg)
     batch_rows = int(cfg.train.batch_size)
-    threads = int(cfg.data.get('read_threads', 1))
+    threads = int(cfg.data.read_threads)
+    step_rates, fed_rate, all_times = {}, None, {}
+    for k in SETTINGS:                 # the quickstart step under each kernel setting (model.kernels)
+      cfg.model.kernels = dict(SETTINGS[k])
+      s = trainer.setup(cfg)
 
-    def shapes_loader():
-      return data_lib.train_loader(cfg.data, tok, num_image_tokens=s.num_image_tokens,
-                                   global_batch_size=batch_rows, seed=int(cfg.seed), process_index=0,
-                                   process_count=1)
+      def shapes_loader():
+        return data_lib.train_loader(cfg.data, tok, num_image_tokens=s.num_image_tokens,
+                                     global_batch_size=batch_rows, seed=int(cfg.seed), process_index=0,
+                                     process_count=1)
 
-    state = trainer.init_state(s, int(cfg.seed))
-    step_fn = trainer.make_train_step(s)
-    rng = jax.random.key(1)
-    feed = iter(shapes_loader())
-    with jax.set_mesh(s.mesh):
-      batch = trainer.global_batch(s, next(feed))
-      box = [state]
+      state = trainer.init_state(s, int(cfg.seed))
+      step_fn = trainer.make_train_step(s)
+      rng = jax.random.key(1)
+      feed = iter(shapes_loader())
+      with jax.set_mesh(s.mesh):
+        batch = trainer.global_batch(s, next(feed))
+        box = [state]
 
-      def step():
-        box[0], metrics = step_fn(box[0], batch, rng)
-        jax.block_until_ready((box[0], metrics))
+        def step():
+          box[0], metrics = step_fn(box[0], batch, rng)
+          jax.block_until_ready((box[0], metrics))
 
-      times = interleaved([('step', step)], iters=2 if opts.quick else max(opts.iters, 3) * 4, warmup=1,
-                          log=None)
-      t_step = median(times['step'])
-      step_rate = batch_rows / t_step
-
-      # The same step fed by the loader, as trainer.train runs it.
-      n_fed = 2 if opts.quick else 40
-      for _ in range(1 if opts.quick else 2):
-        box[0], metrics = step_fn(box[0], trainer.global_batch(s, next(feed)), rng)
-      jax.block_until_ready(box[0])
-      t0 = time.perf_counter()
-      for _ in range(n_fed):
-        box[0], metrics = step_fn(box[0], trainer.global_batch(s, next(feed)), rng)
-      jax.block_until_ready((box[0], metrics))
-      fed_rate = n_fed * batch_rows / (time.perf_counter() - t0)
-    del feed
+        times = interleaved([('step', step)], iters=2 if opts.quick else max(opts.iters, 3) * 4, warmup=1,
+                            log=None)
+        all_times[k] = times['step']
+        step_rates[k] = batch_rows / median(times['step'])
+        if k == GOAL_SETTING:          # the same step fed by the loader, as trainer.train runs it
+          n_fed = 2 if opts.quick else 40
+          for _ in range(1 if opts.quick else 2):
+            box[0], metrics = step_fn(box[0], trainer.global_batch(s, next(feed)), rng)
+          jax.block_until_ready(box[0])
+          t0 = time.perf_counter()
+          for _ in range(n_fed):
+            box[0], metrics = step_fn(box[0], trainer.global_batch(s, next(feed)), rng)
+          jax.block_until_ready((box[0], metrics))
+          fed_rate = n_fed * batch_rows / (time.perf_counter() - t0)
+      del feed
+    step_rate = step_rates[GOAL_SETTING]
     consumer = f'quickstart train step (batch {batch_rows}, L {s.seq_len})'
-    opts.log(f'  quickstart step: {t_step * 1e3:.1f} ms = {step_rate:.0f} ex/s alone, {fed_rate:.0f} ex/s fed by '
-             f'the loader')
+    opts.log(f'  quickstart step: ' + ', '.join(f'{k} {r:.0f} ex/s' for k, r in step_rates.items()) +
+             f' alone; {GOAL_SETTING} {fed_rate:.0f} ex/s fed by the loader')
 
     rows = []
     if opts.wants('pipeline/shapes'):
@@ -188,11 +187,12 @@ def run(opts: Options, peaks: dict[str, float] | None = None, consumers: dict[st
                                              f'{cfg.data.image_size} px, text_len {cfg.data.text_len}, '
                                              f'{cfg.data.turns} turns'),
                                     'batch': batch_rows, 'read threads': threads, 'loader ex/s': rate,
-                                    'consumer': consumer, 'consumer ex/s': step_rate,
-                                    'ratio': ratio(rate, step_rate)})
-      met = row.goal('loader >= 10x the step\'s consumption', ratio(rate, step_rate), GOAL_RATIO)
-      row.notes.append(f'{n} batches timed; the step fed by this loader (as trainer.train runs it) reaches '
-                       f'{fed_rate:.0f} ex/s vs {step_rate:.0f} ex/s alone')
+                                    'consumer': consumer,
+                                    **{f'consumer ex/s {k}': r for k, r in step_rates.items()},
+                                    **{f'ratio {k}': ratio(rate, r) for k, r in step_rates.items()}})
+      met = row.goal(f'loader >= 10x the step\'s consumption ({GOAL_SETTING})', ratio(rate, step_rate), GOAL_RATIO)
+      row.notes.append(f'{n} batches timed; the {GOAL_SETTING} step fed by this loader (as trainer.train runs it) '
+                       f'reaches {fed_rate:.0f} ex/s vs {step_rate:.0f} ex/s alone')
       if opts.profile and not met:
         row.notes.append(profile_loader(data_lib.train_loader(
             cfg.data, tok, num_image_tokens=s.num_image_tokens, global_batch_size=batch_rows, seed=int(cfg.seed),
@@ -217,22 +217,27 @@ def run(opts: Options, peaks: dict[str, float] | None = None, consumers: dict[st
       from mmproj import model as model_lib
       n_img = model_lib.num_image_tokens(lcfg.model)
       lbatch = 4 if opts.quick else 16
-      lthreads = int(lcfg.data.get('read_threads', 2) or 2)
+      from mmproj.data import llava_json
+      lthreads = int(llava_json.config_value(lcfg.data, 'read_threads'))
       loader = data_lib.train_loader(lcfg.data, ltok, num_image_tokens=n_img, global_batch_size=lbatch, seed=0,
                                      process_index=0, process_count=1)
       rate, n = loader_rate(loader, lbatch, seconds=seconds, min_batches=2, skip=2 * lthreads + 1)
       # Judged against the step this loader feeds (the LLaVA stage-1 step of the train-step section); the
       # quickstart step, 1000x faster on a CPU, is reported beside it as the stricter reading.
-      llava_consumer, llava_rate = next(iter((consumers or {}).items()), (consumer, step_rate))
+      llava_consumer, llava_rates = 'LLaVA stage-1 step (train_step section)', consumers
+      if not llava_rates:
+        llava_consumer, llava_rates = consumer, step_rates
       row = Row('pipeline/llava_json', {'loader': 'LLaVA JSON (mmproj.data.llava_json.train_loader)',
                                         'data': (f'configs/llava15_stage1.py data on {n_records} fixture records '
                                                  f'(PNG {FIXTURE_SIZES[0][0]}x{FIXTURE_SIZES[0][1]}..'
                                                  f'{FIXTURE_SIZES[1][0]}x{FIXTURE_SIZES[1][1]}) -> '
                                                  f'{lcfg.data.image_size} px crop, text_len 128'),
                                         'batch': lbatch, 'read threads': lthreads, 'loader ex/s': rate,
-                                        'consumer': llava_consumer, 'consumer ex/s': llava_rate,
-                                        'ratio': ratio(rate, llava_rate)})
-      met = row.goal('loader >= 10x the step\'s consumption', ratio(rate, llava_rate), GOAL_RATIO)
+                                        'consumer': llava_consumer,
+                                        **{f'consumer ex/s {k}': r for k, r in llava_rates.items()},
+                                        **{f'ratio {k}': ratio(rate, r) for k, r in llava_rates.items()}})
+      met = row.goal(f'loader >= 10x the step\'s consumption ({GOAL_SETTING})',
+                     ratio(rate, llava_rates[GOAL_SETTING]), GOAL_RATIO)
       row.notes.append(f'{n} batches timed')
       if llava_consumer == consumer:
         row.notes.append('the LLaVA stage-1 step was not measured in this run (--only), so the quickstart step '
@@ -245,8 +250,8 @@ def run(opts: Options, peaks: dict[str, float] | None = None, consumers: dict[st
             lcfg.data, ltok, num_image_tokens=n_img, global_batch_size=lbatch, seed=0, process_index=0,
             process_count=1, read_threads=0), lbatch, 3 if opts.quick else 10))
       rows.append(row)
-      opts.log(f'  LLaVA JSON loader: {rate:.0f} ex/s ({ratio(rate, llava_rate):.3g}x {llava_consumer}; '
-               f'{ratio(rate, step_rate):.2f}x the quickstart step)')
+      opts.log(f'  LLaVA JSON loader: {rate:.0f} ex/s ({ratio(rate, llava_rates[GOAL_SETTING]):.3g}x '
+               f'{llava_consumer}; {ratio(rate, step_rate):.2f}x the quickstart step)')
     section.rows.extend(rows)
     section.intro.append(
         'loader ex/s: the grain loader alone (as `mmproj.data.train_loader` builds it for the trainer: in-process, '
@@ -254,10 +259,10 @@ def run(opts: Options, peaks: dict[str, float] | None = None, consumers: dict[st
         'the train step the loader feeds, on a fixed batch (median): the quickstart step for the shapes loader, '
         'the LLaVA stage-1 step of the train-step section (ours) for the LLaVA JSON loader; ratio = loader / '
         'consumer (goal >= 10x).')
-    section.notes.append(f'quickstart step timing spread {spread(times["step"]):.0%} over '
-                         f'{len(times["step"])} steps; fed by the shapes loader it reaches {fed_rate:.0f} ex/s '
-                         f'({ratio(fed_rate, step_rate):.0%} of the step alone): on {os.cpu_count()} cores the '
-                         'loader threads and XLA compete for the same CPUs.')
+    section.notes.append(f'quickstart step timing spread {spread(all_times[GOAL_SETTING]):.0%} over '
+                         f'{len(all_times[GOAL_SETTING])} steps ({GOAL_SETTING}); fed by the shapes loader it '
+                         f'reaches {fed_rate:.0f} ex/s ({ratio(fed_rate, step_rate):.0%} of the step alone): on '
+                         f'{os.cpu_count()} cores the loader threads and XLA compete for the same CPUs.')
   finally:
     tmp.cleanup()
   section.seconds = time.perf_counter() - t_start

@@ -1,32 +1,32 @@
 """Measurements behind the analysis in BENCHMARKS.md, each one command.
 
-  python -m mmproj.bench.diagnose faults [--calls 5] [--quick]
+  python -m benchmarks.diagnose faults [--calls 5] [--quick]
       Page faults and kernel time per call of a jitted forward + backward (value_and_grad of every param) of the
       Idefics2-8B perceiver resampler (mmproj's own module, random init: no torch) under three malloc settings,
       each in a fresh process pinned to the same CPUs: glibc's defaults (every call maps its gradients and
       temporaries afresh: ~3 GB, ~760,000 faults of 4 KiB pages), GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (huge
-      pages on those mappings: fewer faults, no faster here), and mmproj.host_malloc.REUSE (freed memory reused:
+      pages on those mappings: fewer faults, no faster here), and benchmarks.host_malloc.REUSE (freed memory reused:
       no faults after the first call), the setting launch.sh and the bench use.
 
-  python -m mmproj.bench.diagnose matmul-forms [--quick]
+  python -m benchmarks.diagnose matmul-forms [--quick]
       GFLOP/s of the three matmuls of a dense layer's forward + backward, at the bench's projector shapes:
       y = x W (forward), dx = dy W^T, dW = x^T dy (contracting over the tokens), plus dW with x^T materialised
       first (a transpose copy, then a plain matmul). XLA CPU (jax 0.10) runs the first two and the last as
       YNNPACK fusions, and dW as a slower Eigen dot; mmproj's dense layers take the last form
       (mmproj/layers/matmul.py).
 
-  python -m mmproj.bench.diagnose matmul-tokens [--dims D F] [--quick]
+  python -m benchmarks.diagnose matmul-tokens [--dims D F] [--quick]
       Time of y = x W, W [D, F], against the token rows T of x, and the least-squares line time = a + b T: a is
       the part of every call that does not depend on T, b the time per token row; beside them, the time of one
       plain read of W (a column sum), to compare a with. Default W: SmolVLM-Instruct's connector (x3 shuffle of
       SigLIP-so400m, 10368 x 2048, 85 MB). With few rows per weight byte (SmolVLM's 81 tokens a tile) the fixed
       part keeps the forward and input-gradient matmuls well below the 1024^3 peak.
 
-  python -m mmproj.bench.diagnose train-step [--calls 4]
-      The bench's LLaVA stage-1 train step (mmproj.bench.train_step) timed three ways, each in a fresh process
+  python -m benchmarks.diagnose train-step [--calls 4]
+      The bench's LLaVA stage-1 train step (benchmarks.train_step) timed three ways, each in a fresh process
       pinned to the same CPUs: ours alone, theirs (transformers) alone, and both in one process, alternating. Why
       the bench runs theirs in a process of its own. The children run under the bench's malloc setting
-      (mmproj.host_malloc.REUSE) unless GLIBC_TUNABLES is set: `GLIBC_TUNABLES= python -m mmproj.bench.diagnose
+      (benchmarks.host_malloc.REUSE) unless GLIBC_TUNABLES is set: `GLIBC_TUNABLES= python -m benchmarks.diagnose
       train-step` times the same steps with glibc's defaults.
 """
 
@@ -40,8 +40,8 @@ import subprocess
 import sys
 import time
 
-from mmproj import host_malloc
-from mmproj.bench import best_time
+from benchmarks import host_malloc
+from benchmarks import GOAL_SETTING, best_time
 
 ENV_CHILD = 'MMPROJ_DIAGNOSE_CHILD'
 TOKENS_DIMS = (10368, 2048)        # matmul-tokens: W [D, F], SmolVLM-Instruct's connector
@@ -89,7 +89,7 @@ def faults(calls: int, quick: bool, threads: int) -> int:
               ('host_malloc.REUSE', host_malloc.REUSE))
   for label, tunables in settings:
     env = dict(os.environ, GLIBC_TUNABLES=tunables, **{ENV_CHILD: '1'})
-    cmd = [sys.executable, '-m', 'mmproj.bench.diagnose', 'faults', '--calls', str(calls)] + (['--quick'] * quick)
+    cmd = [sys.executable, '-m', 'benchmarks.diagnose', 'faults', '--calls', str(calls)] + (['--quick'] * quick)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
                           preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     if proc.returncode != 0:
@@ -103,17 +103,19 @@ def faults(calls: int, quick: bool, threads: int) -> int:
 
 
 def train_step_child(which: str, calls: int, quick: bool) -> dict[str, list[float]]:
-  """Seconds per step of 'ours', 'theirs' or 'both' (alternating in this process), after one untimed step each."""
+  """Seconds per step of 'ours' (the CPU-tuned kernel setting), 'theirs' or 'both' (alternating in this process),
+  after one untimed step each."""
   import gc
 
   import jax
 
-  from mmproj.bench import train_step as ts
+  from benchmarks import train_step as ts
   from mmproj.train import trainer
 
   z = ts.sizes(quick)
   steps = {}
-  _, s, params, ours_batch, theirs_batch = ts.prepare(z)
+  setups, params, ours_batch, theirs_batch = ts.prepare(z)
+  s = setups[GOAL_SETTING]
   if which in ('ours', 'both'):
     with jax.set_mesh(s.mesh):
       box = [jax.jit(lambda p: trainer.TrainState.create(p, s.tx.init(p)), out_shardings=s.state_sharding)(params)]
@@ -141,14 +143,14 @@ def train_step_child(which: str, calls: int, quick: bool) -> dict[str, list[floa
 
 def train_step(calls: int, quick: bool, threads: int) -> int:
   cpus = sorted(os.sched_getaffinity(0))[:threads]
-  print(f'LLaVA stage-1 train step of mmproj.bench.train_step ({"tiny" if quick else "full bench sizes"}), {calls} '
+  print(f'LLaVA stage-1 train step of benchmarks.train_step ({"tiny" if quick else "full bench sizes"}), {calls} '
         f'timed steps per side after one untimed, CPUs {cpus}, OMP_WAIT_POLICY=PASSIVE as in the bench, '
         f'{host_malloc.describe(host_malloc.with_reuse(dict(os.environ)))}:')
   for which in ('ours', 'theirs', 'both'):
     env = host_malloc.with_reuse(dict(os.environ, **{ENV_CHILD: '1'}))
     env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     env.setdefault('OMP_NUM_THREADS', str(threads))
-    cmd = [sys.executable, '-m', 'mmproj.bench.diagnose', 'train-step', '--which', which, '--calls', str(calls)]
+    cmd = [sys.executable, '-m', 'benchmarks.diagnose', 'train-step', '--which', which, '--calls', str(calls)]
     proc = subprocess.run(cmd + ['--quick'] * quick, env=env, capture_output=True, text=True, check=False,
                           preexec_fn=lambda: os.sched_setaffinity(0, cpus))
     if proc.returncode != 0:
@@ -222,7 +224,7 @@ def matmul_tokens(quick: bool, dims: tuple[int, int] = TOKENS_DIMS
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog='python -m mmproj.bench.diagnose', description=__doc__.split('\n\n')[0])
+  p = argparse.ArgumentParser(prog='python -m benchmarks.diagnose', description=__doc__.split('\n\n')[0])
   p.add_argument('what', choices=('faults', 'matmul-forms', 'matmul-tokens', 'train-step'))
   p.add_argument('--which', choices=('ours', 'theirs', 'both'), default=None, help=argparse.SUPPRESS)
   p.add_argument('--calls', type=int, default=5, help='timed calls (faults: default 5; train-step: 4 is plenty)')

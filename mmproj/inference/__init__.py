@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -79,11 +79,26 @@ def load(path: str, step: int | None = None) -> Bundle:
   return _load_workdir(path, step)
 
 
+def restore_for_inference(path: str, step: int | None = None, *, mesh: Mapping[str, int] | None = None,
+                          devices: Sequence[jax.Device] | None = None):
+  """An Orbax workdir (latest step, or `step`) or one of its step directories -> (model, params, tokenizer, cfg,
+  step), params placed on `devices` (default: all of this process's devices) laid out as `mesh` ({data, fsdp,
+  tensor} sizes, one may be -1; default data-parallel over all of them, {'data': -1}). The checkpoint may have
+  been written by any number of processes on any mesh. `load` wraps this."""
+  from mmproj.train import checkpoint, state
+
+  path, step = checkpoint.split_step_path(path, step)
+  cfg, tokenizer = checkpoint.read_run_files(path)
+  cfg.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1, **(mesh or {'data': -1})})
+  s = state.setup(cfg, list(jax.local_devices() if devices is None else devices))
+  restored, step = checkpoint.restore_state(path, s.abstract_state, step)
+  return s.model, restored.params, tokenizer, cfg, step
+
+
 def _load_workdir(path: str, step: int | None) -> Bundle:
   from mmproj.data import tokenizer as tokenizer_lib
-  from mmproj.train import checkpoint
 
-  model, params, tokenizer, cfg, step = checkpoint.restore_for_inference(path, step)
+  model, params, tokenizer, cfg, step = restore_for_inference(path, step)
   data_name = cfg.get('data', {}).get('name', 'shapes')
   if data_name == 'shapes':
     return Bundle(model=model, params=params, tokenizer=tokenizer, config=cfg, step=step, prompt_format='shapes',
@@ -144,6 +159,7 @@ def _load_hf(path: str) -> Bundle:
   (image [B, H, W, 3] -> (tokens [B, N, D], grid); all layers, output_layer=-1) and generate does not apply."""
   from tokenizers import Tokenizer
 
+  from mmproj import config_lib
   from mmproj.convert import hf_dir, llama, llava, vision
   from mmproj.data import preprocess
   from mmproj.model import build_model
@@ -175,7 +191,7 @@ def _load_hf(path: str) -> Bundle:
   if kind == 'llava':
     cfg_model, params = llava.load_llava(path)
   else:
-    cfg_model = dict(use_image=False, image_token_id=0, dtype='float32', lm=llama.lm_config_from_hf(hf_config))
+    cfg_model = config_lib.model_config(use_image=False, lm=llama.lm_config_from_hf(hf_config))
     _, lm_params = llama.load_lm(path)
     params = {'lm': lm_params}
   cfg = ml_collections.ConfigDict({'model': cfg_model})
