@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mmproj launcher. Sets up .venv on first use, then:
-#   ./launch.sh                                   train + evaluate configs/quickstart.py into runs/quickstart/
+#   ./launch.sh [--workdir DIR] [--config.key=value ...]   train + evaluate configs/quickstart.py (runs/quickstart/)
 #   ./launch.sh test [PYTEST ARGS]                run the test suite
 #   ./launch.sh CONFIG[:ARG] [--workdir DIR] [--config.key=value ...]   run any experiment
 #
@@ -245,8 +245,11 @@ case "${1:-}" in
 esac
 
 setup ""
-CONFIG=${1:-configs/quickstart.py}
-[ $# -gt 0 ] && shift
+CONFIG=configs/quickstart.py                 # options alone (./launch.sh --workdir DIR ...) run the quickstart
+if [ $# -gt 0 ] && [[ "$1" != -* ]]; then
+  CONFIG=$1
+  shift
+fi
 check_config "$CONFIG"
 with_workdir "$CONFIG" "$@"
 export TF_CPP_MIN_LOG_LEVEL=3

@@ -7,7 +7,7 @@ scratch in the procedural shapes world, with a blind (no-image) baseline trained
 
 Variants (get_config arg): '' (default, ~10 minutes on a 2-core laptop CPU), 'smoke' (tiny data and steps, for
 tests and quick checks). The encoder uses 16 px patches, one per grid cell (M = 9 visual tokens); the projector
-configs (configs/proj_*.py) use 8 px patches so that compressing projectors have a grid to compress.
+zoo (configs/zoo.py) uses 8 px patches so that compressing projectors have a grid to compress.
 """
 from mmproj import config_lib
 

@@ -1,20 +1,21 @@
-"""Trains every projector config (configs/proj_*.py) in the shapes world on one budget and compares them.
+"""Trains every projector zoo entry (configs/zoo.py:NAME) in the shapes world on one budget and compares them.
 
   pip install -e ".[experiments]"   # matplotlib, for the plot
   .venv/bin/python experiments/projector_zoo.py                       # all projectors, 400 steps each
   .venv/bin/python experiments/projector_zoo.py --steps 800 --only perceiver,qformer
   .venv/bin/python experiments/projector_zoo.py --variant smoke --out /tmp/zoo   # seconds per projector
+  .venv/bin/python experiments/projector_zoo.py --dry-run             # the entries and commands; trains nothing
 
-Each projector trains in its own subprocess (`python -m mmproj.main`) into OUT/runs/<config>/, with the same
-data, encoder, LM, optimiser, steps and batch (config_lib.shapes_experiment); a finished run (results.json
-present) is not trained again, so an interrupted sweep resumes. The blind baseline (same LM and budget, no image)
-is trained once. Writes OUT/projector_zoo.md (table: accuracy per question family, output tokens M, projector
-parameters, median train-step time) and OUT/projector_zoo.png (accuracy per family, one bar group per projector).
+Each projector trains in its own subprocess (`python -m mmproj.main --config configs/zoo.py:NAME[,smoke]`) into
+OUT/runs/proj_NAME/ (the config's name), with the same data, encoder, LM, optimiser, steps and batch
+(config_lib.shapes_experiment); a finished run (results.json present) is not trained again, so an interrupted
+sweep resumes. The blind baseline (same LM and budget, no image) is trained once. Writes OUT/projector_zoo.md
+(table: accuracy per question family, output tokens M, projector parameters, median train-step time) and
+OUT/projector_zoo.png (accuracy per family, one bar group per projector).
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -26,27 +27,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 FAMILIES = ('overall', 'existence', 'color', 'shape', 'count', 'position', 'relation')
+ZOO = 'configs/zoo.py'
 
 
-def _load(path: str, arg: str):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('zoo_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+def _spec(name: str, variant: str) -> str:
+  return f'{ZOO}:{name},{variant}' if variant else f'{ZOO}:{name}'
 
 
-def _train(config: str, variant: str, workdir: str, steps: int | None, blind: bool) -> float:
+def _load(spec: str):
+  from mmproj import config_lib
+  return config_lib.load_config_file(os.path.join(REPO, spec))
+
+
+def _train(spec: str, workdir: str, steps: int | None, blind: bool, dry_run: bool = False) -> float:
   """Runs one experiment unless its results.json exists; returns the wall seconds spent (0 when skipped)."""
   if os.path.exists(os.path.join(workdir, 'results.json')):
     return 0.0
-  cmd = [sys.executable, '-m', 'mmproj.main', '--config', f'{config}:{variant}' if variant else config,
-         '--workdir', workdir, '--config.baseline=none']
+  cmd = [sys.executable, '-m', 'mmproj.main', '--config', spec, '--workdir', workdir, '--config.baseline=none']
   if steps:
     cmd.append(f'--config.train.steps={steps}')
   if blind:
     cmd.append('--config.model.use_image=False')
   print('$', ' '.join(cmd[1:]), flush=True)
+  if dry_run:
+    return 0.0
   start = time.time()
   subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
   return time.time() - start
@@ -110,34 +114,44 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--steps', type=int, default=400, help='train steps per projector (0 = the config\'s own)')
   parser.add_argument('--variant', default='', help="config variant ('' or 'smoke')")
-  parser.add_argument('--only', default='', help='comma-separated projector config names (proj_<name>.py)')
+  parser.add_argument('--only', default='', help=f'comma-separated zoo entry names (NAME in {ZOO}:NAME)')
   parser.add_argument('--out', default=os.path.join(REPO, 'experiments', 'results'))
   parser.add_argument('--no-blind', action='store_true', help='skip the blind baseline row')
+  parser.add_argument('--dry-run', action='store_true', help='print the commands that would run; train nothing')
   args = parser.parse_args(argv)
 
-  configs = sorted(glob.glob(os.path.join(REPO, 'configs', 'proj_*.py')))
+  from configs import zoo  # its table's names; each config is built by config_lib.load_config_file (_load)
+  from mmproj import config_lib
+  if args.variant not in config_lib.VARIANTS:
+    raise SystemExit(f'--variant: {args.variant!r} is not one of {config_lib.VARIANTS}')
+  names = list(zoo.ZOO)
   if args.only:
-    wanted = {f'proj_{n.strip()}' for n in args.only.split(',') if n.strip()}
-    unknown = wanted - {os.path.basename(c)[:-3] for c in configs}
-    if unknown:
-      raise SystemExit(f'--only: no config for {sorted(unknown)} in configs/')
-    configs = [c for c in configs if os.path.basename(c)[:-3] in wanted]
+    wanted = {n.strip() for n in args.only.split(',') if n.strip()}
+    unknown = wanted - set(names)
+    if unknown or not wanted:
+      raise SystemExit(f'--only: no zoo entry {sorted(unknown)} in {ZOO} (entries: {", ".join(names)})')
+    names = [n for n in names if n in wanted]
   runs = os.path.join(os.path.abspath(args.out), 'runs')
   rows = []
-  for path in configs:
-    name = os.path.basename(path)[:-3]
-    workdir = os.path.join(runs, name)
-    _train(os.path.relpath(path, REPO), args.variant, workdir, args.steps, blind=False)
-    cfg = _load(path, args.variant)
-    rows.append(_row(name.removeprefix('proj_'), workdir, cfg))
-  if not args.no_blind and configs:
+  for name in names:
+    spec = _spec(name, args.variant)
+    cfg = _load(spec)
+    workdir = os.path.join(runs, cfg.name)   # proj_NAME, as the runs of earlier sweeps are named
+    _train(spec, workdir, args.steps, blind=False, dry_run=args.dry_run)
+    if not args.dry_run:
+      rows.append(_row(name, workdir, cfg))
+  if not args.no_blind:
+    spec = _spec(names[0], args.variant)
     workdir = os.path.join(runs, 'blind')
-    _train(os.path.relpath(configs[0], REPO), args.variant, workdir, args.steps, blind=True)
-    cfg = _load(configs[0], args.variant)
-    cfg.model.use_image = False
-    rows.append(_row('blind (no image)', workdir, cfg))
+    _train(spec, workdir, args.steps, blind=True, dry_run=args.dry_run)
+    if not args.dry_run:
+      cfg = _load(spec)
+      cfg.model.use_image = False
+      rows.append(_row('blind (no image)', workdir, cfg))
+  if args.dry_run:
+    return
 
-  steps = args.steps or int(_load(configs[0], args.variant).train.steps)
+  steps = args.steps or int(_load(_spec(names[0], args.variant)).train.steps)
   command = 'python experiments/projector_zoo.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'projector_zoo.md'), 'w') as f:

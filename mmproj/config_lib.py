@@ -3,11 +3,11 @@ experiment most configs start from, LLaVA-1.5's, and the one config-file loader.
 but `load_config_file` (the config file itself).
 
 A config file stays a few lines: it names its projector and its variants, and `shapes_experiment` fills in the
-data, encoder, LM, optimiser, mesh, checkpoint and eval settings, so every projector trains on the same budget.
+data, encoder, LM, optimiser, mesh, checkpoint and eval settings, so every projector trains on the same budget
+(configs/zoo.py holds one entry per projector family).
 
   def get_config(arg=''):
-    return config_lib.shapes_experiment(arg, name='proj_perceiver', patch_size=8,
-                                        projector=dict(name='perceiver', num_latents=9, depth=2))
+    return config_lib.shapes_experiment(arg, name='quickstart', patch_size=16, projector=dict(name='mlp', depth=2))
 """
 from __future__ import annotations
 
@@ -94,6 +94,7 @@ def shapes_experiment(arg: str, *, name: str, projector: dict, patch_size: int =
                  device_peak_flops=None)  # FLOP/s of one device for MFU; None: the accelerator table (CPU: no MFU)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding_rules = None   # None = mmproj.train.sharding.DEFAULT_RULES
+  c.init = dict(encoder=None, lm=None, projector=None)   # HF directories / a workdir to start parts from
   c.checkpoint = dict(every=20 if smoke else 200, keep=3, async_save=True)
   c.log_every = 10 if smoke else 50
   c.eval = dict(batch_size=64 if smoke else 250, max_new_tokens=6, max_examples=mlc.config_dict.placeholder(int))

@@ -25,7 +25,7 @@ def blind_config(cfg):
 
 
 def _evaluate(result: trainer.TrainResult, cfg) -> tuple[dict, float]:
-  kwargs = dict(batch_size=int(cfg.eval.batch_size), max_examples=cfg.eval.get('max_examples'))
+  kwargs = dict(batch_size=int(cfg.eval.batch_size), max_examples=cfg.eval.max_examples)
   acc = vqa.vqa_accuracy(result.setup, result.state.params, result.tokenizer,
                          max_new_tokens=int(cfg.eval.max_new_tokens), **kwargs)
   return acc, vqa.caption_loss(result.setup, result.state.params, result.tokenizer, **kwargs)
@@ -58,10 +58,10 @@ def _last_metrics(workdir: str) -> dict:
 
 def run(cfg, workdir: str) -> dict:
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  baseline = str(cfg.get('baseline') or '').lower()
+  baseline = str(cfg.baseline or '').lower()
   if baseline not in ('blind', '', 'none'):
     raise ValueError(f'baseline={cfg.baseline!r}: the only baseline is "blind" ("" or "none" for no baseline)')
-  if cfg.data.get('name', 'shapes') != 'shapes':
+  if cfg.data.name != 'shapes':
     if baseline == 'blind':
       raise ValueError(f'baseline="blind" is evaluated in the shapes world only (data.name={cfg.data.name!r})')
     main = trainer.train(cfg, workdir)

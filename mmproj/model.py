@@ -48,56 +48,54 @@ def _divisible(field: str, value: int, divisor_field: str, divisor: int) -> None
 
 
 def validate(cfg_model: Any) -> None:
-  """Checks cfg.model before anything is traced; raises ValueError naming the offending field."""
+  """Checks cfg.model before anything is traced; raises ValueError naming the offending field. Tower fields are
+  read from the modules they build, so a field a config leaves out has the module's default."""
   c = cfg_model
   if c.dtype not in DTYPES:
     raise ValueError(f'model.dtype={c.dtype!r} is not one of {sorted(DTYPES)}')
+  check_remat(c.remat, 'model.remat')                                  # mmproj/layers/scan.py
+  kernels_lib.resolve(c.kernels, 'cpu', c.dtype)                       # ValueError naming model.kernels.*
 
-  lm = c.lm
-  if lm.get('head_dim', None) is None:
+  lm = build_lm(c.lm)
+  if lm.head_dim is None:
     _divisible('model.lm.width', lm.width, 'model.lm.num_heads', lm.num_heads)
-  head_dim = lm.get('head_dim', None) or lm.width // lm.num_heads
-  if head_dim % 2:
-    raise ValueError(f'model.lm.head_dim={head_dim} must be even for RoPE')
+  if lm.dim_per_head % 2:
+    raise ValueError(f'model.lm.head_dim={lm.dim_per_head} must be even for RoPE')
   _divisible('model.lm.num_heads', lm.num_heads, 'model.lm.num_kv_heads', lm.num_kv_heads)
-  check_rope_scaling(lm.get('rope_scaling', None))                   # ValueError naming model.lm.rope_scaling
-  window = lm.get('sliding_window', None)
-  if window is not None and window < 1:
-    raise ValueError(f'model.lm.sliding_window={window} must be None or >= 1')
-  check_remat(c.get('remat', 'none'), 'model.remat')                  # mmproj/layers/scan.py
-  if lm.get('remat', None) is not None:                               # per-tower override of model.remat
-    check_remat(lm.remat, 'model.lm.remat')
-  check_scan(lm.get('scan_layers', False), 'model.lm.scan_layers')
+  check_rope_scaling(lm.rope_scaling)                                  # ValueError naming model.lm.rope_scaling
+  if lm.sliding_window is not None and lm.sliding_window < 1:
+    raise ValueError(f'model.lm.sliding_window={lm.sliding_window} must be None or >= 1')
+  check_remat(lm.remat, 'model.lm.remat')
+  check_scan(lm.scan_layers, 'model.lm.scan_layers')
 
   if not c.use_image:
     return
   if not 0 <= c.image_token_id < lm.vocab_size:
     raise ValueError(f'model.image_token_id={c.image_token_id} is not in [0, model.lm.vocab_size={lm.vocab_size})')
-  enc = c.encoder
-  if enc.name not in ENCODERS:
-    raise ValueError(f'unknown model.encoder.name {enc.name!r}; known: {sorted(ENCODERS)}')
+  if c.encoder.name not in ENCODERS:
+    raise ValueError(f'unknown model.encoder.name {c.encoder.name!r}; known: {sorted(ENCODERS)}')
+  enc = build_encoder(c.encoder)
   _divisible('model.encoder.image_size', enc.image_size, 'model.encoder.patch_size', enc.patch_size)
   _divisible('model.encoder.width', enc.width, 'model.encoder.num_heads', enc.num_heads)
   if not -enc.depth <= enc.output_layer <= -1:
     raise ValueError(f'model.encoder.output_layer={enc.output_layer} is out of range '
                      f'[-model.encoder.depth, -1] = [{-enc.depth}, -1]')
-  if enc.get('act', 'gelu') not in ACTIVATIONS:
+  if enc.act not in ACTIVATIONS:
     raise ValueError(f'model.encoder.act={enc.act!r} is not one of {sorted(ACTIVATIONS)}')
-  mean, std = enc.get('image_mean', None), enc.get('image_std', None)
+  mean, std = enc.image_mean, enc.image_std
   if (mean is None) != (std is None):
     raise ValueError('model.encoder.image_mean and model.encoder.image_std must be set together (or both None)')
   for field, value in (('image_mean', mean), ('image_std', std)):
     if value is not None and len(value) != 3:
-      raise ValueError(f'model.encoder.{field}={value!r} must have 3 entries (R, G, B)')
+      raise ValueError(f'model.encoder.{field}={list(value)!r} must have 3 entries (R, G, B)')
   if std is not None and min(std) <= 0:
-    raise ValueError(f'model.encoder.image_std={std!r} must be positive')
-  check_scan(enc.get('scan_layers', False), 'model.encoder.scan_layers')
-  if enc.get('remat', None) is not None:
-    check_remat(enc.remat, 'model.encoder.remat')
+    raise ValueError(f'model.encoder.image_std={list(std)!r} must be positive')
+  check_scan(enc.scan_layers, 'model.encoder.scan_layers')
+  check_remat(enc.remat, 'model.encoder.remat')
   projectors.validate(c.projector, in_dim=enc.width, out_dim=lm.width)
   if injects_into_lm(c):
-    projectors.get(c.projector.name).check_injection(c.projector, lm.width, lm.depth)
-    if lm.get('scan_layers', False):
+    projectors.build(c.projector, in_dim=enc.width, out_dim=lm.width).check_injection(lm.depth)
+    if lm.scan_layers:
       raise ValueError(f'model.lm.scan_layers=True is not supported with an injecting projector '
                        f'(model.projector.name={c.projector.name!r} puts gated cross-attention blocks between the '
                        f'LM blocks); set it False')
@@ -132,7 +130,7 @@ def projector_param_count(cfg_model: Any) -> int:
   c = cfg_model
   n = projectors.param_count(c.projector, c.encoder.width, c.lm.width)
   if injects_into_lm(c):
-    n += projectors.get(c.projector.name).injected_param_count(c.projector, c.lm.width, c.lm.depth)
+    n += projectors.build(c.projector, in_dim=c.encoder.width, out_dim=c.lm.width).injected_param_count(c.lm.depth)
   return n
 
 
@@ -158,14 +156,17 @@ def towers(cfg_model: Any) -> tuple[Any, Any, Any]:
   model.lm.remat). Called unbound, the modules are for their methods (e.g. FLOP counts); MultimodalLM calls it in
   its setup."""
   c, dtype = cfg_model, DTYPES[cfg_model.dtype]
-  remat = c.get('remat', 'none')
+
+  def with_remat(tower):                 # the tower's own remat, else model.remat (None or absent: not set)
+    return {**dict(tower), 'remat': dict(tower).get('remat') or c.remat}
+
   encoder = projector = cross_attention = None
   if c.use_image:
-    encoder = build_encoder({**dict(c.encoder), 'remat': c.encoder.get('remat', None) or remat}, dtype)
+    encoder = build_encoder(with_remat(c.encoder), dtype)
     projector = projectors.build(c.projector, in_dim=c.encoder.width, out_dim=c.lm.width, dtype=dtype)
     if injects_into_lm(c):
-      cross_attention = projectors.get(c.projector.name).lm_injection(c.projector, c.lm.width)
-  lm = build_lm({**dict(c.lm), 'remat': c.lm.get('remat', None) or remat}, dtype, cross_attention=cross_attention)
+      cross_attention = projector.lm_injection()
+  lm = build_lm(with_remat(c.lm), dtype, cross_attention=cross_attention)
   return encoder, projector, lm
 
 

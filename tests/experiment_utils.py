@@ -54,3 +54,17 @@ def run_script(code: str, *, num_devices: int | None = None, timeout: int = 300)
                        text=True, timeout=timeout, cwd=REPO)
   assert out.returncode == 0, f'subprocess failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}'
   return out.stdout
+
+
+def fake_venv(tmp_path, script: str = 'echo "$@"'):
+  """A venv launch.sh takes as installed (its install stamp is in place), whose python runs `script` instead."""
+  venv = tmp_path / 'venv'
+  (venv / 'bin').mkdir(parents=True)
+  python = venv / 'bin' / 'python'
+  python.write_text(f'#!/bin/sh\n{script}\n')
+  python.chmod(0o755)
+  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+    # launch.sh's stamp: `cksum < pyproject.toml` (POSIX CRC), computed here the same way.
+    crc = subprocess.run(['cksum'], stdin=f, capture_output=True, text=True, check=True).stdout.split()[0]
+  (venv / f'.mmproj-installed-{crc}').touch()
+  return venv

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from experiment_utils import REPO
+from experiment_utils import REPO, fake_venv
 from benchmarks import host_malloc
 
 # A jitted function whose temporaries (~100 MB) are far above glibc's largest mmap threshold (32 MiB).
@@ -65,20 +65,6 @@ def test_the_file_prints_the_setting_launch_sh_reads():
     assert 'glibc.malloc' not in f.read()          # no copy of the string to drift
 
 
-def _fake_venv(tmp_path):
-  """A venv launch.sh takes as installed, whose python prints the GLIBC_TUNABLES it was started with."""
-  venv = tmp_path / 'venv'
-  (venv / 'bin').mkdir(parents=True)
-  python = venv / 'bin' / 'python'
-  python.write_text('#!/bin/sh\necho "GLIBC_TUNABLES=${GLIBC_TUNABLES-<unset>}"\n')
-  python.chmod(0o755)
-  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
-    # launch.sh's stamp: `cksum < pyproject.toml` (POSIX CRC), computed here the same way.
-    crc = subprocess.run(['cksum'], stdin=f, capture_output=True, text=True, check=True).stdout.split()[0]
-  (venv / f'.mmproj-installed-{crc}').touch()
-  return venv
-
-
 def _has_accelerator() -> bool:
   return any(re.match(r'(nvidia|accel)\d+$', name) for name in os.listdir('/dev')) or (
       os.path.isdir('/dev/vfio') and any(n.isdigit() for n in os.listdir('/dev/vfio')))
@@ -95,7 +81,7 @@ def test_launch_sh_sets_it_on_a_cpu_host_unless_given(tmp_path, given, expected)
   env = {k: v for k, v in os.environ.items() if k != host_malloc.ENV and not k.startswith(('SLURM_', 'MMPROJ_'))}
   if given is not None:
     env[host_malloc.ENV] = given
-  env['MMPROJ_VENV'] = str(_fake_venv(tmp_path))
+  env['MMPROJ_VENV'] = str(fake_venv(tmp_path, 'echo "GLIBC_TUNABLES=${GLIBC_TUNABLES-<unset>}"'))
   out = subprocess.run([os.path.join(REPO, 'launch.sh'), 'configs/quickstart.py:smoke'], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=60, check=False)
   assert out.returncode == 0, out.stderr

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from experiment_utils import REPO
+from experiment_utils import REPO, fake_venv
 from mmproj.train import distributed
 
 CONFIG = 'configs/quickstart.py:smoke'
@@ -115,6 +115,21 @@ def test_local_multiprocess_dry_run_prints_one_command_per_process(launch):
   fixed = _lines(launch('local-multiprocess', '--num-processes', '2', '--port', '23456', '--dry-run', CONFIG))
   assert [_env_and_command(w)[0]['MMPROJ_COORDINATOR'] for w in fixed] == ['127.0.0.1:23456'] * 2
   assert all(_env_and_command(w)[0]['XLA_FLAGS'].endswith('=1') for w in fixed)  # 1 device per process
+
+
+@pytest.mark.parametrize('args, expected', [
+    ((), ['--config', 'configs/quickstart.py', '--workdir', 'runs/quickstart']),
+    (('--workdir', 'runs/q', '--config.train.steps=5'),
+     ['--config', 'configs/quickstart.py', '--workdir', 'runs/q', '--config.train.steps=5']),
+    ((CONFIG, '--config.seed=1'), ['--config', CONFIG, '--config.seed=1', '--workdir', 'runs/quickstart-smoke']),
+])
+def test_a_run_without_a_config_is_the_quickstart(tmp_path, args, expected):
+  """./launch.sh with options only runs configs/quickstart.py with them (a venv stand-in prints the command)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'MMPROJ_'))}
+  out = subprocess.run([os.path.join(REPO, 'launch.sh'), *args], env={**env, 'MMPROJ_VENV': str(fake_venv(tmp_path))},
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  assert shlex.split(out.stdout) == ['-m', 'mmproj.main', *expected]
 
 
 @pytest.mark.parametrize('args, flag', [

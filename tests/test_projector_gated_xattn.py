@@ -327,9 +327,10 @@ def test_param_count(proj, lm_depth):
   assert sorted(blocks) == [f'xattn_layers_{i}' for i in xattn_layer_ids(lm_depth, every)]
   width, dv = cfg.lm.width, cfg.encoder.width
   assert count(params['projector']) == projectors.param_count(cfg.projector, dv, width)
+  proj = projectors.build(cfg.projector, in_dim=dv, out_dim=width)
   for block in blocks.values():
-    assert count(block) == GatedXAttnProjector.block_param_count(cfg.projector, width)
-  assert count(blocks) == GatedXAttnProjector.injected_param_count(cfg.projector, width, lm_depth)
+    assert count(block) == proj.block_param_count()
+  assert count(blocks) == proj.injected_param_count(lm_depth)
   assert mm.projector_param_count(cfg) == count(params['projector']) + count(blocks)
 
 

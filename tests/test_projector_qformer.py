@@ -284,8 +284,8 @@ def test_bad_call_errors():
   bare = projectors.build(dict(TINY, learned_queries=False), in_dim=13, out_dim=11)
   with pytest.raises(ValueError, match='num_query_tokens=5'):
     bare.init(jax.random.PRNGKey(0), x, grid=(1, 7), query_embeds=jnp.zeros((2, 4, 18)))
-  assert projectors.get('qformer').extra_inputs(dict(TINY, text_input=True)) == ('text_ids', 'text_mask')
-  assert projectors.get('qformer').extra_inputs(TINY) == ()
+  assert projectors.build(dict(TINY, text_input=True), in_dim=13, out_dim=11).extra_inputs() == ('text_ids', 'text_mask')
+  assert module.extra_inputs() == ()
 
 
 # ------------------------------------------------------------------------------------------ stage-1 losses

@@ -416,7 +416,7 @@ def test_hf_llama_dir_loads_into_scanned_model(tmp_path):
   cfg.model = make_tiny_model_cfg()
   cfg.model.use_image = False
   cfg.model.lm = dict(lm_config_from_hf(hf.config.to_dict()), scan_layers=True)
-  cfg.init = {'lm': path}
+  cfg.init = dict(encoder=None, lm=path, projector=None)
   model = mm.build_model(cfg.model)
 
   loaded = pretrained.load(cfg)

@@ -253,12 +253,16 @@ def scanned_depths(cfg_model: Any) -> dict[str, int]:
   """{part: number of stacked blocks} for the parts of cfg.model that scan their layers: 'lm' (model.lm.depth)
   when model.lm.scan_layers, 'encoder' (the blocks the ViT builds, up to output_layer) when
   model.encoder.scan_layers and model.use_image."""
+  from mmproj.encoders import encoder_fields
+  from mmproj.lm import lm_fields
   out = {}
-  if cfg_model.lm.get('scan_layers', False):
-    out['lm'] = int(cfg_model.lm.depth)
-  if cfg_model.get('use_image', True) and cfg_model.encoder.get('scan_layers', False):
-    enc = cfg_model.encoder
-    out['encoder'] = int(enc.depth) + int(enc.get('output_layer', -1)) + 1
+  lm = lm_fields(cfg_model['lm'])
+  if lm['scan_layers']:
+    out['lm'] = int(lm['depth'])
+  if cfg_model['use_image']:
+    enc = encoder_fields(cfg_model['encoder'])
+    if enc['scan_layers']:
+      out['encoder'] = int(enc['depth']) + int(enc['output_layer']) + 1
   return out
 
 

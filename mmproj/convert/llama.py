@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from mmproj.convert.base import StateDict, converter
+from mmproj.lm import lm_fields
 from mmproj.layers.rope import ROPE_SCALING_KEYS
 
 MODEL_TYPES = ('llama', 'mistral', 'qwen2')
@@ -154,11 +155,10 @@ def lm_params_from_hf(sd: StateDict, cfg_lm: Any, prefix: str = 'model.', head_p
   Takes (marks used) every LM key, rotary inv_freq buffers under `prefix` included; does not call
   `sd.finish()`, so a caller converting a larger model (e.g. LLaVA: vision tower + projector + LM) finishes once.
   """
-  c = dict(cfg_lm)
-  d, h, hkv = c['width'], c['num_heads'], c['num_kv_heads']
-  dh = c.get('head_dim') or d // h
+  c = lm_fields(cfg_lm)
+  d, h, hkv, dh = c['width'], c['num_heads'], c['num_kv_heads'], c['head_dim']
   f, v = c['mlp_dim'], c['vocab_size']
-  bias = bool(c.get('qkv_bias', False))
+  bias = bool(c['qkv_bias'])
   embed = sd.take(f'{prefix}embed_tokens.weight', (v, d))
   p: dict[str, Any] = {'embed_tokens': {'embedding': embed}}
   for i in range(c['depth']):
@@ -180,7 +180,7 @@ def lm_params_from_hf(sd: StateDict, cfg_lm: Any, prefix: str = 'model.', head_p
     }
   p['norm'] = {'scale': sd.take(f'{prefix}norm.weight', (d,))}
   head_key = f'{head_prefix}weight'
-  if c.get('tie_embeddings', False):
+  if c['tie_embeddings']:
     if head_key in sd:                                   # some checkpoints save the tied head anyway
       head = sd.take(head_key, (v, d))
       if not np.array_equal(head, embed):
@@ -234,10 +234,10 @@ def lm_config_to_hf(cfg_lm: Any, model_type: str | None = None) -> dict:
   """cfg.model.lm -> an HF LlamaConfig / MistralConfig / Qwen2Config dict (transformers >= 5 field names) that
   `lm_config_from_hf` maps back to the same fields. ValueError naming the model.lm field the chosen model_type
   cannot represent (qkv_bias outside Qwen2, a sliding window on Llama, gated cross-attention)."""
-  c = dict(cfg_lm)
-  if c.get('cross_attention') is not None:
+  if dict(cfg_lm).get('cross_attention') is not None:
     raise ValueError('model.lm.cross_attention is set: HF Llama / Mistral / Qwen2 have no gated cross-attention')
-  bias, window = bool(c.get('qkv_bias', False)), c.get('sliding_window')
+  c = lm_fields(cfg_lm)
+  bias, window = bool(c['qkv_bias']), c['sliding_window']
   if model_type is None:
     model_type = 'qwen2' if bias else 'mistral' if window is not None else 'llama'
   if model_type not in MODEL_TYPES:
@@ -248,16 +248,16 @@ def lm_config_to_hf(cfg_lm: Any, model_type: str | None = None) -> dict:
   if window is not None and model_type == 'llama':
     raise ValueError(f'model.lm.sliding_window={window}: Llama has no sliding window (use mistral or qwen2)')
   h = int(c['num_heads'])
-  rope_parameters = {'rope_type': 'default', 'rope_theta': float(c.get('rope_theta', 10000.0))}
-  scaling = c.get('rope_scaling')
+  rope_parameters = {'rope_type': 'default', 'rope_theta': float(c['rope_theta'])}
+  scaling = c['rope_scaling']
   if scaling is not None:
     rope_parameters.update(dict(scaling))
   out = dict(
       model_type=model_type, vocab_size=int(c['vocab_size']), hidden_size=int(c['width']),
       intermediate_size=int(c['mlp_dim']), num_hidden_layers=int(c['depth']), num_attention_heads=h,
-      num_key_value_heads=int(c.get('num_kv_heads') or h), head_dim=int(c.get('head_dim') or c['width'] // h),
-      hidden_act='silu', max_position_embeddings=int(c.get('max_len', 2048)),
-      rms_norm_eps=float(c.get('norm_eps', 1e-6)), tie_word_embeddings=bool(c.get('tie_embeddings', False)),
+      num_key_value_heads=int(c['num_kv_heads']), head_dim=int(c['head_dim']),
+      hidden_act='silu', max_position_embeddings=int(c['max_len']),
+      rms_norm_eps=float(c['norm_eps']), tie_word_embeddings=bool(c['tie_embeddings']),
       rope_parameters=rope_parameters, rope_theta=rope_parameters['rope_theta'])   # rope_theta: for transformers 4
   if scaling is not None:
     out['rope_scaling'] = dict(scaling)                                            # transformers 4's field
@@ -280,12 +280,10 @@ def lm_params_to_hf(params: Any, cfg_lm: Any, prefix: str = 'model.', head_prefi
   naming the param path otherwise)."""
   from mmproj.convert.base import ParamReader
 
-  c = dict(cfg_lm)
-  d, h = int(c['width']), int(c['num_heads'])
-  hkv = int(c.get('num_kv_heads') or h)
-  dh = int(c.get('head_dim') or d // h)
+  c = lm_fields(cfg_lm)
+  d, h, hkv, dh = int(c['width']), int(c['num_heads']), int(c['num_kv_heads']), int(c['head_dim'])
   f, v = int(c['mlp_dim']), int(c['vocab_size'])
-  bias = bool(c.get('qkv_bias', False))
+  bias = bool(c['qkv_bias'])
   r = ParamReader(params, where='lm params')
   out: dict[str, np.ndarray] = {f'{prefix}embed_tokens.weight': r.take('embed_tokens/embedding', (v, d))}
   for i in range(int(c['depth'])):
@@ -302,7 +300,7 @@ def lm_params_to_hf(params: Any, cfg_lm: Any, prefix: str = 'model.', head_prefi
     out[f'{q}mlp.up_proj.weight'] = r.take(f'{k}mlp/up_proj/kernel', (d, f)).T                    # [F, D]
     out[f'{q}mlp.down_proj.weight'] = r.take(f'{k}mlp/down_proj/kernel', (f, d)).T                # [D, F]
   out[f'{prefix}norm.weight'] = r.take('norm/scale', (d,))
-  if not c.get('tie_embeddings', False):
+  if not c['tie_embeddings']:
     out[f'{head_prefix}weight'] = r.take('lm_head/kernel', (d, v)).T                               # [V, D]
   r.finish()
   return {key: np.ascontiguousarray(value, np.float32) for key, value in out.items()}

@@ -58,6 +58,8 @@ import numpy as np
 from mmproj import config_lib, projectors
 from mmproj.convert.base import ParamReader, StateDict, activation, converter, hf_activation
 from mmproj.convert import llama, vision
+from mmproj.encoders import encoder_fields
+from mmproj.lm import lm_fields
 
 # LlavaConfig (transformers 5) defaults for the fields read here; a diff-only config.json omits fields equal to these.
 LLAVA_DEFAULTS = dict(image_token_index=32000, image_seq_length=576, projector_hidden_act='gelu',
@@ -248,12 +250,20 @@ def llava_skipped_prefixes(cfg_model: Any, vision_prefix: str) -> tuple[str, ...
   return vision.skipped_prefixes(dict(cfg_model['encoder']), vision_prefix)
 
 
+def _llava_projector(cfg_projector: Any, dv: int, dt: int):
+  """The projector module of cfg.model.projector; ValueError unless it is LLaVA's (mlp, depth 2)."""
+  proj = projectors.build(cfg_projector, in_dim=dv, out_dim=dt) if cfg_projector['name'] == 'mlp' else None
+  if proj is None or proj.depth != 2:
+    raise ValueError(f"model.projector.name={cfg_projector['name']!r}, depth={getattr(proj, 'depth', None)}: "
+                     "LLaVA's projector is mlp with depth 2")
+  return proj
+
+
 def _projector_params(sd: StateDict, prefix: str, cfg_projector: dict, dv: int, dt: int) -> dict:
-  if cfg_projector.get('name') != 'mlp' or cfg_projector.get('depth', 2) != 2:
-    raise ValueError(f'model.projector={cfg_projector!r}: a LLaVA projector is mlp with depth 2')
+  proj = _llava_projector(cfg_projector, dv, dt)
   p = {'linear_1': {'kernel': sd.kernel(f'{prefix}linear_1', dv, dt)},                 # [Dv, Dt]
        'linear_2': {'kernel': sd.kernel(f'{prefix}linear_2', dt, dt)}}                 # [Dt, Dt]
-  if cfg_projector.get('use_bias', True):
+  if proj.use_bias:
     p['linear_1']['bias'] = sd.take(f'{prefix}linear_1.bias', (dt,))
     p['linear_2']['bias'] = sd.take(f'{prefix}linear_2.bias', (dt,))
   return p
@@ -326,11 +336,9 @@ def llava(module: Any):
 def _check_exportable(cfg_model: Any) -> tuple[dict, dict, dict]:
   if not cfg_model['use_image']:
     raise ValueError('model.use_image=False: a blind LM is not a LLaVA model (export the LM with llama.py)')
-  enc, proj, lm = dict(cfg_model['encoder']), dict(cfg_model['projector']), dict(cfg_model['lm'])
-  if proj.get('name') != 'mlp' or proj.get('depth', 2) != 2:
-    raise ValueError(f"model.projector.name={proj.get('name')!r}, depth={proj.get('depth', 2)}: LLaVA's projector is "
-                     'mlp with depth 2')
-  if enc.get('final_norm', True):
+  enc, lm = encoder_fields(cfg_model['encoder']), lm_fields(cfg_model['lm'])
+  proj = _llava_projector(cfg_model['projector'], enc['width'], lm['width'])
+  if enc['final_norm']:
     raise ValueError('model.encoder.final_norm=True: LLaVA feeds the projector hidden_states[k], which HF never '
                      'passes through post_layernorm')
   return enc, proj, lm
@@ -341,10 +349,10 @@ def image_processor_for(cfg_encoder: Any):
   CLIP, a square resize for SigLIP) to image_size, and its image_mean / image_std (0.5 when unset: x / 127.5 - 1)."""
   from mmproj.data.preprocess import ImageProcessor
 
-  enc = dict(cfg_encoder)
+  enc = encoder_fields(cfg_encoder)
   size = int(enc['image_size'])
-  mean = tuple(enc.get('image_mean') or (0.5, 0.5, 0.5))
-  std = tuple(enc.get('image_std') or (0.5, 0.5, 0.5))
+  mean = enc['image_mean'] or (0.5, 0.5, 0.5)            # unset: the model's x / 127.5 - 1
+  std = enc['image_std'] or (0.5, 0.5, 0.5)
   if vision.encoder_family(enc) == 'clip':
     return ImageProcessor.clip(size=size, crop_size=(size, size), image_mean=mean, image_std=std)
   return ImageProcessor.siglip(size=(size, size), image_mean=mean, image_std=std)
@@ -369,11 +377,11 @@ def llava_config_to_hf(cfg_model: Any, *, bos_token_id: int | None = None, eos_t
       vision_config=vision.encoder_config_to_hf(enc), text_config=text_config,
       image_token_index=image_token_id,
       image_seq_length=mm.num_image_tokens(ml_collections.ConfigDict(dict(cfg_model))),
-      projector_hidden_act=hf_activation(proj.get('act', 'gelu'), 'model.projector.act'),
-      multimodal_projector_bias=bool(proj.get('use_bias', True)),
+      projector_hidden_act=hf_activation(proj.act, 'model.projector.act'),
+      multimodal_projector_bias=bool(proj.use_bias),
       vision_feature_layer=-1,                        # the exported tower ends at the selected block
       vision_feature_select_strategy=PATCH_STRATEGY[family],
-      tie_word_embeddings=bool(lm.get('tie_embeddings', False)))
+      tie_word_embeddings=bool(lm['tie_embeddings']))
 
 
 def llava_params_to_hf(params: Any, cfg_model: Any) -> dict[str, np.ndarray]:
@@ -389,7 +397,7 @@ def llava_params_to_hf(params: Any, cfg_model: Any) -> dict[str, np.ndarray]:
   pp = EXPORT_LAYOUT.projector
   for name, d_in in (('linear_1', dv), ('linear_2', dt)):
     out[f'{pp}{name}.weight'] = np.ascontiguousarray(r.take(f'{name}/kernel', (d_in, dt)).T)   # [Dt, D_in]
-    if proj.get('use_bias', True):
+    if proj.use_bias:
       out[f'{pp}{name}.bias'] = r.take(f'{name}/bias', (dt,))
   r.finish()
   out.update(llama.lm_params_to_hf(params['lm'], lm, EXPORT_LAYOUT.lm, EXPORT_LAYOUT.lm_head))

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmproj.convert.base import StateDict, activation, converter
-from mmproj.projectors.gated_xattn import GatedXAttnProjector
+from mmproj import projectors
 
 
 @converter('MllamaCrossAttentionDecoderLayer')
@@ -64,6 +64,6 @@ def mllama_cross_attention_layer(module: Any):
       'mlp_gate': sd.take('cross_attn_mlp_gate', (1,)),
   }
   sd.finish()
-  cfg = dict(variant='mllama', heads=heads, kv_heads=kv_heads, head_dim=head_dim, ff_dim=ff_dim, norm_eps=eps,
-             empty_rows='unmasked')
-  return GatedXAttnProjector.build_block(cfg, width), params
+  cfg = dict(name='gated_xattn', variant='mllama', heads=heads, kv_heads=kv_heads, head_dim=head_dim, ff_dim=ff_dim,
+             norm_eps=eps, empty_rows='unmasked')
+  return projectors.build(cfg, in_dim=width, out_dim=width).build_block(), params

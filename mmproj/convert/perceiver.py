@@ -34,7 +34,7 @@ def _attention(sd: StateDict, prefix: str, d: int, h: int, hkv: int, dh: int, ou
 
 
 def _gated_mlp(sd: StateDict, prefix: str) -> dict:
-  """HF Idefics2MLP (gate_proj/up_proj/down_proj, no biases) -> mmproj GatedMLP params."""
+  """HF Idefics2MLP (gate_proj/up_proj/down_proj, no biases) -> mmproj SwiGLU params."""
   return {k: {'kernel': sd.kernel(f'{prefix}.{k}')} for k in ('gate_proj', 'up_proj', 'down_proj')}
 
 

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from mmproj.convert.base import ParamReader, StateDict, activation, converter, hf_activation
+from mmproj.encoders import encoder_fields
 
 # model_type -> (family, HF defaults for fields a saved (diff-only) config may omit).
 _FAMILIES = {
@@ -125,15 +126,15 @@ def find_prefix(sd: StateDict) -> str:
 
 
 def _num_blocks(cfg: dict) -> int:
-  return cfg['depth'] + cfg.get('output_layer', -1) + 1
+  return cfg['depth'] + cfg['output_layer'] + 1
 
 
 def skipped_prefixes(cfg_encoder: dict, prefix: str = '') -> tuple[str, ...]:
   """Key prefixes of the tower that `encoder_params_from_hf` deliberately leaves: the blocks above output_layer,
   post_layernorm when final_norm is off, SigLIP's pooling head, and the position_ids buffer of old checkpoints."""
-  cfg = dict(cfg_encoder)
+  cfg = encoder_fields(cfg_encoder)
   skipped = [f'{prefix}encoder.layers.{i}.' for i in range(_num_blocks(cfg), cfg['depth'])]
-  if not cfg.get('final_norm', True):
+  if not cfg['final_norm']:
     skipped.append(f'{prefix}post_layernorm.')
   skipped += [f'{prefix}head.', f'{prefix}embeddings.position_ids']
   return tuple(skipped)
@@ -142,7 +143,7 @@ def skipped_prefixes(cfg_encoder: dict, prefix: str = '') -> tuple[str, ...]:
 def encoder_params_from_hf(sd: StateDict, cfg_encoder: dict, prefix: str = '') -> dict:
   """Takes the vision tower under `prefix` from `sd` -> ViT params. Does not call `sd.finish()` (the state dict may
   hold other towers); callers finish with `ignore=skipped_prefixes(cfg_encoder, prefix)` (+ their own keys)."""
-  cfg = dict(cfg_encoder)
+  cfg = encoder_fields(cfg_encoder)
   d, p, f, h = cfg['width'], cfg['patch_size'], cfg['mlp_dim'], cfg['num_heads']
   dh = d // h
   e = f'{prefix}embeddings.'
@@ -222,12 +223,9 @@ def vision_tower(module: Any, output_layer: int = -1, final_norm: bool | None = 
 # -- export: mmproj ViT -> HF CLIP / SigLIP vision tower ----------------------------------------------------------
 
 # ViT field defaults (mmproj/encoders/vit.py), for cfg.model.encoder dicts that leave fields out.
-_VIT_DEFAULTS = dict(output_layer=-1, cls_token=False, pre_norm=False, final_norm=True, norm_eps=1e-6, act='gelu')
-
-
 def _vit_config(cfg_encoder: Any) -> dict:
-  cfg = {**_VIT_DEFAULTS, **dict(cfg_encoder)}
-  if cfg.get('name', 'vit') != 'vit':
+  cfg = encoder_fields(cfg_encoder)
+  if cfg['name'] != 'vit':
     raise ValueError(f"model.encoder.name={cfg['name']!r}: only the 'vit' encoder exports to CLIP / SigLIP")
   return cfg
 

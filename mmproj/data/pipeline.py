@@ -45,12 +45,17 @@ from mmproj.data import tokenizer as tokenizer_lib
 _log = logging.getLogger(__name__)
 
 
-def _cfg(data_cfg: Any, key: str, default: Any = None) -> Any:
-  return shapes.get_field(data_cfg, key, default)
+# The shapes-world rows' fields a data config may leave out (the world's own: shapes.DEFAULTS).
+DEFAULTS = dict(text_len=40, worker_count=0, read_threads=1, caption_prob=0.1, turns=1, isolate_turns=True,
+                bad_records='error')
+
+
+def _cfg(data_cfg: Any, key: str) -> Any:
+  return shapes.get_field(data_cfg, key, DEFAULTS[key])
 
 
 def _text_len(data_cfg: Any) -> int:
-  text_len = int(_cfg(data_cfg, 'text_len', 40))
+  text_len = int(_cfg(data_cfg, 'text_len'))
   if text_len < 4:
     raise ValueError(f'data.text_len: must be >= 4 (<bos> <sep> <eos> + 1 word), got {text_len}')
   return text_len
@@ -242,14 +247,14 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
   if num_image_tokens < 0:
     raise ValueError(f'num_image_tokens={num_image_tokens} must be >= 0')
   if worker_count is None:
-    worker_count = int(_cfg(data_cfg, 'worker_count', 0) or 0)
+    worker_count = int(_cfg(data_cfg, 'worker_count') or 0)
   if read_threads is None:
-    read_threads = int(_cfg(data_cfg, 'read_threads', 1))
-  caption_prob = float(_cfg(data_cfg, 'caption_prob', 0.1))
+    read_threads = int(_cfg(data_cfg, 'read_threads'))
+  caption_prob = float(_cfg(data_cfg, 'caption_prob'))
   if not 0.0 <= caption_prob <= 1.0:
     raise ValueError(f'data.caption_prob: must be in [0, 1], got {caption_prob}')
 
-  turns = int(_cfg(data_cfg, 'turns', 1))
+  turns = int(_cfg(data_cfg, 'turns'))
   if turns < 1:
     raise ValueError(f'data.turns: must be >= 1, got {turns}')
 
@@ -258,10 +263,10 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app use defaults
       flags.FLAGS.mark_as_parsed()
 
-  bad_records = sampling.check_bad_records(_cfg(data_cfg, 'bad_records', 'error'))
+  bad_records = sampling.check_bad_records(_cfg(data_cfg, 'bad_records'))
   source = shapes.data_source(data_cfg, split)
   row = SampleText(tok, num_image_tokens, _text_len(data_cfg), caption_prob, split, turns,
-                   bool(_cfg(data_cfg, 'isolate_turns', True)), shapes.config_from(data_cfg).image_size)
+                   bool(_cfg(data_cfg, 'isolate_turns')), shapes.config_from(data_cfg).image_size)
   return sampling.train_dataset(source, row, global_batch_size=global_batch_size, seed=int(seed),
                                 process_index=process_index, process_count=process_count, read_threads=read_threads,
                                 worker_count=worker_count, worker_buffer_size=worker_buffer_size, split=split,
@@ -293,7 +298,7 @@ class _EvalFaults:
   (the first few by name) and the caller leaves them out."""
 
   def __init__(self, data_cfg: Any, split: str):
-    self.skip = sampling.check_bad_records(_cfg(data_cfg, 'bad_records', 'error')) == 'skip'
+    self.skip = sampling.check_bad_records(_cfg(data_cfg, 'bad_records')) == 'skip'
     self.split = split
     self.count = 0
 

@@ -1,5 +1,6 @@
 """Modality encoders. `build_encoder(cfg_encoder, dtype)` maps `cfg.model.encoder` to a module."""
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
@@ -23,4 +24,13 @@ def build_encoder(cfg: Any, dtype: Any = jnp.float32) -> ViT:
   return ENCODERS[name](**kwargs, dtype=dtype)
 
 
-__all__ = ['ENCODERS', 'ViT', 'build_encoder']
+def encoder_fields(cfg: Any) -> dict[str, Any]:
+  """Every field of the encoder cfg.model.encoder builds (its name included), the module's defaults filled in:
+  what code outside the module (converters, exporters) reads instead of re-defaulting the config."""
+  encoder = build_encoder(cfg)
+  fields = {f.name: getattr(encoder, f.name) for f in dataclasses.fields(encoder)
+            if f.name not in ('parent', 'name', 'dtype')}                      # not cfg.model.encoder's
+  return {'name': dict(cfg).get('name', 'vit'), **fields}
+
+
+__all__ = ['ENCODERS', 'ViT', 'build_encoder', 'encoder_fields']

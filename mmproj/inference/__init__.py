@@ -96,14 +96,14 @@ def restore_for_inference(path: str, step: int | None = None, *, mesh: Mapping[s
 
 
 def _load_workdir(path: str, step: int | None) -> Bundle:
+  from mmproj.data import llava_json
   from mmproj.data import tokenizer as tokenizer_lib
 
   model, params, tokenizer, cfg, step = restore_for_inference(path, step)
-  data_name = cfg.get('data', {}).get('name', 'shapes')
-  if data_name == 'shapes':
+  if cfg.data.name == 'shapes':
     return Bundle(model=model, params=params, tokenizer=tokenizer, config=cfg, step=step, prompt_format='shapes',
                   stop_ids=(tokenizer_lib.EOS_ID,), pad_id=tokenizer_lib.PAD_ID, path=path)
-  eos = tokenizer.token_to_id(cfg.data.get('eos_token', '</s>'))
+  eos = tokenizer.token_to_id(llava_json.config_value(cfg.data, 'eos_token'))
   return Bundle(model=model, params=params, tokenizer=tokenizer, config=cfg, step=step, prompt_format='hf',
                 stop_ids=() if eos is None else (eos,), image_processor=_data_image_processor(cfg), path=path)
 
@@ -112,8 +112,8 @@ def _data_image_processor(cfg):
   """The image steps of a run's LLaVA-format data (mmproj.data.llava_json: pad/crop/resize to data.image_size),
   as a callable images -> uint8 [B, S, S, 3]; the model normalises uint8 input itself."""
   from mmproj.data import llava_json
-  size, aspect = int(cfg.data.image_size), str(cfg.data.get('image_aspect', 'pad'))
-  mean = cfg.data.get('image_mean', None)
+  size, aspect = int(cfg.data.image_size), str(llava_json.config_value(cfg.data, 'image_aspect'))
+  mean = llava_json.config_value(cfg.data, 'image_mean')
 
   def process(images):
     return np.stack([llava_json.resize_image(image, size=size, aspect=aspect, mean=mean) for image in images])
@@ -169,7 +169,7 @@ def _load_hf(path: str) -> Bundle:
   processor_config = llava.read_preprocessor_config(path)     # preprocessor_config.json or processor_config.json
 
   def image_processor(cfg_encoder):
-    family = 'clip' if cfg_encoder.get('cls_token') else 'siglip'
+    family = 'clip' if cfg_encoder['cls_token'] else 'siglip'
     if processor_config is not None:
       return preprocess.ImageProcessor.from_hf_config(processor_config, kind=family)
     size = int(cfg_encoder['image_size'])
@@ -337,12 +337,16 @@ def export_hf(bundle: Bundle, out_dir: str) -> str:
   weights, config, image processor, generation config (the bundle's stop and pad ids) and tokenizer.json.
   Returns out_dir. See mmproj.convert.llava.export_llava for what can be exported."""
   from mmproj.convert import llava
+  from mmproj.data import llava_json
 
-  if bundle.prompt_format != 'hf' or not bundle.config.model.get('use_image', False):
+  if bundle.prompt_format != 'hf' or not bundle.config.model.use_image:
     raise ValueError(f'{bundle.path}: only LLaVA-style models (trained on LLaVA-format data, or loaded from an HF '
                      'LLaVA directory) export to an HF LLaVA directory')
   tokenizer_file = os.path.join(bundle.path, 'tokenizer.json')
-  bos = bundle.tokenizer.token_to_id(bundle.config.get('data', {}).get('bos_token', '<s>')) if bundle.tokenizer else None
+  bos = None
+  if bundle.tokenizer is not None:      # a run's data config names it; an HF directory's bundle has none: <s>
+    bos = bundle.tokenizer.token_to_id(llava_json.config_value(bundle.config.data, 'bos_token')
+                                       if 'data' in bundle.config else '<s>')
   stops = list(bundle.stop_ids)
   from mmproj.convert import unstack_model_params
   params = unstack_model_params(jax.device_get(bundle.params), bundle.config.model)   # scanned towers -> layers_{i}

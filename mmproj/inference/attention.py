@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmproj import inference
+from mmproj import inference, projectors
 from mmproj.layers.feature_map import bilinear_sample
 from mmproj.model import encoder_grid, injects_into_lm, num_image_tokens
 
@@ -65,43 +65,43 @@ _GRID_ATTENTION = {
 GRID_ATTENTION_PROJECTORS = tuple(sorted(_GRID_ATTENTION)) + ('d_abstractor',)
 
 
-def _scaled_grid(key: str, default: int):
-  return lambda p, h, w: (h // p.get(key, default), w // p.get(key, default))
-
-
-def _ceil_grid(key: str, default: int):
-  return lambda p, h, w: (-(-h // p.get(key, default)), -(-w // p.get(key, default)))
+def _scaled_grid(field: str):
+  return lambda p, h, w: (h // getattr(p, field), w // getattr(p, field))
 
 
 def _output_grid(p, h, w):
-  og = p.get('output_grid')
+  og = p.output_grid
   return (og, og) if isinstance(og, int) else tuple(og)
 
 
-# Projector -> (its cfg, encoder grid h, w) -> the grid (gh, gw) its visual tokens keep, row-major.
+# Projector -> (its module, encoder grid h, w) -> the grid (gh, gw) its visual tokens keep, row-major.
 _TOKEN_GRID = {
     'linear': lambda p, h, w: (h, w),
     'mlp': lambda p, h, w: (h, w),
-    'pixel_shuffle': _scaled_grid('scale_factor', 2),
-    'patch_merger': _scaled_grid('spatial_merge_size', 2),
-    'tokenpacker': _scaled_grid('scale', 2),
+    'pixel_shuffle': _scaled_grid('scale_factor'),
+    'patch_merger': _scaled_grid('spatial_merge_size'),
+    'tokenpacker': _scaled_grid('scale'),
     'ldp': lambda p, h, w: (-(-h // 2), -(-w // 2)),
-    'ldpv2': _ceil_grid('pool', 2),
+    'ldpv2': lambda p, h, w: (-(-h // p.pool), -(-w // p.pool)),
     'avg_pool': _output_grid,
-    'c_abstractor': lambda p, h, w: (math.isqrt(p.get('num_queries', 144)),) * 2,
+    'c_abstractor': lambda p, h, w: (math.isqrt(p.num_queries),) * 2,
 }
 GRID_KEEPING_PROJECTORS = tuple(sorted(_TOKEN_GRID))
 
 
+def _projector_module(cfg_projector):
+  """The projector module cfg.model.projector describes (for its fields; the module's defaults filled in)."""
+  return projectors.registry.instantiate(cfg_projector, parent=None)
+
+
 def _grid_projector(cfg_model) -> tuple[str, Any, tuple[str, ...]]:
-  """(name, cfg, path of its params/intermediates) of the projector whose attention over the grid is read:
+  """(name, module, path of its params/intermediates) of the projector whose attention over the grid is read:
   cfg.projector itself, or a gated_xattn's resampler."""
-  p = cfg_model.projector
-  if p.name == 'gated_xattn':
-    sub = p.get('resampler', 'linear')
-    sub = {'name': sub} if isinstance(sub, str) else dict(sub)
-    return sub['name'], sub, ('projector', 'resampler')
-  return p.name, p, ('projector',)
+  proj = _projector_module(cfg_model.projector)
+  if cfg_model.projector.name == 'gated_xattn':
+    sub = {'name': proj.resampler} if isinstance(proj.resampler, str) else dict(proj.resampler)
+    return sub['name'], _projector_module(sub), ('projector', 'resampler')
+  return cfg_model.projector.name, proj, ('projector',)
 
 
 def attends_to_grid(cfg_model) -> bool:
@@ -153,12 +153,12 @@ def _projector_intermediates(model, params, image, prefix: tuple[str, ...], capt
   return tree
 
 
-def _deformable_layers(tree, pcfg, ref: np.ndarray, grid: tuple[int, int]) -> list[np.ndarray]:
+def _deformable_layers(tree, proj, ref: np.ndarray, grid: tuple[int, int]) -> list[np.ndarray]:
   """d_abstractor's captured deformable attention -> per layer [B, M, h*w]: per head, each sampling point's
   softmax weight spread over the cells by its bilinear weights, summed over points; then the mean over heads.
   Locations as in mmproj.layers.DeformableAttention: loc = ref + offsets / (w, h), normalised (x, y)."""
   h, w = grid
-  heads, points = pcfg.get('num_heads', 8), pcfg.get('num_points', 4)
+  heads, points = proj.num_heads, proj.num_points
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
   suffix = ('encoder_attn', 'sampling_offsets', '__call__')
   layers = sorted({p[:-len(suffix)] for p in flat if p[-len(suffix):] == suffix}, key=_natural_key)
@@ -177,11 +177,11 @@ def _deformable_layers(tree, pcfg, ref: np.ndarray, grid: tuple[int, int]) -> li
   return out
 
 
-def _grid_map(name: str, pcfg, probs: np.ndarray, batch: int, grid: tuple[int, int]) -> np.ndarray:
+def _grid_map(name: str, proj, probs: np.ndarray, batch: int, grid: tuple[int, int]) -> np.ndarray:
   """One sown attention of a grid-attending projector, probs [B', H, Q, S] -> [B, Q, h*w] (mean over heads)."""
   h, w = grid
   if name == 'tokenpacker':                                                  # probs [B*M, H, 1, s*s]
-    s = pcfg.get('scale', 2)
+    s = proj.scale
     hc, wc = h // s, w // s
     region = probs.mean(axis=1)[:, 0].reshape(batch, hc, wc, s, s)           # [B, h/s, w/s, s, s]
     out = np.zeros((batch, hc, wc, h, w), np.float32)
@@ -206,7 +206,7 @@ def projector_attention(bundle, images: Sequence[np.ndarray], *, layer: int | No
   """
   cfg = bundle.config.model
   pixels = _check_images(bundle, images)                                     # [B, S, S, 3]
-  name, pcfg, prefix = _grid_projector(cfg)
+  name, proj, prefix = _grid_projector(cfg)
   if name not in GRID_ATTENTION_PROJECTORS:
     what = f'model.projector.name={cfg.projector.name!r}' + (
         f' (resampler {name!r})' if cfg.projector.name != name else '')
@@ -222,14 +222,14 @@ def projector_attention(bundle, images: Sequence[np.ndarray], *, layer: int | No
     for key in prefix:
       params = params[key]
     ref = np.asarray(nn.unbox(params['reference_points']), np.float32)       # [M, 2] normalised (x, y)
-    per_layer = _deformable_layers(tree, pcfg, ref, (h, w))
+    per_layer = _deformable_layers(tree, proj, ref, (h, w))
   else:
     per_layer = []
     for path, probs in sown_attention(tree).items():
       if _GRID_ATTENTION[name](tuple(path.split('#')[0].split('/'))):
-        per_layer.append(_grid_map(name, pcfg, np.asarray(probs, np.float32), len(pixels), (h, w)))
+        per_layer.append(_grid_map(name, proj, np.asarray(probs, np.float32), len(pixels), (h, w)))
   if not per_layer:
-    raise ValueError(f'{name} projector: no attention over the grid was recorded (model.projector={pcfg})')
+    raise ValueError(f'{name} projector: no attention over the grid was recorded (model.projector={cfg.projector})')
   if layer is None:
     maps = np.mean(per_layer, axis=0)                                        # [B, Q, h*w]
   else:
@@ -251,7 +251,7 @@ def visual_token_grid(cfg_model) -> tuple[int, int]:
                      f'the image); grid-keeping projectors: {list(GRID_KEEPING_PROJECTORS)}. Pass as_grid=False '
                      'for one value per visual token, or use projector_attention')
   h, w = encoder_grid(cfg_model)
-  gh, gw = (int(v) for v in _TOKEN_GRID[name](cfg_model.projector, h, w))
+  gh, gw = (int(v) for v in _TOKEN_GRID[name](_projector_module(cfg_model.projector), h, w))
   m = num_image_tokens(cfg_model)
   if gh * gw != m:
     raise ValueError(f'model.projector.name={name!r}: grid {gh}x{gw} does not hold its {m} visual tokens')

@@ -1,6 +1,7 @@
 """Feed-forward blocks.
 
-`SwiGLU` (Shazeer 2020, as in Llama): down(silu(gate(x)) * up(x)); HF names gate_proj/up_proj/down_proj, no biases.
+`SwiGLU` (Shazeer 2020, as in Llama): down(act(gate(x)) * up(x)), act silu unless given, output width the input's
+unless given (Idefics2's modality projection); HF names gate_proj/up_proj/down_proj, no biases.
 `GeluMLP` (ViT/CLIP/SigLIP): fc2(act(fc1(x))) with biases; 'gelu' is the exact erf GELU (PyTorch `nn.GELU()`,
 HF "gelu"). Kernels: [D, F] ('embed', 'mlp') in, [F, D] ('mlp', 'embed') out.
 """
@@ -51,18 +52,20 @@ def dense(features: int, names: tuple, *, use_bias: bool, dtype: Dtype, name: st
 
 
 class SwiGLU(nn.Module):
-  """x [..., D] -> down(silu(gate(x)) * up(x)) [..., D]; hidden width `hidden_dim`."""
+  """x [..., D] -> down(act(gate(x)) * up(x)) [..., out_dim or D]; hidden width `hidden_dim`, no biases."""
 
   hidden_dim: int
+  out_dim: int | None = None    # None = the input width D (Llama's MLP); Idefics2's modality projection maps widths
+  act: str = 'silu'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):                                                        # x [..., D]
-    d = x.shape[-1]
     gate = dense(self.hidden_dim, ('embed', 'mlp'), use_bias=False, dtype=self.dtype, name='gate_proj')(x)
     up = dense(self.hidden_dim, ('embed', 'mlp'), use_bias=False, dtype=self.dtype, name='up_proj')(x)
-    h = jax.nn.silu(gate) * up                                                  # [..., F]
-    return dense(d, ('mlp', 'embed'), use_bias=False, dtype=self.dtype, name='down_proj')(h)  # [..., D]
+    h = get_activation(self.act)(gate) * up                                     # [..., F]
+    out_dim = self.out_dim or x.shape[-1]
+    return dense(out_dim, ('mlp', 'embed'), use_bias=False, dtype=self.dtype, name='down_proj')(h)  # [..., out_dim]
 
 
 class GeluMLP(nn.Module):

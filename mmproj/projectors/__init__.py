@@ -3,12 +3,15 @@
 Every projector class
   - is a `flax.linen.Module` with fields `in_dim`, `out_dim`, `dtype` plus its own hyper-parameters (the keys of
     `cfg.model.projector` other than `name`, `in_dim`, `out_dim`), called as `proj(x, grid=(h, w), deterministic=True)`;
-  - has classmethods `num_output_tokens(cfg, grid) -> int` and `param_count(cfg, in_dim, out_dim) -> int` (the
-    formula documented in its docstring), and may define `check_config(cfg)` raising ValueError naming the field
-    (`check_int` / `check_choice` / `check_positive` below do the common checks).
+  - has methods `check()` (ValueError naming the field, `model.projector.<field>`; `check_int` / `check_choice` /
+    `check_positive` below do the common checks), `num_output_tokens(grid) -> int` and `param_count() -> int` (the
+    formula documented in its docstring). They read the module's fields, so a hyper-parameter's default lives only
+    in its field; they are plain methods, usable on the unbound module `build` returns.
 
     proj = build(cfg.model.projector, in_dim=Dv, out_dim=Dt)
     y = proj.apply({'params': p}, x, grid=(h, w), deterministic=True)    # x [B, N, Dv] -> y [B, M, Dt]
+    num_output_tokens(cfg.model.projector, (h, w)) == proj.num_output_tokens((h, w))    # M
+    param_count(cfg.model.projector, Dv, Dt) == proj.param_count()
 """
 
 from mmproj.projectors.registry import (REGISTRY, build, check_choice, check_int, check_positive, get,

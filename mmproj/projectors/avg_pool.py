@@ -62,7 +62,7 @@ class AvgPoolProjector(nn.Module):
 
   in_dim: int
   out_dim: int
-  output_grid: Any          # (oh, ow), or an int for a square grid
+  output_grid: Any = None   # (oh, ow), or an int for a square grid; required (None only so check() can name it)
   adaptive: bool = False    # AdaptiveAvgPool2d bins when output_grid does not divide the grid
   norm: str = 'none'        # on the pooled tokens (width Dv): 'none' (DeCo) | 'rmsnorm' (Gemma 3) | 'layernorm'
   norm_eps: float = 1e-6
@@ -83,25 +83,28 @@ class AvgPoolProjector(nn.Module):
     norm = norm_layer(self.norm, self.norm_eps, self.dtype)
     if norm is not None:
       x = norm(x)                                                       # [B, M, Dv]
-    mlp = MLPProjector(in_dim=self.in_dim, out_dim=self.out_dim, depth=self.depth, act=self.act,
-                       use_bias=self.use_bias, dtype=self.dtype, name='mlp')
-    return mlp(x)                                                       # [B, M, Dt]
+    return self._head(name='mlp')(x)                                    # [B, M, Dt]
 
-  @classmethod
-  def check_config(cls, cfg) -> None:
-    if cfg.get('output_grid', None) is None:
+  @nn.nowrap
+  def _head(self, **kwargs) -> MLPProjector:
+    """The MLP on the pooled tokens; kwargs (name, parent) go to it."""
+    return MLPProjector(in_dim=self.in_dim, out_dim=self.out_dim, depth=self.depth, act=self.act,
+                        use_bias=self.use_bias, dtype=self.dtype, **kwargs)
+
+  @nn.nowrap
+  def check(self) -> None:
+    if self.output_grid is None:
       raise ValueError('model.projector.output_grid is required for the avg_pool projector: (oh, ow) or an int')
-    _pair(cfg.get('output_grid'))
-    check_choice(cfg, 'norm', 'none', NORMS)
-    MLPProjector.check_config(cfg)   # the MLP head's depth and act
+    _pair(self.output_grid)
+    check_choice('norm', self.norm, NORMS)
+    self._head(parent=None).check()   # the MLP head's depth and act
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
-    out_grid = _pair(cfg.get('output_grid'))
-    _check_pool(grid, out_grid, cfg.get('adaptive', False))
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
+    out_grid = _pair(self.output_grid)
+    _check_pool(grid, out_grid, self.adaptive)
     return out_grid[0] * out_grid[1]
 
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
-    mlp = {'depth': cfg.get('depth', 2), 'use_bias': cfg.get('use_bias', True)}
-    return norm_params(cfg.get('norm', 'none'), in_dim) + MLPProjector.param_count(mlp, in_dim, out_dim)
+  @nn.nowrap
+  def param_count(self) -> int:
+    return norm_params(self.norm, self.in_dim) + self._head(parent=None).param_count()

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from mmproj.layers import ACTIVATIONS, LayerNorm, dense, get_activation
 from mmproj.layers.feature_map import DepthwiseConv2d, SqueezeExcite, map_to_tokens, square_side, tokens_to_map
 from mmproj.layers.token_grid import avg_pool_2d
+from mmproj.projectors.mlp import dense_stack, dense_stack_param_count
 from mmproj.projectors.registry import check_choice, check_int, register
 
 
@@ -78,6 +79,17 @@ def check_grid_matches_pos_emb(grid, pos_emb_grid, who: str) -> None:
   if pos_emb_grid is not None and tuple(grid) != tuple(pos_emb_grid):
     raise ValueError(f'{who}: grid={tuple(grid)} does not match model.projector.pos_emb_grid='
                      f'{tuple(pos_emb_grid)} (the learned position embedding has one row per patch of that grid)')
+
+
+def check_abstractor_fields(module: nn.Module) -> None:
+  """The fields both Honeybee abstractors have: num_queries (a square), depth, mlp_depth, hidden_dim, act and
+  pos_emb_grid; ValueError naming the field."""
+  square_side(module.num_queries, 'model.projector.num_queries')
+  for key in ('depth', 'mlp_depth'):
+    check_int(key, getattr(module, key))
+  check_int('hidden_dim', module.hidden_dim, optional=True)
+  check_choice('act', module.act, ACTIVATIONS)
+  check_pos_emb_grid(module.pos_emb_grid)
 
 
 def position_embedding(module: nn.Module, pos_emb_grid, dim: int, dtype):
@@ -137,20 +149,6 @@ class RegStage(nn.Module):
     return x                                                              # [B, h, w, C]
 
 
-def readout_mlp(x, out_dim: int, depth: int, act: str, dtype, prefix: str = 'readout'):
-  """Honeybee build_mlp: Linear (act Linear) * (depth - 1), as named submodules of the calling module."""
-  for i in range(depth):
-    if i > 0:
-      x = get_activation(act)(x)
-    names = ('embed', 'mlp') if i % 2 == 0 else ('mlp', 'embed')
-    x = dense(out_dim, names, use_bias=True, dtype=dtype, name=f'{prefix}_{i + 1}')(x)
-  return x
-
-
-def readout_param_count(hidden: int, out_dim: int, depth: int) -> int:
-  return hidden * out_dim + out_dim + (depth - 1) * (out_dim * out_dim + out_dim)
-
-
 @register('c_abstractor')
 class CAbstractor(nn.Module):
   """Honeybee C-Abstractor: ResNet blocks -> adaptive avg pool to m x m -> ResNet blocks -> MLP readout."""
@@ -187,28 +185,24 @@ class CAbstractor(nn.Module):
     x = avg_pool_2d(map_to_tokens(x), grid, (m, m)).reshape(-1, m, m, hidden)   # [B, m, m, Dh]
     x = RegStage(self.depth, hidden, **stage, name='s2')(x)               # [B, m, m, Dh]
     x = map_to_tokens(x)                                                  # [B, M, Dh]
-    return readout_mlp(x, self.out_dim, self.mlp_depth, self.act, self.dtype)  # [B, M, Dt]
+    return dense_stack(x, self.out_dim, self.mlp_depth, self.act, True, self.dtype, 'readout')  # [B, M, Dt]
 
-  @classmethod
-  def check_config(cls, cfg) -> None:
-    square_side(cfg.get('num_queries', 144), 'model.projector.num_queries')
-    for key, default in (('depth', 3), ('mlp_depth', 2), ('hidden_dim', None)):
-      check_int(cfg, key, default)
-    se = cfg.get('se_ratio', 0.25)
+  @nn.nowrap
+  def check(self) -> None:
+    check_abstractor_fields(self)
+    se = self.se_ratio
     if isinstance(se, bool) or not isinstance(se, (int, float)) or not 0 <= se <= 1:
       raise ValueError(f'model.projector.se_ratio must be a number in [0, 1] (0 = no SE), got {se!r}')
-    check_choice(cfg, 'act', 'silu', ACTIVATIONS)
-    check_pos_emb_grid(cfg.get('pos_emb_grid', None))
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
-    return cfg.get('num_queries', 144)
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
+    return self.num_queries
 
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
-    depth, se = cfg.get('depth', 3), cfg.get('se_ratio', 0.25)
-    hidden = cfg.get('hidden_dim', None) or in_dim
-    pos = cfg.get('pos_emb_grid', None)
-    n = 2 * in_dim * bool(cfg.get('prenorm', False)) + (pos[0] * pos[1] * in_dim if pos is not None else 0)
-    n += block_param_count(in_dim, hidden, se) + (2 * depth - 1) * block_param_count(hidden, hidden, se)
-    return n + readout_param_count(hidden, out_dim, cfg.get('mlp_depth', 2))
+  @nn.nowrap
+  def param_count(self) -> int:
+    dv, se = self.in_dim, self.se_ratio
+    hidden = self.hidden_dim or dv
+    pos = self.pos_emb_grid
+    n = 2 * dv * bool(self.prenorm) + (pos[0] * pos[1] * dv if pos is not None else 0)
+    n += block_param_count(dv, hidden, se) + (2 * self.depth - 1) * block_param_count(hidden, hidden, se)
+    return n + dense_stack_param_count(hidden, self.out_dim, self.mlp_depth)

@@ -35,9 +35,8 @@ from mmproj.layers.cross_attention import CrossAttention
 from mmproj.projectors.registry import check_choice, check_int, check_positive, register
 
 
-def check_num_kv_heads(cfg, heads: int) -> None:
+def check_num_kv_heads(kv_heads: int | None, heads: int) -> None:
   """model.projector.num_kv_heads: None (= num_heads) or an int >= 1 dividing num_heads (GQA)."""
-  kv_heads = cfg.get('num_kv_heads', None)
   if kv_heads is not None and (not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads):
     raise ValueError(f'model.projector.num_kv_heads={kv_heads!r} must be an int >= 1 dividing num_heads={heads}')
 
@@ -99,24 +98,24 @@ class CrossAttentionProjector(nn.Module):
         z = z + GeluMLP(self.ff_mult * self.out_dim, act=self.act, dtype=self.dtype, name=f'ff_{i}')(h)
     return LayerNorm(self.norm_eps, self.dtype, name='norm')(z)                          # [B, M, Dt]
 
-  @classmethod
-  def check_config(cls, cfg) -> None:
-    for key, default, low in (('num_queries', 64, 0), ('depth', 1, 1), ('ff_mult', 4, 0), ('head_dim', None, 1)):
-      check_int(cfg, key, default, low)
-    check_num_kv_heads(cfg, check_int(cfg, 'num_heads', 8))
-    check_choice(cfg, 'act', 'gelu', ACTIVATIONS)
-    check_positive(cfg, 'norm_eps', 1e-6)
+  @nn.nowrap
+  def check(self) -> None:
+    for key, low in (('num_queries', 0), ('depth', 1), ('ff_mult', 0)):
+      check_int(key, getattr(self, key), low)
+    check_int('head_dim', self.head_dim, optional=True)
+    check_num_kv_heads(self.num_kv_heads, check_int('num_heads', self.num_heads))
+    check_choice('act', self.act, ACTIVATIONS)
+    check_positive('norm_eps', self.norm_eps)
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
-    return cfg.get('num_queries', 64)
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
+    return self.num_queries
 
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
-    heads, ff_mult = cfg.get('num_heads', 8), cfg.get('ff_mult', 4)
-    head_dim = cfg.get('head_dim', None) or out_dim // heads
-    attn = CrossAttention.param_count(out_dim, in_dim, out_dim, heads, head_dim, cfg.get('num_kv_heads', None))
-    f = ff_mult * out_dim
-    ff = (2 * out_dim + 2 * out_dim * f + f + out_dim) if ff_mult else 0
-    layer = 2 * out_dim + attn + ff
-    return cfg.get('num_queries', 64) * out_dim + 2 * in_dim + 2 * out_dim + cfg.get('depth', 1) * layer
+  @nn.nowrap
+  def param_count(self) -> int:
+    dv, dt, heads = self.in_dim, self.out_dim, self.num_heads
+    attn = CrossAttention.param_count(dt, dv, dt, heads, self.head_dim or dt // heads, self.num_kv_heads)
+    f = self.ff_mult * dt
+    ff = (2 * dt + 2 * dt * f + f + dt) if self.ff_mult else 0
+    layer = 2 * dt + attn + ff
+    return self.num_queries * dt + 2 * dv + 2 * dt + self.depth * layer

@@ -52,13 +52,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from mmproj.layers import ACTIVATIONS, CrossAttention, GeluMLP, LayerNorm, dense
+from mmproj.layers import CrossAttention, GeluMLP, LayerNorm, dense
 from mmproj.layers.deformable_attention import DeformableAttention
 from mmproj.layers.feature_map import map_to_tokens, square_side, tokens_to_map
 from mmproj.layers.token_grid import avg_pool_2d
 from mmproj.projectors.registry import check_choice, check_int, register
-from mmproj.projectors.c_abstractor import (check_grid_matches_pos_emb, check_pos_emb_grid, position_embedding,
-                                            readout_mlp, readout_param_count)
+from mmproj.projectors.c_abstractor import check_abstractor_fields, check_grid_matches_pos_emb, position_embedding
+from mmproj.projectors.mlp import dense_stack, dense_stack_param_count
 
 QUERY_INITS = ('pooled', 'learned')
 
@@ -149,33 +149,30 @@ class DAbstractor(nn.Module):
       t = DeformableDecoderLayer(self.num_heads, self.num_points, self.ffn_dim or 4 * d, self.act,
                                  self.norm_eps, self.dtype, name=f'layers_{i}')(
                                      t, query_pos.astype(self.dtype), ref, v)   # [B, M, D]
-    return readout_mlp(t, self.out_dim, self.mlp_depth, 'silu', self.dtype)    # [B, M, Dt]
+    return dense_stack(t, self.out_dim, self.mlp_depth, 'silu', True, self.dtype, 'readout')   # [B, M, Dt]
 
-  @classmethod
-  def check_config(cls, cfg) -> None:
-    square_side(cfg.get('num_queries', 144), 'model.projector.num_queries')
-    for key, default in (('depth', 3), ('mlp_depth', 2), ('num_heads', 8), ('num_points', 4), ('hidden_dim', None),
-                         ('ffn_dim', None)):
-      check_int(cfg, key, default)
-    check_choice(cfg, 'query_init', 'pooled', QUERY_INITS)
-    check_choice(cfg, 'act', 'relu', ACTIVATIONS)
-    check_pos_emb_grid(cfg.get('pos_emb_grid', None))
-    width, heads = cfg.get('hidden_dim', None), cfg.get('num_heads', 8)
-    if width is not None and width % heads:
-      raise ValueError(f'model.projector.num_heads={heads} must divide model.projector.hidden_dim={width}')
+  @nn.nowrap
+  def check(self) -> None:
+    check_abstractor_fields(self)
+    for key in ('num_heads', 'num_points'):
+      check_int(key, getattr(self, key))
+    check_int('ffn_dim', self.ffn_dim, optional=True)
+    check_choice('query_init', self.query_init, QUERY_INITS)
+    if self.hidden_dim is not None and self.hidden_dim % self.num_heads:
+      raise ValueError(f'model.projector.num_heads={self.num_heads} must divide '
+                       f'model.projector.hidden_dim={self.hidden_dim}')
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
-    return cfg.get('num_queries', 144)
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
+    return self.num_queries
 
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
-    d = cfg.get('hidden_dim', None) or in_dim
-    f = cfg.get('ffn_dim', None) or 4 * d
-    m, depth = cfg.get('num_queries', 144), cfg.get('depth', 3)
-    hp = cfg.get('num_heads', 8) * cfg.get('num_points', 4)
-    pos = cfg.get('pos_emb_grid', None)
-    n = (in_dim * d + d if in_dim != d else 0) + (pos[0] * pos[1] * d if pos is not None else 0)
-    n += m * d * (1 if cfg.get('query_init', 'pooled') == 'pooled' else 2) + 2 * m
+  @nn.nowrap
+  def param_count(self) -> int:
+    dv = self.in_dim
+    d = self.hidden_dim or dv
+    f = self.ffn_dim or 4 * d
+    m, hp, pos = self.num_queries, self.num_heads * self.num_points, self.pos_emb_grid
+    n = (dv * d + d if dv != d else 0) + (pos[0] * pos[1] * d if pos is not None else 0)
+    n += m * d * (1 if self.query_init == 'pooled' else 2) + 2 * m
     layer = (4 * (d * d + d) + 2 * d) + (3 * hp * (d + 1) + 2 * (d * d + d) + 2 * d) + (2 * d * f + f + d + 2 * d)
-    return n + depth * layer + readout_param_count(d, out_dim, cfg.get('mlp_depth', 2))
+    return n + self.depth * layer + dense_stack_param_count(d, self.out_dim, self.mlp_depth)

@@ -29,7 +29,6 @@ mmproj/layers/gated_cross_attention.py; this module holds the projector, which a
                      (S = T_img * M), mask bool [B, T, S] -> [B, T, D]
 """
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -60,7 +59,7 @@ class GatedXAttnProjector(nn.Module):
 
   `injects_into_lm = True` tells MultimodalLM not to merge the output into the text sequence: it puts one <image>
   marker per image in the sequence and hands the media to the LM, which builds GatedCrossAttentionBlocks from the
-  fields below (`lm_injection`). Only `resampler` shapes this module's own params.
+  fields below (`lm_injection()`; out_dim is the LM width). Only `resampler` shapes this module's own params.
   """
 
   injects_into_lm = True          # class attribute (not a config field): the model wires the LM injection
@@ -85,96 +84,85 @@ class GatedXAttnProjector(nn.Module):
   def __call__(self, x, *, grid=None, deterministic: bool = True, **extra):     # x [B, N, Dv]
     # The resampler hook: Flamingo uses a Perceiver resampler (M learned latents); any registered projector
     # that maps [B, N, Dv] -> [B, M, Dt] plugs in by name, its params under projector/resampler.
-    cfg = _resampler_cfg(self.resampler)
-    cls = registry.get(cfg['name'])
-    resampler = cls(in_dim=self.in_dim, out_dim=self.out_dim, dtype=self.dtype, name='resampler',
-                    **registry._hparams(cfg))
-    return resampler(x, grid=grid, deterministic=deterministic, **extra)      # [B, M, Dt]
+    return self._resampler(name='resampler')(x, grid=grid, deterministic=deterministic, **extra)  # [B, M, Dt]
+
+  @nn.nowrap
+  def _resampler(self, **kwargs) -> nn.Module:
+    """The resampler projector (in_dim -> out_dim, built through the registry); kwargs (name, parent) go to it."""
+    return registry.instantiate(_resampler_cfg(self.resampler), self.in_dim, self.out_dim, self.dtype, **kwargs)
 
   # -------------------------------------------------------------------------------------------- config
 
-  @classmethod
-  def _get(cls, cfg, key):
-    return cfg.get(key, _DEFAULTS[key])
-
-  @classmethod
-  def check_config(cls, cfg) -> None:
-    for key in ('every', 'heads', 'ff_mult', 'kv_heads', 'head_dim', 'ff_dim'):
-      check_int(cfg, key, _DEFAULTS[key])
-    kv_heads, heads = cls._get(cfg, 'kv_heads'), cls._get(cfg, 'heads')
-    if kv_heads is not None and heads % kv_heads:
-      raise ValueError(f'model.projector.kv_heads={kv_heads} does not divide model.projector.heads={heads}')
+  @nn.nowrap
+  def check(self) -> None:
+    for key in ('every', 'heads', 'ff_mult'):
+      check_int(key, getattr(self, key))
+    for key in ('kv_heads', 'head_dim', 'ff_dim'):
+      check_int(key, getattr(self, key), optional=True)
+    if self.kv_heads is not None and self.heads % self.kv_heads:
+      raise ValueError(f'model.projector.kv_heads={self.kv_heads} does not divide model.projector.heads={self.heads}')
     for key, allowed in (('media_mask', MEDIA_MASKS), ('variant', VARIANTS), ('empty_rows', EMPTY_ROWS),
                          ('act', ACTIVATIONS)):
-      check_choice(cfg, key, _DEFAULTS[key], allowed)
-    sub = _resampler_cfg(cls._get(cfg, 'resampler'))
+      check_choice(key, getattr(self, key), allowed)
+    sub = _resampler_cfg(self.resampler)   # outside the try: a malformed spec's message names the field already
     try:
-      sub_cls = registry.get(sub['name'])
-      if getattr(sub_cls, 'injects_into_lm', False):
+      resampler = self._resampler(parent=None)
+      if getattr(resampler, 'injects_into_lm', False):
         raise ValueError(f'{sub["name"]!r} injects into the LM itself; use a projector that emits tokens')
-      registry._hparams(sub)
-      if hasattr(sub_cls, 'check_config'):
-        sub_cls.check_config(sub)
+      resampler.check()
     except ValueError as e:
       raise ValueError(f'model.projector.resampler: {e}') from None
 
-  @classmethod
-  def check_injection(cls, cfg, width: int, depth: int) -> None:
-    """Checks the fields that depend on the LM (width, depth); ValueError naming the field."""
-    every = cls._get(cfg, 'every')
-    if every > depth:
-      raise ValueError(f'model.projector.every={every} exceeds model.lm.depth={depth}: no gated block would exist')
-    if cls._get(cfg, 'head_dim') is None and width % cls._get(cfg, 'heads'):
-      raise ValueError(f'model.projector.heads={cls._get(cfg, "heads")} does not divide the LM width {width} '
+  @nn.nowrap
+  def check_injection(self, depth: int) -> None:
+    """Checks the fields that depend on the LM (its width out_dim, its depth); ValueError naming the field."""
+    if self.every > depth:
+      raise ValueError(f'model.projector.every={self.every} exceeds model.lm.depth={depth}: no gated block would '
+                       'exist')
+    if self.head_dim is None and self.out_dim % self.heads:
+      raise ValueError(f'model.projector.heads={self.heads} does not divide the LM width {self.out_dim} '
                        '(set model.projector.head_dim)')
 
-  @classmethod
-  def block_fields(cls, cfg, width: int) -> dict:
-    """GatedCrossAttentionBlock fields (except dtype) for an LM of width `width`."""
-    heads = cls._get(cfg, 'heads')
-    variant = cls._get(cfg, 'variant')
-    return dict(width=width, num_heads=heads, num_kv_heads=cls._get(cfg, 'kv_heads') or heads,
-                head_dim=cls._get(cfg, 'head_dim') or width // heads,
-                mlp_dim=cls._get(cfg, 'ff_dim') or cls._get(cfg, 'ff_mult') * width, variant=variant,
-                act=cls._get(cfg, 'act'), norm_eps=float(cls._get(cfg, 'norm_eps')),
-                empty_rows=cls._get(cfg, 'empty_rows'))
+  @nn.nowrap
+  def block_fields(self) -> dict:
+    """GatedCrossAttentionBlock fields (except dtype) for the LM of width out_dim."""
+    width, heads = self.out_dim, self.heads
+    return dict(width=width, num_heads=heads, num_kv_heads=self.kv_heads or heads,
+                head_dim=self.head_dim or width // heads, mlp_dim=self.ff_dim or self.ff_mult * width,
+                variant=self.variant, act=self.act, norm_eps=float(self.norm_eps), empty_rows=self.empty_rows)
 
-  @classmethod
-  def lm_injection(cls, cfg, width: int) -> dict:
+  @nn.nowrap
+  def lm_injection(self) -> dict:
     """What the LM needs to build and place its gated blocks: every, media_mask and the block fields."""
-    return dict(every=cls._get(cfg, 'every'), media_mask=cls._get(cfg, 'media_mask'), **cls.block_fields(cfg, width))
+    return dict(every=self.every, media_mask=self.media_mask, **self.block_fields())
 
-  @classmethod
-  def build_block(cls, cfg, width: int, dtype: Any = jnp.float32) -> GatedCrossAttentionBlock:
-    """One GatedCrossAttentionBlock from a projector cfg (the converter's entry point)."""
-    registry.validate(dict(cfg, name='gated_xattn'), in_dim=width, out_dim=width)
-    return GatedCrossAttentionBlock(**cls.block_fields(cfg, width), dtype=dtype)
+  @nn.nowrap
+  def build_block(self) -> GatedCrossAttentionBlock:
+    """One unbound GatedCrossAttentionBlock (compute in dtype) for the LM of width out_dim: the converter's entry
+    point (mmproj/convert/mllama.py)."""
+    return GatedCrossAttentionBlock(**self.block_fields(), dtype=self.dtype, parent=None)
 
   # -------------------------------------------------------------------------------------------- counts
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
-    return registry.num_output_tokens(_resampler_cfg(cls._get(cfg, 'resampler')), grid)
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
+    return self._resampler(parent=None).num_output_tokens(grid)
 
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
+  @nn.nowrap
+  def param_count(self) -> int:
     """Params under 'projector' (the resampler's); the gated blocks under 'lm' are `injected_param_count`."""
-    return registry.param_count(_resampler_cfg(cls._get(cfg, 'resampler')), in_dim, out_dim)
+    return self._resampler(parent=None).param_count()
 
-  @classmethod
-  def block_param_count(cls, cfg, width: int) -> int:
-    f = cls.block_fields(cfg, width)
-    d, h, k, dh, ff = width, f['num_heads'], f['num_kv_heads'], f['head_dim'], f['mlp_dim']
+  @nn.nowrap
+  def block_param_count(self) -> int:
+    f = self.block_fields()
+    d, h, k, dh, ff = f['width'], f['num_heads'], f['num_kv_heads'], f['head_dim'], f['mlp_dim']
     attn = 2 * d * h * dh + 2 * d * k * dh
     if f['variant'] == 'mllama':
       return 2 * d + 2 * dh + attn + 2 + 3 * d * ff
     return 4 * d + attn + 2 + 2 * d * ff
 
-  @classmethod
-  def injected_param_count(cls, cfg, width: int, depth: int) -> int:
-    """Params the gated blocks add under 'lm' for an LM of `width` and `depth` blocks."""
-    return len(xattn_layer_ids(depth, cls._get(cfg, 'every'))) * cls.block_param_count(cfg, width)
-
-
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GatedXAttnProjector)
-             if f.default is not dataclasses.MISSING}
+  @nn.nowrap
+  def injected_param_count(self, depth: int) -> int:
+    """Params the gated blocks add under 'lm' for an LM of `depth` blocks (and width out_dim)."""
+    return len(xattn_layer_ids(depth, self.every)) * self.block_param_count()

@@ -99,19 +99,19 @@ class LDPProjector(nn.Module):
       x = InvertedResidual(stride, self.use_se, self.norm_eps, self.dtype, name=f'block_{i + 1}')(x)
     return map_to_tokens(x)                                               # [B, ceil(h/2)*ceil(w/2), D]
 
-  @classmethod
-  def check_config(cls, cfg) -> None:
-    if not isinstance(cfg.get('use_se', True), bool):
-      raise ValueError(f'model.projector.use_se must be a bool, got {cfg.get("use_se")!r}')
-    check_positive(cfg, 'norm_eps', 1e-5)
+  @nn.nowrap
+  def check(self) -> None:
+    if not isinstance(self.use_se, bool):
+      raise ValueError(f'model.projector.use_se must be a bool, got {self.use_se!r}')
+    check_positive('norm_eps', self.norm_eps)
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
     return -(-grid[0] // 2) * -(-grid[1] // 2)
 
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
-    d = out_dim
+  @nn.nowrap
+  def param_count(self) -> int:
+    dv, d = self.in_dim, self.out_dim
     s = make_divisible(d // 4)
-    block = 9 * d + d * d + 4 * d + (2 * d * s + s + d if cfg.get('use_se', True) else 0)
-    return (in_dim * d + d) + (d * d + d) + 2 * block
+    block = 9 * d + d * d + 4 * d + (2 * d * s + s + d if self.use_se else 0)
+    return (dv * d + d) + (d * d + d) + 2 * block

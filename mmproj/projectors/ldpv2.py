@@ -62,16 +62,16 @@ class LDPv2Projector(nn.Module):
     x = x + DepthwiseConv2d(3, 1, use_bias=True, dtype=self.dtype, name='peg')(x)   # [B, h', w', D]
     return map_to_tokens(x)                                               # [B, h'*w', D]
 
-  @classmethod
-  def check_config(cls, cfg) -> None:
-    check_int(cfg, 'pool', 2)
+  @nn.nowrap
+  def check(self) -> None:
+    check_int('pool', self.pool)
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
-    hp, wp = pooled_grid(grid, cfg.get('pool', 2))
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
+    hp, wp = pooled_grid(grid, self.pool)
     return hp * wp
 
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
-    d = out_dim
-    return (in_dim * d + d) + (d * d + d) + (9 * d + d)
+  @nn.nowrap
+  def param_count(self) -> int:
+    dv, d = self.in_dim, self.out_dim
+    return (dv * d + d) + (d * d + d) + (9 * d + d)

@@ -32,10 +32,14 @@ class LinearProjector(nn.Module):
       raise ValueError(f'linear projector expects in_dim={self.in_dim}, got tokens of width {x.shape[-1]}')
     return dense(self.out_dim, ('embed', 'mlp'), use_bias=True, dtype=self.dtype, name='linear')(x)  # [B, N, Dt]
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
+  @nn.nowrap
+  def check(self) -> None:
+    """Nothing to check: the only fields are the widths."""
+
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
     return grid[0] * grid[1]
 
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
-    return in_dim * out_dim + out_dim
+  @nn.nowrap
+  def param_count(self) -> int:
+    return self.in_dim * self.out_dim + self.out_dim

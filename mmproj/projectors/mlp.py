@@ -43,23 +43,35 @@ class MLPProjector(nn.Module):
     del grid, deterministic  # token-wise map: no grid, no dropout
     if x.shape[-1] != self.in_dim:
       raise ValueError(f'mlp projector expects in_dim={self.in_dim}, got tokens of width {x.shape[-1]}')
-    for i in range(self.depth):
-      if i > 0:
-        x = get_activation(self.act)(x)                               # [B, N, Dt]
-      names = ('embed', 'mlp') if i % 2 == 0 else ('mlp', 'embed')
-      x = dense(self.out_dim, names, use_bias=self.use_bias, dtype=self.dtype, name=f'linear_{i + 1}')(x)
-    return x                                                            # [B, N, Dt]
+    return dense_stack(x, self.out_dim, self.depth, self.act, self.use_bias, self.dtype)  # [B, N, Dt]
 
-  @classmethod
-  def check_config(cls, cfg) -> None:
-    check_int(cfg, 'depth', 2)
-    check_choice(cfg, 'act', 'gelu', ACTIVATIONS)
+  @nn.nowrap
+  def check(self) -> None:
+    check_int('depth', self.depth)
+    check_choice('act', self.act, ACTIVATIONS)
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
     return grid[0] * grid[1]
 
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
-    depth, bias = cfg.get('depth', 2), int(cfg.get('use_bias', True))
-    return (in_dim * out_dim + bias * out_dim) + (depth - 1) * (out_dim * out_dim + bias * out_dim)
+  @nn.nowrap
+  def param_count(self) -> int:
+    return dense_stack_param_count(self.in_dim, self.out_dim, self.depth, self.use_bias)
+
+
+def dense_stack(x, out_dim: int, depth: int, act: str, use_bias: bool, dtype, prefix: str = 'linear'):
+  """Linear (act Linear) * (depth - 1) as layers {prefix}_1 .. {prefix}_{depth} of the calling module, kernel axes
+  alternating as in the module docstring: [..., Din] -> [..., out_dim]. The MLP projector's body, and the readout
+  of the Honeybee abstractors (prefix 'readout')."""
+  for i in range(depth):
+    if i > 0:
+      x = get_activation(act)(x)                                        # [..., out_dim]
+    names = ('embed', 'mlp') if i % 2 == 0 else ('mlp', 'embed')
+    x = dense(out_dim, names, use_bias=use_bias, dtype=dtype, name=f'{prefix}_{i + 1}')(x)
+  return x                                                              # [..., out_dim]
+
+
+def dense_stack_param_count(in_dim: int, out_dim: int, depth: int, use_bias: bool = True) -> int:
+  """The module docstring's formula: (in_dim*out_dim + b*out_dim) + (depth - 1) * (out_dim*out_dim + b*out_dim)."""
+  bias = int(use_bias)
+  return (in_dim * out_dim + bias * out_dim) + (depth - 1) * (out_dim * out_dim + bias * out_dim)

@@ -72,21 +72,21 @@ class PatchMergerProjector(nn.Module):
     x = get_activation(self.act)(x)                                                                # [B, M, H]
     return dense(self.out_dim, ('mlp', 'embed'), use_bias=True, dtype=self.dtype, name='linear_2')(x)  # [B, M, Dt]
 
-  @classmethod
-  def check_config(cls, cfg) -> None:
-    check_int(cfg, 'spatial_merge_size', 2)
-    check_choice(cfg, 'norm', 'layernorm', ('layernorm', 'rmsnorm'))
-    check_choice(cfg, 'act', 'gelu', ACTIVATIONS)
-    check_choice(cfg, 'input_order', 'row_major', INPUT_ORDERS)
+  @nn.nowrap
+  def check(self) -> None:
+    check_int('spatial_merge_size', self.spatial_merge_size)
+    check_choice('norm', self.norm, ('layernorm', 'rmsnorm'))
+    check_choice('act', self.act, ACTIVATIONS)
+    check_choice('input_order', self.input_order, INPUT_ORDERS)
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
-    m = cfg.get('spatial_merge_size', 2)
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
+    m = self.spatial_merge_size
     check_divisible(grid, m, 'spatial_merge_size', 'patch_merger projector')
     return (grid[0] // m) * (grid[1] // m)
 
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
-    hidden = in_dim * cfg.get('spatial_merge_size', 2) ** 2
-    norm = norm_params(cfg.get('norm', 'layernorm'), in_dim)
-    return norm + (hidden * hidden + hidden) + (hidden * out_dim + out_dim)
+  @nn.nowrap
+  def param_count(self) -> int:
+    hidden = self.in_dim * self.spatial_merge_size ** 2
+    norm = norm_params(self.norm, self.in_dim)
+    return norm + (hidden * hidden + hidden) + (hidden * self.out_dim + self.out_dim)

@@ -57,7 +57,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmproj.layers import ACTIVATIONS, GeluMLP, dense, get_activation, padding_mask
+from mmproj.layers import ACTIVATIONS, GeluMLP, SwiGLU, dense, padding_mask
 from mmproj.layers.cross_attention import CrossAttention, make_norm, norm_param_count
 from mmproj.projectors.registry import check_choice, check_int, check_positive, register
 from mmproj.projectors.cross_attention import check_num_kv_heads
@@ -68,22 +68,6 @@ VARIANTS = {
     'idefics2': ('rms', 'swiglu', 'silu', 1e-6, 'swiglu'),
 }
 PROJS = ('none', 'linear', 'swiglu')
-
-
-class GatedMLP(nn.Module):
-  """down(act(gate(x)) * up(x)) without biases (HF Idefics2MLP): [..., Din] -> [..., out_dim]."""
-
-  hidden_dim: int
-  out_dim: int
-  act: str = 'silu'
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):                                                        # x [..., Din]
-    gate = dense(self.hidden_dim, ('embed', 'mlp'), use_bias=False, dtype=self.dtype, name='gate_proj')(x)
-    up = dense(self.hidden_dim, ('embed', 'mlp'), use_bias=False, dtype=self.dtype, name='up_proj')(x)
-    h = get_activation(self.act)(gate) * up                                     # [..., F]
-    return dense(self.out_dim, ('mlp', 'embed'), use_bias=False, dtype=self.dtype, name='down_proj')(h)
 
 
 class PerceiverLayer(nn.Module):
@@ -112,7 +96,7 @@ class PerceiverLayer(nn.Module):
         name='self_attn')(z_n, kv, mask=mask)                                            # [B, M, D]
     h = make_norm(self.norm, self.eps, self.dtype, 'post_attention_layernorm')(z)        # [B, M, D]
     if self.ff == 'swiglu':
-      h = GatedMLP(self.ff_mult * d, d, self.act, dtype=self.dtype, name='mlp')(h)
+      h = SwiGLU(self.ff_mult * d, act=self.act, dtype=self.dtype, name='mlp')(h)   # HF Idefics2MLP
     else:
       h = GeluMLP(self.ff_mult * d, act=self.act, use_bias=False, dtype=self.dtype, name='mlp')(h)
     return z + h                                                                         # [B, M, D]
@@ -142,7 +126,7 @@ class PerceiverResampler(nn.Module):
   @nn.compact
   def __call__(self, x, *, grid=None, deterministic: bool = True, mask=None):           # x [B, N, Dv]
     del deterministic  # no dropout
-    norm, ff, act, eps, proj = self._resolve(self.variant, self.act, self.norm_eps, self.proj)
+    norm, ff, act, eps, proj = self._resolve()
     b, n, dv = x.shape
     if dv != self.in_dim:
       raise ValueError(f'perceiver projector expects in_dim={self.in_dim}, got tokens of width {dv}')
@@ -153,8 +137,8 @@ class PerceiverResampler(nn.Module):
     context = x.astype(self.dtype)                                                       # [B, N, Dv]
     if proj == 'swiglu':
       hidden = self.proj_hidden or self.ff_mult * self.out_dim
-      context = GatedMLP(hidden, self.out_dim, act, dtype=self.dtype,
-                         name='modality_projection')(context)                            # [B, N, Dt]
+      context = SwiGLU(hidden, self.out_dim, act, dtype=self.dtype,
+                       name='modality_projection')(context)                              # [B, N, Dt]
     d = context.shape[-1]
     if self.max_frames:
       # Small init: an untrained time table should not swamp the visual features it is added to.
@@ -196,49 +180,39 @@ class PerceiverResampler(nn.Module):
                        f'model.projector.max_frames={self.max_frames}')
     return frames
 
-  @staticmethod
-  def _resolve(variant: str, act: str | None, norm_eps: float | None, proj: str | None):
+  @nn.nowrap
+  def _resolve(self):
     """(norm kind, FF kind, act, eps, proj) with the variant's defaults filled in for the None fields."""
-    if variant not in VARIANTS:
-      raise ValueError(f'model.projector.variant={variant!r} is not one of {sorted(VARIANTS)}')
-    norm, ff, v_act, v_eps, v_proj = VARIANTS[variant]
-    return norm, ff, act or v_act, norm_eps or v_eps, proj or v_proj
+    norm, ff, v_act, v_eps, v_proj = VARIANTS[check_choice('variant', self.variant, VARIANTS)]
+    return norm, ff, self.act or v_act, self.norm_eps or v_eps, self.proj or v_proj
 
-  @classmethod
-  def _resolve_cfg(cls, cfg):
-    return cls._resolve(cfg.get('variant', 'flamingo'), cfg.get('act', None), cfg.get('norm_eps', None),
-                        cfg.get('proj', None))
+  @nn.nowrap
+  def check(self) -> None:
+    check_choice('variant', self.variant, VARIANTS)
+    for key, low in (('num_latents', 1), ('depth', 1), ('head_dim', 1), ('ff_mult', 1), ('max_frames', 0)):
+      check_int(key, getattr(self, key), low)
+    check_int('proj_hidden', self.proj_hidden, optional=True)
+    check_num_kv_heads(self.num_kv_heads, check_int('num_heads', self.num_heads))
+    check_choice('act', self.act, ACTIVATIONS, optional=True)       # None: the variant's
+    check_choice('proj', self.proj, PROJS, optional=True)
+    check_positive('norm_eps', self.norm_eps, optional=True)        # None: the variant's
 
-  @classmethod
-  def check_config(cls, cfg) -> None:
-    check_choice(cfg, 'variant', 'flamingo', VARIANTS)
-    for key, default, low in (('num_latents', 64, 1), ('depth', 6, 1), ('head_dim', 64, 1), ('ff_mult', 4, 1),
-                              ('max_frames', 0, 0), ('proj_hidden', None, 1)):
-      check_int(cfg, key, default, low)
-    check_num_kv_heads(cfg, check_int(cfg, 'num_heads', 8))
-    check_choice(cfg, 'act', None, ACTIVATIONS)   # None: the variant's
-    check_choice(cfg, 'proj', None, PROJS)
-    check_positive(cfg, 'norm_eps', None)   # None: the variant's
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
+    return self.num_latents
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
-    return cfg.get('num_latents', 64)
-
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
-    norm, ff, _, _, proj = cls._resolve_cfg(cfg)
-    m, depth, ff_mult = cfg.get('num_latents', 64), cfg.get('depth', 6), cfg.get('ff_mult', 4)
-    h, dh = cfg.get('num_heads', 8), cfg.get('head_dim', 64)
-    d = out_dim if proj == 'swiglu' else in_dim
-    attn = CrossAttention.param_count(d, d, d, h, dh, cfg.get('num_kv_heads', None),
-                                      qk_norm=norm if cfg.get('qk_norm', False) else None)
-    ffn = (3 if ff == 'swiglu' else 2) * d * ff_mult * d
+  @nn.nowrap
+  def param_count(self) -> int:
+    norm, ff, _, _, proj = self._resolve()
+    dv, dt, h, dh = self.in_dim, self.out_dim, self.num_heads, self.head_dim
+    d = dt if proj == 'swiglu' else dv
+    attn = CrossAttention.param_count(d, d, d, h, dh, self.num_kv_heads, qk_norm=norm if self.qk_norm else None)
+    ffn = (3 if ff == 'swiglu' else 2) * d * self.ff_mult * d
     layer = 3 * norm_param_count(norm, d) + attn + ffn
-    n = m * d + cfg.get('max_frames', 0) * d + depth * layer + norm_param_count(norm, d)
+    n = self.num_latents * d + self.max_frames * d + self.depth * layer + norm_param_count(norm, d)
     if proj == 'linear':
-      n += in_dim * out_dim + out_dim
+      n += dv * dt + dt
     elif proj == 'swiglu':
-      hidden = cfg.get('proj_hidden', None) or ff_mult * out_dim
-      n += 2 * in_dim * hidden + hidden * out_dim
+      hidden = self.proj_hidden or self.ff_mult * dt
+      n += 2 * dv * hidden + hidden * dt
     return n
-

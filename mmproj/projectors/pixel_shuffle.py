@@ -64,24 +64,27 @@ class PixelShuffleProjector(nn.Module):
     norm = norm_layer(self.norm, self.norm_eps, self.dtype)
     if norm is not None:
       x = norm(x)                                                       # [B, M, Dv*s*s]
-    mlp = MLPProjector(in_dim=self.in_dim * s * s, out_dim=self.out_dim, depth=self.depth, act=self.act,
-                       use_bias=self.use_bias, dtype=self.dtype, name='mlp')
-    return mlp(x)                                                       # [B, M, Dt]
+    return self._head(name='mlp')(x)                                    # [B, M, Dt]
 
-  @classmethod
-  def check_config(cls, cfg) -> None:
-    check_int(cfg, 'scale_factor', 2)
-    check_choice(cfg, 'norm', 'none', NORMS)
-    MLPProjector.check_config(cfg)   # the MLP head's depth and act
+  @nn.nowrap
+  def _head(self, **kwargs) -> MLPProjector:
+    """The MLP on the shuffled tokens (width Dv*s*s); kwargs (name, parent) go to it."""
+    return MLPProjector(in_dim=self.in_dim * self.scale_factor ** 2, out_dim=self.out_dim, depth=self.depth,
+                        act=self.act, use_bias=self.use_bias, dtype=self.dtype, **kwargs)
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
-    s = cfg.get('scale_factor', 2)
+  @nn.nowrap
+  def check(self) -> None:
+    check_int('scale_factor', self.scale_factor)
+    check_choice('norm', self.norm, NORMS)
+    self._head(parent=None).check()   # the MLP head's depth and act
+
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
+    s = self.scale_factor
     check_divisible(grid, s, 'scale_factor', 'pixel_shuffle projector')
     return (grid[0] // s) * (grid[1] // s)
 
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
-    k = in_dim * cfg.get('scale_factor', 2) ** 2
-    mlp = {'depth': cfg.get('depth', 1), 'use_bias': cfg.get('use_bias', False)}
-    return norm_params(cfg.get('norm', 'none'), k) + MLPProjector.param_count(mlp, k, out_dim)
+  @nn.nowrap
+  def param_count(self) -> int:
+    head = self._head(parent=None)
+    return norm_params(self.norm, head.in_dim) + head.param_count()

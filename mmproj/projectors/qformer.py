@@ -35,7 +35,7 @@ query outputs, mapped to the LM width, are the visual tokens the LM reads:
 
 Instruction-aware (text_input=True, InstructBLIP): `proj(x, grid=..., text_ids=..., text_mask=...)`; the
 instruction tokens join the queries' self-attention (bidirectional, padded text keys masked), so the extracted
-visual tokens depend on the instruction; the text outputs are dropped. `extra_inputs(cfg)` names these inputs for
+visual tokens depend on the instruction; the text outputs are dropped. `extra_inputs()` names these inputs for
 the model to wire. With text_input=True and no text_ids the queries run alone (an empty instruction). The last
 layer's text feed-forward has no effect on y (its text outputs are dropped), as in InstructBLIP; it is kept so
 the params match HF and the stage-1 pretrainer.
@@ -271,44 +271,38 @@ class QFormerProjector(QFormerFields):
       y = dense(self.out_dim, ('embed', 'mlp'), use_bias=True, dtype=self.dtype, name='language_projection')(y)
     return y                                                                  # [B, Q, Dt]
 
-  @classmethod
-  def extra_inputs(cls, cfg) -> tuple[str, ...]:
+  @nn.nowrap
+  def extra_inputs(self) -> tuple[str, ...]:
     """Keyword inputs beyond x the model must pass: the instruction's Q-Former tokens when text_input."""
-    return ('text_ids', 'text_mask') if cfg.get('text_input', False) else ()
+    return ('text_ids', 'text_mask') if self.text_input else ()
 
-  @classmethod
-  def check_config(cls, cfg) -> None:
-    get = cfg.get
-    for key, default in (('num_query_tokens', 32), ('hidden_dim', 768), ('num_layers', 12), ('num_heads', 12),
-                         ('mlp_dim', 3072), ('cross_attention_frequency', 2), ('vocab_size', 30522),
-                         ('max_text_len', 512)):
-      check_int(cfg, key, default)
-    if get('hidden_dim', 768) % get('num_heads', 12):
-      raise ValueError(f'model.projector.hidden_dim={get("hidden_dim", 768)} is not divisible by '
-                       f'model.projector.num_heads={get("num_heads", 12)}')
-    check_choice(cfg, 'act', 'gelu', ACTIVATIONS)
-    if not 0.0 <= get('dropout', 0.0) < 1.0:
-      raise ValueError(f'model.projector.dropout must be in [0, 1), got {get("dropout")!r}')
-    check_positive(cfg, 'norm_eps', 1e-12)
-    check_positive(cfg, 'vision_norm_eps', 1e-5)
-    out_dim = get('out_dim', None)
-    if not get('language_projection', True) and out_dim is not None and out_dim != get('hidden_dim', 768):
+  @nn.nowrap
+  def check(self) -> None:
+    for key in ('num_query_tokens', 'hidden_dim', 'num_layers', 'num_heads', 'mlp_dim', 'cross_attention_frequency',
+                'vocab_size', 'max_text_len'):
+      check_int(key, getattr(self, key))
+    if self.hidden_dim % self.num_heads:
+      raise ValueError(f'model.projector.hidden_dim={self.hidden_dim} is not divisible by '
+                       f'model.projector.num_heads={self.num_heads}')
+    check_choice('act', self.act, ACTIVATIONS)
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f'model.projector.dropout must be in [0, 1), got {self.dropout!r}')
+    check_positive('norm_eps', self.norm_eps)
+    check_positive('vision_norm_eps', self.vision_norm_eps)
+    if not self.language_projection and self.out_dim != self.hidden_dim:
       raise ValueError(f'model.projector.language_projection=False needs out_dim == hidden_dim, got '
-                       f'out_dim={out_dim}, hidden_dim={get("hidden_dim", 768)}')
+                       f'out_dim={self.out_dim}, hidden_dim={self.hidden_dim}')
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
-    return cfg.get('num_query_tokens', 32)
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
+    return self.num_query_tokens
 
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
-    get = cfg.get
-    d = get('hidden_dim', 768)
-    text = get('text_input', False)
-    n = QFormer.param_count(in_dim, d, get('num_layers', 12), get('mlp_dim', 3072),
-                            get('cross_attention_frequency', 2), get('vocab_size', 30522) if text else 0,
-                            get('max_text_len', 512))
-    n += get('num_query_tokens', 32) * d if get('learned_queries', True) else 0
-    n += 2 * in_dim if get('vision_norm', True) else 0
-    n += d * out_dim + out_dim if get('language_projection', True) else 0
+  @nn.nowrap
+  def param_count(self) -> int:
+    d = self.hidden_dim
+    n = QFormer.param_count(self.in_dim, d, self.num_layers, self.mlp_dim, self.cross_attention_frequency,
+                            self.vocab_size if self.text_input else 0, self.max_text_len)
+    n += self.num_query_tokens * d if self.learned_queries else 0
+    n += 2 * self.in_dim if self.vision_norm else 0
+    n += d * self.out_dim + self.out_dim if self.language_projection else 0
     return n

@@ -119,24 +119,23 @@ class QwenVLResampler(nn.Module):
     if width % 4:
       raise ValueError(f'{field} must be divisible by 4 for the 2-D sin-cos position embeddings')
 
-  @classmethod
-  def check_config(cls, cfg) -> None:
-    q = cfg.get('num_queries', 256)
+  @nn.nowrap
+  def check(self) -> None:
+    q = self.num_queries
     if not isinstance(q, int) or q < 1 or math.isqrt(q) ** 2 != q:
       raise ValueError(f'model.projector.num_queries must be a perfect square >= 1, got {q!r}')
-    heads, width = check_int(cfg, 'num_heads', 8), check_int(cfg, 'width', None)
+    heads, width = check_int('num_heads', self.num_heads), check_int('width', self.width, optional=True)
     if width is not None:
-      cls._check_width(width, heads, False)
-    check_positive(cfg, 'norm_eps', 1e-6)
+      self._check_width(width, heads, False)
+    check_positive('norm_eps', self.norm_eps)
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
-    return cfg.get('num_queries', 256)
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
+    return self.num_queries
 
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
-    q, width = cfg.get('num_queries', 256), cfg.get('width', None) or out_dim
-    kv_proj = in_dim * width if in_dim != width else 0
-    mha = CrossAttention.param_count(width, width, width, cfg.get('num_heads', 8), width // cfg.get('num_heads', 8),
-                                     use_bias=True)
-    return q * width + kv_proj + mha + 3 * 2 * width + width * out_dim
+  @nn.nowrap
+  def param_count(self) -> int:
+    w, heads = self.width or self.out_dim, self.num_heads
+    kv_proj = self.in_dim * w if self.in_dim != w else 0
+    mha = CrossAttention.param_count(w, w, w, heads, w // heads, use_bias=True)
+    return self.num_queries * w + kv_proj + mha + 3 * 2 * w + w * self.out_dim

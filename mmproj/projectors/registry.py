@@ -12,21 +12,19 @@ REGISTRY: dict[str, type] = {}
 _RESERVED = ('name', 'in_dim', 'out_dim')
 
 
-def check_int(cfg: Any, key: str, default: Any, minimum: int = 1) -> int | None:
-  """cfg[key] (or default), an int >= minimum (bool is not; None only when default is None); ValueError naming it."""
-  value = cfg.get(key, default)
-  if value is None and default is None:
+def check_int(key: str, value: Any, minimum: int = 1, *, optional: bool = False) -> int | None:
+  """value, an int >= minimum (bool is not; None only when optional); ValueError naming model.projector.<key>."""
+  if value is None and optional:
     return None
   if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    allowed = 'None or an int' if default is None else 'an int'
+    allowed = 'None or an int' if optional else 'an int'
     raise ValueError(f'model.projector.{key} must be {allowed} >= {minimum}, got {value!r}')
   return value
 
 
-def check_choice(cfg: Any, key: str, default: Any, choices: Any) -> Any:
-  """cfg[key] (or default), one of choices (None only when default is None); ValueError naming it and them."""
-  value = cfg.get(key, default)
-  if value is None and default is None:
+def check_choice(key: str, value: Any, choices: Any, *, optional: bool = False) -> Any:
+  """value, one of choices (None only when optional); ValueError naming model.projector.<key> and the choices."""
+  if value is None and optional:
     return None
   if value not in choices:
     shown = list(choices) if isinstance(choices, (tuple, list)) else sorted(choices)
@@ -34,13 +32,12 @@ def check_choice(cfg: Any, key: str, default: Any, choices: Any) -> Any:
   return value
 
 
-def check_positive(cfg: Any, key: str, default: Any) -> float | None:
-  """cfg[key] (or default), a number > 0 (bool is not; None only when default is None); ValueError naming it."""
-  value = cfg.get(key, default)
-  if value is None and default is None:
+def check_positive(key: str, value: Any, *, optional: bool = False) -> float | None:
+  """value, a number > 0 (bool is not; None only when optional); ValueError naming model.projector.<key>."""
+  if value is None and optional:
     return None
   if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
-    allowed = 'None or a number' if default is None else 'a number'
+    allowed = 'None or a number' if optional else 'a number'
     raise ValueError(f'model.projector.{key} must be {allowed} > 0, got {value!r}')
   return value
 
@@ -62,8 +59,12 @@ def get(name: str) -> type:
   return REGISTRY[name]
 
 
-def _hparams(cfg: Any) -> dict:
-  """The projector's own hyper-parameters from cfg (reserved keys dropped); unknown keys -> ValueError."""
+def instantiate(cfg: Any, in_dim: int | None = None, out_dim: int | None = None, dtype: Any = jnp.float32,
+                **module_kwargs) -> Any:
+  """The projector module cfg describes, its fields unchecked (`check()` checks them); unknown keys -> ValueError
+  naming the first. cfg's reserved keys are dropped: the widths are the arguments (None where the caller has none:
+  token counts need no widths). module_kwargs (name, parent) go to the module; parent=None for a module built only
+  for its methods, so that it does not attach itself to a module under construction."""
   cls = get(cfg['name'])
   fields = {f.name for f in dataclasses.fields(cls)} - {'in_dim', 'out_dim', 'dtype', 'parent', 'name'}
   hparams = {k: v for k, v in dict(cfg).items() if k not in _RESERVED}
@@ -71,33 +72,31 @@ def _hparams(cfg: Any) -> dict:
   if unknown:
     raise ValueError(f'unknown field(s) model.projector.{unknown[0]} for projector {cfg["name"]!r} '
                      f'(all unknown: {unknown}); it accepts: {sorted(fields)}')
-  return hparams
+  return cls(in_dim=in_dim, out_dim=out_dim, dtype=dtype, **hparams, **module_kwargs)
 
 
 def validate(cfg: Any, in_dim: int, out_dim: int) -> None:
   """Checks name, optional in_dim/out_dim and the projector's own fields; ValueError naming the field."""
-  cls = get(cfg['name'])
+  get(cfg['name'])
   for key, actual in (('in_dim', in_dim), ('out_dim', out_dim)):
-    given = cfg.get(key, None)
+    given = cfg.get(key)
     if given is not None and given != actual:
       raise ValueError(f'model.projector.{key}={given} does not match the '
                        f'{"encoder" if key == "in_dim" else "LM"} width {actual}')
-  _hparams(cfg)
-  if hasattr(cls, 'check_config'):
-    cls.check_config(cfg)
+  instantiate(cfg, in_dim, out_dim, parent=None).check()
 
 
 def build(cfg: Any, in_dim: int, out_dim: int, dtype: Any = jnp.float32):
   """cfg.model.projector -> projector module (params float32, compute in `dtype`)."""
   validate(cfg, in_dim, out_dim)
-  return get(cfg['name'])(in_dim=in_dim, out_dim=out_dim, dtype=dtype, **_hparams(cfg))
+  return instantiate(cfg, in_dim, out_dim, dtype)
 
 
 def num_output_tokens(cfg: Any, grid: tuple[int, int]) -> int:
   """Number of tokens M the projector emits for an encoder grid (h, w)."""
-  return get(cfg['name']).num_output_tokens(cfg, tuple(grid))
+  return instantiate(cfg, parent=None).num_output_tokens(tuple(grid))
 
 
 def param_count(cfg: Any, in_dim: int, out_dim: int) -> int:
   """The projector's documented parameter-count formula."""
-  return get(cfg['name']).param_count(cfg, in_dim, out_dim)
+  return instantiate(cfg, in_dim, out_dim, parent=None).param_count()

@@ -100,9 +100,8 @@ class TokenPacker(nn.Module):
     x_c = _regions(x, grid, self.scale).mean(axis=2)                                     # [B, M, Dv]
     q = dense(width, ('embed', 'mlp'), use_bias=False, dtype=self.dtype, name='q_proj')(x_c)  # [B, M, W]
     q = LayerNorm(self.norm_eps, self.dtype, name='ln_q')(q)                             # [B, M, W]
-    kv_mlp = dict(in_dim=kv_dim, out_dim=width, depth=2, act=self.act, dtype=self.dtype)
-    k = LayerNorm(self.norm_eps, self.dtype, name='ln_k')(MLPProjector(**kv_mlp, name='k_proj')(feats))  # [B, N, W]
-    v = LayerNorm(self.norm_eps, self.dtype, name='ln_v')(MLPProjector(**kv_mlp, name='v_proj')(feats))  # [B, N, W]
+    k = LayerNorm(self.norm_eps, self.dtype, name='ln_k')(self._kv_mlp(name='k_proj')(feats))  # [B, N, W]
+    v = LayerNorm(self.norm_eps, self.dtype, name='ln_v')(self._kv_mlp(name='v_proj')(feats))  # [B, N, W]
 
     m = hc * wc
     q_r = q.reshape(b * m, 1, width)                                                     # [B*M, 1, W]
@@ -111,27 +110,37 @@ class TokenPacker(nn.Module):
     y = CrossAttention(self.num_heads, width // self.num_heads, use_bias=True, dtype=self.dtype,
                        name='attn')(q_r, k_r, v_r)                                       # [B*M, 1, W]
     y = y.reshape(b, m, width)                                                           # [B, M, W]
-    return MLPProjector(width, self.out_dim, depth=2, act=self.act, dtype=self.dtype, name='mlp')(y)  # [B, M, Dt]
+    return self._out_mlp(name='mlp')(y)                                                  # [B, M, Dt]
 
-  @classmethod
-  def check_config(cls, cfg) -> None:
-    check_int(cfg, 'scale', 2)
-    check_int(cfg, 'kv_dim', None)
-    width, heads = check_int(cfg, 'width', None), check_int(cfg, 'num_heads', 8)
+  @nn.nowrap
+  def _kv_mlp(self, **kwargs) -> MLPProjector:
+    """k_proj / v_proj: Linear(Dk, W) act Linear(W, W); kwargs (name, parent) go to it."""
+    return MLPProjector(self.kv_dim or self.in_dim, self.width or self.in_dim, depth=2, act=self.act,
+                        dtype=self.dtype, **kwargs)
+
+  @nn.nowrap
+  def _out_mlp(self, **kwargs) -> MLPProjector:
+    """mlp: Linear(W, Dt) act Linear(Dt, Dt); kwargs (name, parent) go to it."""
+    return MLPProjector(self.width or self.in_dim, self.out_dim, depth=2, act=self.act, dtype=self.dtype, **kwargs)
+
+  @nn.nowrap
+  def check(self) -> None:
+    check_int('scale', self.scale)
+    check_int('kv_dim', self.kv_dim, optional=True)
+    width, heads = check_int('width', self.width, optional=True), check_int('num_heads', self.num_heads)
     if width is not None and width % heads:
       raise ValueError(f'model.projector.width={width} is not divisible by model.projector.num_heads={heads}')
-    check_choice(cfg, 'act', 'gelu', ACTIVATIONS)
-    check_positive(cfg, 'norm_eps', 1e-6)
+    check_choice('act', self.act, ACTIVATIONS)
+    check_positive('norm_eps', self.norm_eps)
 
-  @classmethod
-  def num_output_tokens(cls, cfg, grid) -> int:
-    hc, wc = _coarse_grid(grid, cfg.get('scale', 2))
+  @nn.nowrap
+  def num_output_tokens(self, grid) -> int:
+    hc, wc = _coarse_grid(grid, self.scale)
     return hc * wc
 
-  @classmethod
-  def param_count(cls, cfg, in_dim: int, out_dim: int) -> int:
-    w = cfg.get('width', None) or in_dim
-    dk = cfg.get('kv_dim', None) or in_dim
-    kv_mlp = dk * w + w + w * w + w
-    mha = CrossAttention.param_count(w, w, w, cfg.get('num_heads', 8), w // cfg.get('num_heads', 8), use_bias=True)
-    return in_dim * w + 2 * kv_mlp + 3 * 2 * w + mha + (w * out_dim + out_dim + out_dim * out_dim + out_dim)
+  @nn.nowrap
+  def param_count(self) -> int:
+    w = self.width or self.in_dim
+    mha = CrossAttention.param_count(w, w, w, self.num_heads, w // self.num_heads, use_bias=True)
+    kv_mlp, out_mlp = self._kv_mlp(parent=None).param_count(), self._out_mlp(parent=None).param_count()
+    return self.in_dim * w + 2 * kv_mlp + 3 * 2 * w + mha + out_mlp

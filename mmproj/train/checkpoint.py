@@ -64,7 +64,7 @@ def checkpoint_dir(workdir: str) -> str:
 def make_manager(workdir: str, ckpt_cfg) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=int(ckpt_cfg.keep),
-      enable_async_checkpointing=bool(ckpt_cfg.get('async_save', True)),
+      enable_async_checkpointing=bool(ckpt_cfg.async_save),
       cleanup_tmp_directories=True,    # a save killed half-way left a temporary directory: never a finished step
       create=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)

@@ -3,28 +3,25 @@
     f = step_flops(cfg, labels=setup.labels)      # {'encoder_fwd', ..., 'total', 'tokens', ...} per step
     peak, source = device_peak_flops(device, cfg.model.dtype, cfg.train.device_peak_flops)
 
-FLOPs are matmul FLOPs, 2 per multiply-add (norms, softmax, activations and the optimizer are not counted). Each
-tower owns its forward count: `ViT.matmul_flops()` per image, `Llama.matmul_flops(L, N)` per row (with the gated
-cross-attention blocks an injecting projector gives it), the projector's is read off its traced program
-(forward and vector-Jacobian product, `jaxpr_matmul_flops`), so every projector family is exact without a formula
-of its own. A step then costs, per block of a tower (W = its weight matmuls, A = its attention products):
+Matmul FLOPs, 2 per multiply-add (norms, softmax, activations and the optimizer are not counted). The towers own
+their forward counts (`ViT.matmul_flops()` per image, `Llama.matmul_flops(L, N)` per row, with any gated
+cross-attention blocks it is given); the projector's is read off its traced program (forward and vector-Jacobian
+product, `jaxpr_matmul_flops`), so every family is exact without a formula here. Per block of a tower, with W its
+weight matmuls and A its attention products:
     forward     W + A
-    backward    2W + 2A  when the tower trains (input and weight gradients; attention's two operands both flow)
+    backward    2W + 2A  when the tower trains (input and weight gradients; both operands of A)
                 W + 2A   when it is frozen but a gradient passes through it (a frozen LM above a trained projector)
                 0        when nothing before it or in it trains (a frozen encoder: the model stop_gradients it)
-    recompute   (model.remat, mmproj/layers/scan.py) in a block that runs a backward pass: 'full' its forward but
-                the last matmul; 'minimal' the attention scores, and the weighted sums when the tower trains
-                (o_proj's weight gradient reads them); 'dots' / 'none' nothing
-The LM head costs its forward at the loss positions (train.loss_positions) plus one input / weight gradient each
-when they are needed; the patch embedding of a trained encoder its weight gradient only. A tower counts as trained
-when any of its params train (cfg.train.trainable / frozen), so a partly frozen tower is counted as a trained one.
-Scanned stacks count as unscanned ones (the same matmuls run). XLA's `cost_analysis()` of the compiled step
-agrees within 2% on the configs tests/test_flops.py compiles (it counts elementwise work too, and a while
-loop's body, i.e. a scanned stack, once).
+    recompute   (model.remat) 'full': the forward but the block's last matmul; 'minimal': the attention scores,
+                and the weighted sums when the tower trains (o_proj's weight gradient reads them)
+The LM head adds its forward at the loss positions (train.loss_positions) and an input / weight gradient each
+where needed; a trained encoder's patch embedding its weight gradient. A tower counts as trained when any of its
+params train; scanned stacks count as unscanned ones. tests/test_flops.py checks the total against the traced
+gradient program (exactly) and XLA's cost analysis of the compiled step (within 2%; XLA counts a lax.cond's larger
+branch, a while loop's body once and a depthwise convolution's weight gradient as a dense one).
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable
 
@@ -35,39 +32,14 @@ from jax.extend import core as jax_core
 PARTS = ('encoder', 'projector', 'lm')
 DTYPES = ('float32', 'bfloat16')
 
-# Dense (no sparsity) bf16 peaks per device, FLOP/s, keyed by jax's `device.device_kind`.
-PEAK_FLOPS = {
-    'NVIDIA H100 80GB HBM3': 989e12,     # H100 SXM5
-    'NVIDIA H100 PCIe': 756e12,
-    'NVIDIA H200': 989e12,
-    'NVIDIA A100-SXM4-80GB': 312e12,
-    'NVIDIA A100-SXM4-40GB': 312e12,
-    'NVIDIA A100-PCIE-40GB': 312e12,
-    'NVIDIA A100 80GB PCIe': 312e12,
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,               # v5e
-    'TPU v5e': 197e12,
-    'TPU v5': 459e12,                    # v5p reports 'TPU v5'
-    'TPU v5p': 459e12,
-    'TPU v6 lite': 918e12,               # v6e (Trillium)
-    'TPU v6e': 918e12,
+# Dense (no sparsity) peaks per device in FLOP/s by `device.device_kind`: (bf16, f32). NVIDIA Ampere and later run
+# DEFAULT-precision f32 dots on the tensor cores in TF32 (jax-ml/jax#18934): the dense TF32 peak; TPUs run them as
+# one bf16 pass (None: the bf16 peak). Kinds spelled otherwise (memory sizes, GH200) match by substring, in order.
+PEAKS = {
+    'NVIDIA H100 PCIe': (756e12, 378e12), 'H200': (989e12, 494.7e12), 'H100': (989e12, 494.7e12),
+    'A100': (312e12, 156e12), 'TPU v4': (275e12, None), 'TPU v5 lite': (197e12, None), 'TPU v5e': (197e12, None),
+    'TPU v5p': (459e12, None), 'TPU v5': (459e12, None), 'TPU v6 lite': (918e12, None), 'TPU v6e': (918e12, None),
 }
-# Kinds not spelled exactly as above (other memory sizes, GH200, ...): the first substring that matches.
-_PEAK_BY_SUBSTRING = (('H100 PCIe', 756e12), ('H200', 989e12), ('H100', 989e12), ('A100', 312e12))
-
-# float32 matmuls. NVIDIA Ampere and later run DEFAULT-precision f32 dots on the tensor cores in TF32
-# (jax-ml/jax#18934; precision 'highest' would need the far lower plain-FP32 peak): dense TF32 peaks. TPUs run
-# DEFAULT-precision f32 dots as one bf16 pass, so the bf16 peak applies there (the lookup falls back to it).
-PEAK_FLOPS_F32 = {
-    'NVIDIA H100 80GB HBM3': 494.7e12,
-    'NVIDIA H100 PCIe': 378e12,
-    'NVIDIA H200': 494.7e12,
-    'NVIDIA A100-SXM4-80GB': 156e12,
-    'NVIDIA A100-SXM4-40GB': 156e12,
-    'NVIDIA A100-PCIE-40GB': 156e12,
-    'NVIDIA A100 80GB PCIe': 156e12,
-}
-_PEAK_F32_BY_SUBSTRING = (('H100 PCIe', 378e12), ('H200', 494.7e12), ('H100', 494.7e12), ('A100', 156e12))
 
 
 # ------------------------------------------------------------------------------------- counting traced programs
@@ -140,66 +112,36 @@ def jaxpr_matmul_flops(fn: Callable, *args) -> int:
   return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-# ------------------------------------------------------------------------------------- the projector, traced
-
-
-@functools.lru_cache(maxsize=64)
-def _projector_flops_cached(cfg_model_json: str, in_flows: bool, train_paths: tuple[str, ...]) -> tuple[int, int]:
-  import json
-
-  import flax
-  import ml_collections
-
-  from mmproj import projectors
-  from mmproj.model import DTYPES as MODEL_DTYPES
-  from mmproj.model import encoder_grid
-  from mmproj.train.optimizer import path_str
-
-  c = ml_collections.ConfigDict(json.loads(cfg_model_json))
-  dtype = MODEL_DTYPES[c.dtype]
-  proj = projectors.build(c.projector, in_dim=int(c.encoder.width), out_dim=int(c.lm.width), dtype=dtype)
-  grid = encoder_grid(c)
-  x = jax.ShapeDtypeStruct((1, grid[0] * grid[1], int(c.encoder.width)), dtype)   # one image's patch tokens
-  key = jax.random.key(0)
-  params = jax.eval_shape(lambda x: flax.linen.unbox(proj.init(key, x, grid=grid)['params']), x)
-  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-  train_idx = [i for i, (path, _) in enumerate(paths) if f'projector/{path_str(path)}' in train_paths]
-
-  def forward(params, x):
-    return proj.apply({'params': params}, x, grid=grid, deterministic=False, rngs={'dropout': key})
-
-  fwd = jaxpr_matmul_flops(forward, params, x)
-  if not train_idx and not in_flows:
-    return fwd, 0
-
-  def forward_and_grads(params, x, ct):
-    """The forward and its vector-Jacobian product w.r.t. the trainable leaves (and x iff it flows)."""
-    leaves = jax.tree.leaves(params)
-
-    def run(trained, x):
-      merged = list(leaves)
-      for i, leaf in zip(train_idx, trained):
-        merged[i] = leaf
-      return forward(jax.tree_util.tree_unflatten(treedef, merged), x)
-
-    trained = [leaves[i] for i in train_idx]
-    if in_flows:
-      out, pull = jax.vjp(run, trained, x)
-    else:
-      out, pull = jax.vjp(lambda t: run(t, x), trained)
-    return out, pull(ct)
-
-  ct = jax.eval_shape(forward, params, x)
-  return fwd, jaxpr_matmul_flops(forward_and_grads, params, x, ct) - fwd
-
-
 def _projector(cfg_model: Any, labels: Any, in_flows: bool) -> tuple[int, int]:
   """(forward, backward) matmul FLOPs of the projector on one image, from its traced program: the forward, and
   the vector-Jacobian product w.r.t. its trainable params (and its input iff `in_flows`)."""
-  from mmproj.train.optimizer import path_str
-  train = tuple(sorted(p for path, lab in jax.tree_util.tree_flatten_with_path(labels)[0]
-                       if lab == 'train' and (p := path_str(path)).startswith('projector/')))
-  return _projector_flops_cached(cfg_model.to_json_best_effort(sort_keys=True), bool(in_flows), train)
+  import flax
+
+  from mmproj import model as model_lib
+
+  _, proj, _ = model_lib.towers(cfg_model)
+  grid = model_lib.encoder_grid(cfg_model)
+  x = jax.ShapeDtypeStruct((1, grid[0] * grid[1], proj.in_dim), proj.dtype)      # one image's patch tokens
+  key = jax.random.key(0)
+  params = jax.eval_shape(lambda x: flax.linen.unbox(proj.init(key, x, grid=grid)['params']), x)
+  leaves, treedef = jax.tree.flatten(params)
+  trained = [i for i, lab in enumerate(jax.tree.leaves(labels['projector'])) if lab == 'train']
+
+  def forward(leaves, x):
+    return proj.apply({'params': jax.tree.unflatten(treedef, leaves)}, x, grid=grid, deterministic=False,
+                      rngs={'dropout': key})
+
+  def forward_and_grads(leaves, x):
+    def run(sub, x):
+      return forward([sub[trained.index(i)] if i in trained else leaf for i, leaf in enumerate(leaves)], x)
+    out, pull = jax.vjp(run, [leaves[i] for i in trained], x) if in_flows else jax.vjp(
+        lambda sub: run(sub, x), [leaves[i] for i in trained])
+    return pull(out)
+
+  fwd = jaxpr_matmul_flops(forward, leaves, x)
+  if not trained and not in_flows:
+    return fwd, 0
+  return fwd, jaxpr_matmul_flops(forward_and_grads, leaves, x) - fwd
 
 
 # ------------------------------------------------------------------------------------- a step
@@ -220,40 +162,34 @@ def _trained(labels: Any) -> Callable[[str], bool]:
   return lambda prefix: any(p == prefix or p.startswith(prefix + '/') for p in train)
 
 
-def step_flops(cfg, *, labels: Any, batch_size: int | None = None, images_per_row: int = 1) -> dict[str, Any]:
-  """Matmul FLOPs of one training step of the experiment config `cfg` (see the module docstring).
-
-  labels: 'train' / 'freeze' per parameter (Setup.labels). batch_size: rows per step (default
-  cfg.train.batch_size), all devices together. images_per_row: T_img images per row (injecting projectors only).
-  Returns ints {part}_fwd, {part}_bwd, {part}_remat for part in encoder / projector / lm (gated cross-attention
-  blocks count as the projector's), fwd, bwd, remat, total, tokens (B * L), images, batch_size, seq_len, and
-  flops_per_token (a float)."""
+def step_flops(cfg, *, labels: Any) -> dict[str, Any]:
+  """Matmul FLOPs of one training step of the experiment config `cfg` (see the module docstring), rows of one
+  image; labels: 'train' / 'freeze' per parameter (Setup.labels). -> ints {part}_{fwd, bwd, remat} for part in
+  encoder / projector / lm (gated cross-attention blocks count as the projector's), fwd, bwd, remat, total, tokens
+  (B * L), images, batch_size, seq_len, and flops_per_token (a float)."""
   from mmproj import model as model_lib
   from mmproj import projectors
   from mmproj.layers import kernels as kernels_lib
   from mmproj.train import state
 
   c, tr = cfg.model, _trained(labels)
-  batch = int(cfg.train.batch_size if batch_size is None else batch_size)
-  length, positions = state.sequence_length(cfg), state.loss_positions(cfg)
+  batch, length, positions = int(cfg.train.batch_size), state.sequence_length(cfg), state.loss_positions(cfg)
   encoder, _, lm = model_lib.towers(c)
-  attention = kernels_lib.resolve(c.kernels, jax.default_backend(), c.dtype).attention
-  per_image, per_row = {k: dict.fromkeys(PARTS, 0) for k in ('fwd', 'bwd', 'remat')}, {
-      k: dict.fromkeys(PARTS, 0) for k in ('fwd', 'bwd', 'remat')}
+  image = {f'{part}_{kind}': 0 for part in PARTS for kind in ('fwd', 'bwd', 'remat')}   # per image
+  row = dict(image)                                                                      # per row
   merged, media_flows, media_len = c.use_image and not model_lib.injects_into_lm(c), False, 0
-
   if c.use_image:
     e, e_trains = encoder.matmul_flops(), tr('encoder')
-    block = e['weights'] + e['attention']
-    per_image['fwd']['encoder'] = e['embed'] + e['blocks'] * block
+    image['encoder_fwd'] = e['embed'] + e['blocks'] * (e['weights'] + e['attention'])
     if e_trains:
-      per_image['bwd']['encoder'] = e['embed'] + e['blocks'] * (2 * block)
-      per_image['remat']['encoder'] = e['blocks'] * _recompute(encoder.remat, e, True)
-    per_image['fwd']['projector'], per_image['bwd']['projector'] = _projector(c, labels, e_trains)
+      image['encoder_bwd'] = e['embed'] + e['blocks'] * 2 * (e['weights'] + e['attention'])
+      image['encoder_remat'] = e['blocks'] * _recompute(encoder.remat, e, True)
+    image['projector_fwd'], image['projector_bwd'] = _projector(c, labels, e_trains)
     media_flows = e_trains or tr('projector')
     if not merged:
-      media_len = images_per_row * projectors.num_output_tokens(c.projector, model_lib.encoder_grid(c))
+      media_len = projectors.num_output_tokens(c.projector, model_lib.encoder_grid(c))
 
+  attention = kernels_lib.resolve(c.kernels, jax.default_backend(), c.dtype).attention
   f = lm.matmul_flops(length, positions or length, attention, media_len)
   flows = bool(tr('lm/embed_tokens') or (merged and media_flows))
   lm_trains = any(tr(f'lm/{name}') for name in ('layers', *(f'layers_{i}' for i in range(lm.depth))))
@@ -262,28 +198,25 @@ def step_flops(cfg, *, labels: Any, batch_size: int | None = None, images_per_ro
       g, g_trains = f['gated'][i], tr(f'lm/xattn_layers_{i}')
       q_flows, kv_flows = flows or g_trains, media_flows or g_trains
       inner = q_flows or kv_flows
-      per_row['fwd']['projector'] += g['text'] + g['media'] + g['attention']
-      per_row['bwd']['projector'] += (g['text'] * (inner + g_trains) + g['media'] * (media_flows + g_trains)
-                                      + g['attention'] // 2 * (q_flows + 2 * kv_flows + inner))
+      row['projector_fwd'] += g['text'] + g['media'] + g['attention']
+      row['projector_bwd'] += (g['text'] * (inner + g_trains) + g['media'] * (media_flows + g_trains)
+                               + g['attention'] // 2 * (q_flows + 2 * kv_flows + inner))
       flows = flows or inner
-    per_row['fwd']['lm'] += f['weights'] + f['attention']
+    row['lm_fwd'] += f['weights'] + f['attention']
     if lm_trains or flows:
-      per_row['bwd']['lm'] += f['weights'] * (1 + int(lm_trains)) + 2 * f['attention']
-      per_row['remat']['lm'] += _recompute(lm.remat, f, lm_trains)
+      row['lm_bwd'] += f['weights'] * (1 + int(lm_trains)) + 2 * f['attention']
+      row['lm_remat'] += _recompute(lm.remat, f, lm_trains)
     flows = flows or lm_trains
-  head_trains = tr('lm/embed_tokens' if lm.tie_embeddings else 'lm/lm_head')
-  per_row['fwd']['lm'] += f['head']
-  per_row['bwd']['lm'] += f['head'] * (int(flows) + int(head_trains))
+  row['lm_fwd'] += f['head']
+  row['lm_bwd'] += f['head'] * (int(flows) + int(tr('lm/embed_tokens' if lm.tie_embeddings else 'lm/lm_head')))
 
-  images = batch * images_per_row if c.use_image else 0
-  out: dict[str, Any] = {}
+  images = batch if c.use_image else 0
+  out: dict[str, Any] = {k: images * image[k] + batch * row[k] for k in image}
   for kind in ('fwd', 'bwd', 'remat'):
-    for part in PARTS:
-      out[f'{part}_{kind}'] = images * per_image[kind][part] + batch * per_row[kind][part]
     out[kind] = sum(out[f'{part}_{kind}'] for part in PARTS)
-  out['total'] = out['fwd'] + out['bwd'] + out['remat']
-  out.update(tokens=batch * length, images=images, batch_size=batch, seq_len=length,
-             flops_per_token=out['total'] / (batch * length))
+  out.update(total=out['fwd'] + out['bwd'] + out['remat'], tokens=batch * length, images=images, batch_size=batch,
+             seq_len=length)
+  out['flops_per_token'] = out['total'] / out['tokens']
   return out
 
 
@@ -308,33 +241,21 @@ def format_flops_summary(f: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-# ------------------------------------------------------------------------------------- peaks
-
-
-def _lookup(kind: str, table: dict, by_substring: tuple) -> float | None:
-  if kind in table:
-    return table[kind]
-  return next((peak for sub, peak in by_substring if sub in kind), None)
-
-
 def device_peak_flops(device: Any, dtype: str, configured: float | None = None) -> tuple[float | None, str]:
   """(peak FLOP/s of one device for matmuls in `dtype` (model.dtype), where the number comes from).
 
-  `configured` (train.device_peak_flops) wins. Known accelerators (by `device.device_kind`): the dense bf16 peak of
-  PEAK_FLOPS; for float32 the dense TF32 peak of PEAK_FLOPS_F32 on NVIDIA GPUs (XLA's default f32 dot precision),
-  else the bf16 peak (TPUs run f32 dots as bf16 passes). A CPU or an unknown kind: None, so no MFU is reported
-  (the benchmarks measure a CPU's matmul rate: `python -m benchmarks`)."""
+  `configured` (train.device_peak_flops) wins; then the PEAKS of known accelerators (an f32 MFU on a TPU reads
+  against the bf16 peak). A CPU or an unknown kind: None, so no MFU is reported (the benchmarks measure a CPU's
+  matmul rate: `python -m benchmarks`)."""
   if dtype not in DTYPES:
     raise ValueError(f'dtype={dtype!r} (model.dtype) is not one of {DTYPES}')
   if configured:
     return float(configured), f'train.device_peak_flops = {float(configured) / 1e12:.4g} TFLOP/s'
   kind = device.device_kind
-  bf16 = _lookup(kind, PEAK_FLOPS, _PEAK_BY_SUBSTRING) if device.platform != 'cpu' else None
+  bf16, f32 = next((p for sub, p in PEAKS.items() if sub in kind), (None, None)) if device.platform != 'cpu' else (
+      None, None)
   if bf16 is None:
     return None, f'unknown for {kind!r} (set train.device_peak_flops to report MFU)'
-  if dtype == 'float32':
-    f32 = _lookup(kind, PEAK_FLOPS_F32, _PEAK_F32_BY_SUBSTRING)
-    if f32 is not None:
-      return f32, f'{kind}: dense TF32 peak {f32 / 1e12:.0f} TFLOP/s (f32 dots run as TF32)'
-    return bf16, f'{kind}: dense bf16 peak {bf16 / 1e12:.0f} TFLOP/s (no f32 peak known; f32 MFU reads against it)'
+  if dtype == 'float32' and f32 is not None:
+    return f32, f'{kind}: dense TF32 peak {f32 / 1e12:.0f} TFLOP/s (f32 dots run as TF32)'
   return bf16, f'{kind}: dense bf16 peak {bf16 / 1e12:.0f} TFLOP/s'

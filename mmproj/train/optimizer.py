@@ -20,8 +20,8 @@ def path_str(path) -> str:
 
 def trainable_labels(params: Any, train_cfg) -> Any:
   """'train' or 'freeze' per leaf, from the config's path patterns."""
-  trainable = [re.compile(p) for p in train_cfg.get('trainable', ('.*',))]
-  frozen = [re.compile(p) for p in train_cfg.get('frozen', ())]
+  trainable = [re.compile(p) for p in train_cfg.trainable]
+  frozen = [re.compile(p) for p in train_cfg.frozen]
 
   def label(path, _):
     name = path_str(path)
@@ -43,7 +43,7 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
   warmup = min(int(train_cfg.warmup_steps), max(steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=float(train_cfg.learning_rate), warmup_steps=warmup,
-      decay_steps=max(steps, warmup + 1), end_value=float(train_cfg.learning_rate) * train_cfg.get('end_lr_frac', 0.0))
+      decay_steps=max(steps, warmup + 1), end_value=float(train_cfg.learning_rate) * train_cfg.end_lr_frac)
 
 
 def _decay_mask(params):
@@ -52,8 +52,8 @@ def _decay_mask(params):
 
 
 def make_optimizer(train_cfg, labels: Any) -> optax.GradientTransformation:
-  adamw = optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.get('b1', 0.9), b2=train_cfg.get('b2', 0.95),
-                      weight_decay=train_cfg.get('weight_decay', 0.0), mask=_decay_mask)
-  chain = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.get('grad_clip') else []
+  adamw = optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+                      weight_decay=train_cfg.weight_decay, mask=_decay_mask)
+  chain = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip else []
   trained = optax.chain(*chain, adamw)
   return optax.multi_transform({'train': trained, 'freeze': optax.set_to_zero()}, labels)

@@ -35,17 +35,17 @@ _ENCODER_FREE_FIELDS = ('name', 'image_mean', 'image_std')
 
 
 def _sources(cfg) -> dict[str, str]:
-  init = cfg.get('init') or {}
+  init = cfg.init
   unknown = sorted(set(init) - set(PARTS))
   if unknown:
     raise ValueError(f'init.{unknown[0]}: unknown part; cfg.init takes {list(PARTS)}')
   out = {}
   for part in PARTS:
-    path = init.get(part)
+    path = init[part]
     if path:
       path = os.path.abspath(os.path.expanduser(str(path)))
       if not os.path.exists(path):
-        raise FileNotFoundError(f'init.{part}={init.get(part)!r}: {path} does not exist')
+        raise FileNotFoundError(f'init.{part}={init[part]!r}: {path} does not exist')
       out[part] = path
   if out and not cfg.model.use_image and set(out) - {'lm'}:
     raise ValueError('cfg.init names encoder/projector weights but model.use_image is False')

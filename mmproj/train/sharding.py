@@ -44,10 +44,13 @@ DEFAULT_RULES = (
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   """Resolves `cfg.mesh` ({data, fsdp, tensor}; one of them may be -1 = the rest) against the device count."""
-  sizes = {axis: int(mesh_cfg.get(axis, 1)) for axis in MESH_AXES}
   unknown = set(mesh_cfg.keys()) - set(MESH_AXES)
   if unknown:
     raise ValueError(f'mesh: unknown axis {sorted(unknown)}; the mesh axes are {MESH_AXES}')
+  missing = [a for a in MESH_AXES if a not in mesh_cfg]
+  if missing:
+    raise ValueError(f'mesh: no size for axis {missing} (give each of {MESH_AXES}, 1 for unused)')
+  sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1:
     raise ValueError(f'mesh: only one axis may be -1, got {free}')
@@ -75,7 +78,7 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def rules_from_config(cfg) -> tuple:
-  rules = cfg.get('sharding_rules', None)
+  rules = cfg.sharding_rules
   if rules is None:
     return DEFAULT_RULES
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)

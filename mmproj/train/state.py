@@ -53,21 +53,6 @@ class Setup:
   batch_sharding: NamedSharding
   seq_len: int
   num_image_tokens: int
-
-
-@dataclasses.dataclass
-class Setup:
-  cfg: ml_collections.ConfigDict
-  model: Any
-  mesh: jax.sharding.Mesh
-  rules: tuple
-  tx: optax.GradientTransformation
-  labels: Any                   # 'train' / 'freeze' per param
-  abstract_state: TrainState    # ShapeDtypeStructs carrying their shardings
-  state_sharding: TrainState
-  batch_sharding: NamedSharding
-  seq_len: int
-  num_image_tokens: int
   loss_positions: int | None    # positions per row the loss projects to the vocabulary (None: all seq_len)
 
 
@@ -93,7 +78,7 @@ def loss_positions(cfg) -> int | None:
   last of an image has a text target, so a row with one image has at most that many loss positions; all
   positions otherwise. 'K' or K (an int, 1 <= K <= L) sets it; 'all': every position. Exact whatever the value:
   a batch with a row of more than K loss positions takes the every-position path (see token_loss_sums)."""
-  value = cfg.train.get('loss_positions', 'auto')
+  value = cfg.train.loss_positions
   length = sequence_length(cfg)
   text = str(value).strip()
   if text == 'all':
@@ -118,13 +103,13 @@ def validate(cfg) -> None:
   for field in ('steps', 'batch_size'):
     if int(cfg.train[field]) <= 0:
       raise ValueError(f'train.{field}={cfg.train[field]} must be positive')
-  accum = int(cfg.train.get('grad_accum_steps', 1) or 1)
+  accum = int(cfg.train.grad_accum_steps)
   if accum < 1 or int(cfg.train.batch_size) % accum:
     raise ValueError(f'train.grad_accum_steps={accum} must be >= 1 and divide train.batch_size='
                      f'{cfg.train.batch_size}')
   if int(cfg.checkpoint.every) <= 0:
     raise ValueError(f'checkpoint.every={cfg.checkpoint.every} must be positive')
-  policy = cfg.train.get('on_nonfinite', 'skip')
+  policy = cfg.train.on_nonfinite
   if policy not in NONFINITE_POLICIES:
     raise ValueError(f'train.on_nonfinite={policy!r} must be one of {NONFINITE_POLICIES}')
   loss_positions(cfg)                                     # raises naming train.loss_positions
@@ -138,7 +123,7 @@ def setup(cfg, devices: Sequence[jax.Device] | None = None, *, mesh: Any = None)
     mesh = shard_lib.make_mesh(cfg.mesh, devices)
   rules = shard_lib.rules_from_config(cfg)
   shard_lib.check_batch_divisible(int(cfg.train.batch_size), mesh, rules)
-  accum = int(cfg.train.get('grad_accum_steps', 1) or 1)
+  accum = int(cfg.train.grad_accum_steps)
   if accum > 1:
     shard_lib.check_batch_divisible(int(cfg.train.batch_size) // accum, mesh, rules,
                                     field='train.batch_size / train.grad_accum_steps')
