@@ -5,6 +5,16 @@ import pytest
 
 from mmproj import config_lib
 
+# The modules that take longest, first: with two workers (.ci/run: --dist loadscope --no-loadscope-reorder) each
+# module runs on one worker, and one started last would run alone at the end while the other worker idles.
+SLOW_FIRST = ('test_projector_configs', 'test_faults', 'test_scan_remat', 'test_train', 'test_multiprocess',
+              'test_bench', 'test_attention_maps', 'test_sharding', 'test_llava_training', 'test_no_pickle')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.module.__name__ if item.module else '', len(rank)))
+
 
 def make_tiny_model_cfg() -> ml_collections.ConfigDict:
   """cfg.model as in the spec, with tiny dims (image 16, patch 4 -> 16 visual tokens, widths 32, depth 2)."""

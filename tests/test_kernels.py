@@ -23,7 +23,7 @@ def reference_attention(q, k, v, mask):
   return jnp.einsum('bhts,bshd->bthd', probs, v)
 
 
-def attention_case(t: int = 540):
+def attention_case(t: int = 360):
   """GQA (4 query heads on 2 kv heads) under a causal mask with left padding (row 1: 17 padded keys, so its first
   17 queries see nothing), a sliding window of 200 and shared-prefix segments."""
   b, h, hkv, dh = 2, 4, 2, 8
@@ -33,7 +33,7 @@ def attention_case(t: int = 540):
   slots = jnp.arange(t)
   mask = causal_padding_mask(slots, slots, jnp.ones((b, t), jnp.int32).at[1, :17].set(0))
   mask &= (slots[None, :] > slots[:, None] - 200)[None]
-  segments = jnp.where(slots < 40, 0, 1 + (slots - 40) // 150)[None]
+  segments = jnp.where(slots < 40, 0, 1 + (slots - 40) // 100)[None]
   mask &= (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
   return q, k, v, w, mask
 
@@ -41,7 +41,7 @@ def attention_case(t: int = 540):
 @pytest.mark.parametrize('kernel', ['xla', 'query_blocks'])
 @pytest.mark.parametrize('causal', [True, False])
 def test_attention_kernels_equal_the_reference(kernel, causal):
-  assert causal_query_blocks(540) == [(0, 180), (180, 360), (360, 540)]   # 'query_blocks' runs 3 blocks here
+  assert causal_query_blocks(360) == [(0, 180), (180, 360)]               # 'query_blocks' runs 2 blocks here
   q, k, v, w, mask = attention_case()
 
   def loss(q, k, v, attend):
@@ -89,7 +89,7 @@ def _model_loss_and_grads(cfg_model, chosen: kernels.Kernels, batch):
 
 
 def test_model_kernels_give_the_same_loss_and_gradients():
-  """The tiny MultimodalLM at L = 16 + 352 (query blocks: 2), every combination against plain XLA."""
+  """The tiny MultimodalLM at L = 16 + 352 (query blocks: 2): the CPU-tuned kernels against plain XLA."""
   cfg = make_tiny_model_cfg()
   cfg.lm.max_len = 512
   length = 16 + 352
@@ -101,11 +101,9 @@ def test_model_kernels_give_the_same_loss_and_gradients():
   batch = dict(image=rng.integers(0, 256, (2, 16, 16, 3)).astype(np.uint8), tokens=tokens, input_mask=mask,
                positions=np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32))
   ref_loss, ref_grads = _model_loss_and_grads(cfg, kernels.Kernels(), batch)
-  for dense in kernels.DENSE:
-    for attention in ('xla', 'query_blocks'):
-      loss, grads = _model_loss_and_grads(cfg, kernels.Kernels(dense, attention), batch)
-      np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads, ref_grads)
+  loss, grads = _model_loss_and_grads(cfg, kernels.Kernels('cpu_transpose_copy', 'query_blocks'), batch)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads, ref_grads)
 
 
 @pytest.mark.parametrize('platform,dtype,expected', [

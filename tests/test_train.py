@@ -239,11 +239,7 @@ def test_gradient_accumulation_equals_one_pass(tiny_cfg):
 
 
 def test_mfu_and_flops_are_logged(tiny_cfg, tmp_path, capsys):
-  """A CPU has no peak in the table: FLOP/s are logged, MFU only once train.device_peak_flops gives the peak."""
-  trainer.train(tiny_cfg, str(tmp_path / 'no_peak'))
-  records = [json.loads(line) for line in (tmp_path / 'no_peak' / 'metrics.jsonl').read_text().splitlines()]
-  assert all(r['tflops_per_device'] > 0 and 'mfu' not in r for r in records)
-  assert 'set train.device_peak_flops to report MFU' in capsys.readouterr().out
+  """A CPU has no peak in the table (test_flops: no MFU then); train.device_peak_flops gives it: MFU is logged."""
   tiny_cfg.train.device_peak_flops = 1e11
   trainer.train(tiny_cfg, str(tmp_path / 'peak'))
   records = [json.loads(line) for line in (tmp_path / 'peak' / 'metrics.jsonl').read_text().splitlines()]
@@ -251,3 +247,19 @@ def test_mfu_and_flops_are_logged(tiny_cfg, tmp_path, capsys):
   out = capsys.readouterr().out
   assert 'GFLOP' in out and 'peak: train.device_peak_flops' in out and 'compiled step memory per device' in out
   assert 'MFU' in out
+
+
+def test_log_interval_reports_mfu_only_with_a_peak():
+  from mmproj.train.metrics import LogInterval
+  batch = {'input_mask': np.ones((2, 5), np.int32), 'image': np.zeros((2, 4, 4, 3), np.uint8)}
+  step = {'loss': np.float32(2.0), 'learning_rate': np.float32(1e-3), 'nonfinite_steps': np.int32(0)}
+  for peak in (None, 1e12):
+    interval = LogInterval({'pending_metrics': [{'loss': 4.0, 'learning_rate': 0.0, 'nonfinite_steps': 0}]},
+                           flops_per_step=1e9, peak_flops=peak, processes=1)
+    interval.add(step, batch)
+    record = interval.record(2)
+    assert record['loss'] == 3.0 and record['learning_rate'] == pytest.approx(1e-3)   # restored + this step
+    assert ('mfu' in record) == (peak is not None)
+    if peak:
+      assert record['mfu'] == pytest.approx(record['tflops_per_device'] * 1e12 / peak)
+    assert interval.pending == [] and interval.to_meta()['pending_metrics'] == []

@@ -232,9 +232,8 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
   grain.checkpoint.CheckpointSave / CheckpointRestore inside ocp.args.Composite. process_index/count default to
   jax.process_index()/process_count(); worker_count to data.worker_count (0 = batches built by threads of the
   calling process; > 0 = grain worker processes); read_threads to data.read_threads or 1 (threads building batches
-  ahead of the consumer; building a row is Python-bound, so more threads only contend for the GIL: the quickstart
-  data's loader alone on 2 cores (mmproj.bench.pipeline.loader_rate, 2026-11-22) made 7,920-8,310 rows/s with one
-  thread and 5,410-5,480 with two).
+  ahead of the consumer; building a row is Python-bound, so more threads only contend for the GIL: one thread made
+  more rows/s than two on 2 cores, BENCHMARKS.md).
   data.bad_records: 'error' (default) | 'skip' (module docstring; 'skip' adds the int32 field bad_records).
   """
   if process_index is None or process_count is None:

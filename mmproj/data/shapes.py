@@ -437,9 +437,9 @@ class ParsedSource:
   TFDS's decoder returns for ShapesWorld's features: index int, image uint8 [s, s, 3], caption bytes,
   questions / answers / families lists of bytes, objects int32 [n, len(OBJECT_FIELDS)].
 
-  Why: TFDS's generic NumPy decoder (flatten / parse / per-feature conversion / nest, all Python) took ~50 us of
-  the ~75 us a record cost to read, the largest item of the training loader's profile (`python -m mmproj.bench
-  --only pipeline/shapes`); this takes ~9 us. A record that does not parse raises (protobuf's DecodeError), a
+  Why: TFDS's generic NumPy decoder (flatten / parse / per-feature conversion / nest, all Python) was most of a
+  record's read cost, the largest item of the training loader's profile (`python -m benchmarks --only
+  pipeline/shapes`; figures in BENCHMARKS.md); protobuf's parser is several times faster. A record that does not parse raises (protobuf's DecodeError), a
   missing field KeyError, a wrong-sized image ValueError naming the field: the loader's bad-record handling
   (data.bad_records) sees the same faults as under TFDS's decoder. tests/test_data.py checks that both decoders
   agree on every record of a built split."""
