@@ -209,9 +209,11 @@ case "${1:-}" in
           PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
         fi
         need_int --port "$PORT" 1
+        # The caller's XLA_FLAGS (a dump directory, say) are kept; the device count is added to them.
+        XLA="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
         CMDS=()
         for ((i = 0; i < NUM_PROCESSES; i++)); do
-          CMDS+=("$(quote JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count="$DEVICES_PER_PROCESS" \
+          CMDS+=("$(quote JAX_PLATFORMS=cpu XLA_FLAGS="$XLA" \
                     MMPROJ_COORDINATOR=127.0.0.1:"$PORT" MMPROJ_NUM_PROCESSES="$NUM_PROCESSES" MMPROJ_PROCESS_ID="$i" \
                     TF_CPP_MIN_LOG_LEVEL=3 "$VENV/bin/python" "${RUN[@]}")")
         done
@@ -223,7 +225,7 @@ case "${1:-}" in
         cpu_malloc cpu   # JAX_PLATFORMS=cpu
         PIDS=()
         for ((i = 0; i < NUM_PROCESSES; i++)); do
-          env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count="$DEVICES_PER_PROCESS" \
+          env JAX_PLATFORMS=cpu XLA_FLAGS="$XLA" \
             MMPROJ_COORDINATOR=127.0.0.1:"$PORT" MMPROJ_NUM_PROCESSES="$NUM_PROCESSES" MMPROJ_PROCESS_ID="$i" \
             TF_CPP_MIN_LOG_LEVEL=3 "$VENV/bin/python" "${RUN[@]}" &
           PIDS+=($!)

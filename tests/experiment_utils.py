@@ -45,7 +45,7 @@ def python_env(num_devices: int | None = None) -> dict[str, str]:
   # MMPROJ_VENV: launch.sh run from a test uses the environment the tests run in.
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='3', MMPROJ_VENV=sys.prefix)
   if num_devices:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_devices}'
+    env['XLA_FLAGS'] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={num_devices}".strip()
   return env
 
 

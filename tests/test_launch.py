@@ -97,13 +97,15 @@ def test_multinode_takes_the_process_from_slurm(launch):
 
 def test_local_multiprocess_dry_run_prints_one_command_per_process(launch):
   out = launch('local-multiprocess', '--num-processes', '3', '--devices-per-process', '4', '--dry-run', CONFIG,
-               '--config.train.steps=5')
+               '--config.train.steps=5', env={'XLA_FLAGS': '--xla_dump_to=/tmp/dump'})
   lines = _lines(out)
   assert len(lines) == 3
   ports = set()
   for i, words in enumerate(lines):
     env, command = _env_and_command(words)
-    assert env['XLA_FLAGS'] == '--xla_force_host_platform_device_count=4' and env['JAX_PLATFORMS'] == 'cpu'
+    # the caller's XLA flags are kept, the device count added
+    assert env['XLA_FLAGS'] == '--xla_dump_to=/tmp/dump --xla_force_host_platform_device_count=4'
+    assert env['JAX_PLATFORMS'] == 'cpu'
     assert env['MMPROJ_NUM_PROCESSES'] == '3' and env['MMPROJ_PROCESS_ID'] == str(i)
     host, port = env['MMPROJ_COORDINATOR'].split(':')
     assert host == '127.0.0.1' and port.isdigit()

@@ -45,17 +45,6 @@ PEAKS = {
 # ------------------------------------------------------------------------------------- counting traced programs
 
 
-def _sub_jaxprs(value: Any):
-  """The jaxprs held by one equation parameter (a jaxpr, a closed jaxpr, or a tuple of them)."""
-  if isinstance(value, jax_core.ClosedJaxpr):
-    yield value.jaxpr
-  elif isinstance(value, jax_core.Jaxpr):
-    yield value
-  elif isinstance(value, (tuple, list)):
-    for v in value:
-      yield from _sub_jaxprs(v)
-
-
 def _dot_general_flops(eqn) -> int:
   """2 * prod(lhs shape) * prod(rhs dims that are neither contracted nor batch)."""
   lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
@@ -72,8 +61,7 @@ def _taps(out_size: int, kernel: int, in_size: int, stride: int, pad_lo: int, lh
 
 
 def _conv_flops(eqn) -> int:
-  """2 * output batch * output features * input features per group * the taps that read real input (padding
-  taps are not counted, as XLA's cost analysis does not count them)."""
+  """2 * output batch * output features * input features per group * taps reading real input (not padding)."""
   lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
   out = eqn.outvars[0].aval.shape
   p = eqn.params
@@ -99,7 +87,7 @@ def _jaxpr_flops(jaxpr) -> int:
     else:
       # scan runs its body `length` times; a while loop's trip count is unknown (counted once).
       repeat = int(eqn.params.get('length', 1)) if name == 'scan' else 1
-      total += repeat * sum(_jaxpr_flops(sub) for v in eqn.params.values() for sub in _sub_jaxprs(v))
+      total += repeat * sum(_jaxpr_flops(sub) for sub in jax_core.jaxprs_in_params(eqn.params))
   return total
 
 
@@ -220,17 +208,12 @@ def step_flops(cfg, *, labels: Any) -> dict[str, Any]:
   return out
 
 
-def _unit(value: float) -> tuple[str, float]:
-  for name, scale in (('PFLOP', 1e15), ('TFLOP', 1e12), ('GFLOP', 1e9), ('MFLOP', 1e6)):
-    if value >= scale:
-      return name, scale
-  return 'FLOP', 1.0
-
-
 def format_flops_summary(f: dict[str, Any]) -> str:
   """A few lines for the start-up log from a step_flops result: FLOPs per step by part (forward / backward /
   recompute), tokens per step, FLOPs per token."""
-  name, scale = _unit(f['total'])
+  name, scale = next((n, x) for n, x in (('PFLOP', 1e15), ('TFLOP', 1e12), ('GFLOP', 1e9), ('MFLOP', 1e6),
+                                         ('FLOP', 0)) if f['total'] >= x)
+  scale = scale or 1.0
   lines = [f'Matmul FLOPs per step: {f["total"] / scale:.4g} {name} (batch {f["batch_size"]}, {f["seq_len"]} '
            f'tokens/row, {f["tokens"]:,} tokens, {f["images"]:,} images) = {f["flops_per_token"] / 1e9:.4g} '
            'GFLOP/token']
