@@ -57,7 +57,8 @@ class Options:
   (median reported); warmup: untimed calls first (compile, allocator warm-up); only: run only the rows (or
   sections) whose name contains this string; threads: CPU threads both frameworks use; profile: trace the rows
   that miss a goal (per-op time split) for the report; data_dir: where the pipeline section builds or finds its
-  data sets (None: the quickstart config's data_dir for the full run, a temporary directory for --quick)."""
+  data sets (None: the quickstart config's data_dir for the full run, a temporary directory for --quick);
+  settings: the kernel settings (SETTINGS) ours runs under in this process."""
   quick: bool = False
   iters: int = 5
   warmup: int = 1
@@ -66,6 +67,7 @@ class Options:
   profile: bool = True
   data_dir: str | None = None
   log: Callable[[str], None] = print
+  settings: tuple[str, ...] = tuple(SETTINGS)   # the kernel settings of ours measured here (a child: one)
 
   def wants(self, name: str) -> bool:
     """Does --only select `name` (a row name like 'projectors/llava_mlp', or a section name)?"""
@@ -115,6 +117,41 @@ class Section:
   def from_json(cls, d: dict[str, Any]) -> 'Section':
     return cls(d['name'], d['title'], list(d['columns']), [Row.from_json(r) for r in d['rows']], list(d['intro']),
                list(d['notes']), float(d['seconds']))
+
+
+def merge_settings(rows: list[Row]) -> Row:
+  """One row from the rows of one case measured with one kernel setting per process, each against its own torch
+  calls (benchmarks/__main__.py says why): per-setting cells from their own row, shared cells (torch, peaks)
+  from the goal setting's, parity and spread joined in SETTINGS order, goals and notes without repeats."""
+  rows = sorted(rows, key=lambda r: r.values.get(f'ratio {GOAL_SETTING}') is None)    # the goal setting's first
+  merged = Row(rows[0].name, dict(rows[0].values), list(rows[0].goals), list(rows[0].notes))
+  for row in rows[1:]:
+    for key, value in row.values.items():
+      merged.values.setdefault(key, value)
+    merged.goals += [g for g in row.goals if g[0] not in {m[0] for m in merged.goals}]
+    merged.notes += [n for n in row.notes if n not in merged.notes]
+  for key in ('parity (fwd / grad)', 'spread (ours / torch)'):
+    parts = [r.values[key] for r in sorted(rows, key=lambda r: _setting_of(r)) if key in r.values]
+    if parts:
+      merged.values[key] = ', '.join(parts)
+  return merged
+
+
+def _setting_of(row: Row) -> int:
+  names = list(SETTINGS)
+  return next((i for i, k in enumerate(names) if f'ratio {k}' in row.values or f'{k} (ms)' in row.values),
+              len(names))
+
+
+def merge_sections(sections: list[Section]) -> Section:
+  """One section from the same section run once per kernel setting (in SETTINGS order): rows in that order,
+  notes without repeats, seconds summed."""
+  merged = Section(sections[0].name, sections[0].title, list(sections[0].columns), intro=list(sections[0].intro))
+  for sec in sections:
+    merged.rows += sec.rows
+    merged.notes += [n for n in sec.notes if n not in merged.notes]
+    merged.seconds += sec.seconds
+  return merged
 
 
 # ------------------------------------------------------------------------------------------------ timing

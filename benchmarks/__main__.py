@@ -17,8 +17,9 @@ runs under the same setting (it inherits the environment).
 Isolation. Unless --in-process (or --quick), every projector row, the train-step section and the pipeline section
 each run in a fresh child process (`--child`, same pinning and environment) that hands its rows back as JSON: a row
 that allocates gigabytes per call (the perceiver, the train step) then runs on a fresh heap instead of after
-every earlier row's arrays, executables and torch modules (the 2026-11-21 full run, all in one process: our train
-step 11.3 s; the same section run alone right after: 8.5 s). The train-step section also runs transformers' side
+every earlier row's arrays, executables and torch modules (BENCHMARKS.md's analysis has the figures). The projector
+rows and the train step go further: one process per kernel setting of ours, each timed interleaved with torch
+calls of its own, since two of our compiled programs alive in one process slow each other down (BENCHMARKS.md). The train-step section also runs transformers' side
 in a process of its own (benchmarks/train_step.py). The matmul and bandwidth peaks are measured once, in the
 parent.
 
@@ -164,6 +165,7 @@ def child_main(opts, job_path: str, step_iters: int) -> int:
   with open(job_path) as f:
     job = json.load(f)
   unit, peaks = job['unit'], job['peaks']
+  opts = dataclasses.replace(opts, settings=tuple(job.get('settings') or bench.SETTINGS))
   torch.set_num_threads(opts.threads)
   probe = bench.PeakProbe(opts.threads, size=256 if opts.quick else 1024)
   if unit.startswith('projectors/'):
@@ -211,8 +213,10 @@ def run_all(opts, *, step_iters: int, child_argv: list[str] | None = None) -> di
     from benchmarks import projectors
     opts.log('== projectors')
     start = time.perf_counter()
-    def row_in_child(name):
-      return bench.Row.from_json(run_in_child(f'projectors/{name}', {'peaks': peaks}, child_argv)['row'])
+    def row_in_child(name):      # one process per kernel setting (see the module docstring), rows merged
+      return bench.merge_settings([
+          bench.Row.from_json(run_in_child(f'projectors/{name}', {'peaks': peaks, 'settings': [k]},
+                                           child_argv)['row']) for k in bench.SETTINGS])
     sec = projectors.run(opts, peaks, probe, run_row=row_in_child if child_argv is not None else None)
     sec.seconds = time.perf_counter() - start
     opts.log(f'  projectors: {sec.seconds:.0f} s')
@@ -224,7 +228,9 @@ def run_all(opts, *, step_iters: int, child_argv: list[str] | None = None) -> di
     from benchmarks import train_step
     opts.log('== train step')
     if child_argv is not None:
-      sec = bench.Section.from_json(run_in_child('train_step', {'peaks': peaks}, child_argv)['section'])
+      sec = bench.merge_sections([
+          bench.Section.from_json(run_in_child('train_step', {'peaks': peaks, 'settings': [k]},
+                                               child_argv)['section']) for k in bench.SETTINGS])
     else:
       sec = train_step.run(dataclasses.replace(opts, iters=step_iters), peaks, probe)
     opts.log(f'  train step: {sec.seconds:.0f} s')
@@ -377,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.isolate or not (args.in_process or args.quick):
     child_argv = _child_argv(opts, step_iters)
   result = run_all(opts, step_iters=step_iters, child_argv=child_argv)
-  result['info']['isolation'] = ('each projector row and each other section in its own child process'
+  result['info']['isolation'] = ('each projector row and each other section in its own child process (the projector rows and the train step: one per kernel setting)'
                                  if child_argv is not None else 'all sections in one process')
   text = render(result, argv, opts, read_analysis(args.out))
   with open(args.out, 'w') as f:

@@ -180,6 +180,30 @@ def test_rows_and_sections_survive_json():
   assert math.isnan(back.rows[0].values['ours (ms)']) and back.rows[0].values['ratio'] == 1.5
 
 
+def test_rows_of_one_setting_per_process_merge_into_one():
+  """The full run measures each kernel setting in its own process: the rows merge into one, the goal setting's
+  shared cells and goals kept, the other setting's own cells added, parity and spread joined in SETTINGS order."""
+  other, goal = [k for k in bench.SETTINGS if k != bench.GOAL_SETTING][0], bench.GOAL_SETTING
+  a = bench.Row('projectors/x', {'projector': 'x', f'{other} (ms)': 10.0, f'ratio {other}': 0.5, 'torch (ms)': 5.0,
+                                 'parity (fwd / grad)': 'A', 'spread (ours / torch)': '1% / 2%'}, notes=['shared'])
+  b = bench.Row('projectors/x', {'projector': 'x', f'{goal} (ms)': 4.0, f'ratio {goal}': 1.25, 'torch (ms)': 5.0,
+                                 'parity (fwd / grad)': 'B', 'spread (ours / torch)': '3% / 4%'},
+                notes=['shared', 'profile'])
+  b.values['torch (ms)'] = 5.5
+  b.goal('>= 1.0x reference', 1.25, 1.0)
+  m = bench.merge_settings([a, b])
+  order = list(bench.SETTINGS)
+  assert m.values[f'{other} (ms)'] == 10.0 and m.values[f'ratio {goal}'] == 1.25
+  assert m.values['torch (ms)'] == 5.5 and m.goals == b.goals and m.notes == ['shared', 'profile']
+  parts = {other: ('A', '1% / 2%'), goal: ('B', '3% / 4%')}
+  assert m.values['parity (fwd / grad)'] == ', '.join(parts[k][0] for k in order)
+  assert m.values['spread (ours / torch)'] == ', '.join(parts[k][1] for k in order)
+  s1 = bench.Section('train_step', 'T', ['ratio'], [a], ['intro'], ['n1'], 2.0)
+  s2 = bench.Section('train_step', 'T', ['ratio'], [b], ['intro'], ['n1', 'n2'], 3.0)
+  sec = bench.merge_sections([s1, s2])
+  assert sec.rows == [a, b] and sec.notes == ['n1', 'n2'] and sec.seconds == 5.0 and sec.intro == ['intro']
+
+
 def test_diagnose_commands_measure_on_tiny_shapes():
   from benchmarks import diagnose
   forms = diagnose.matmul_forms(quick=True)
