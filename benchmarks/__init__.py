@@ -120,27 +120,19 @@ class Section:
 
 
 def merge_settings(rows: list[Row]) -> Row:
-  """One row from the rows of one case measured with one kernel setting per process, each against its own torch
-  calls (benchmarks/__main__.py says why): per-setting cells from their own row, shared cells (torch, peaks)
-  from the goal setting's, parity and spread joined in SETTINGS order, goals and notes without repeats."""
-  rows = sorted(rows, key=lambda r: r.values.get(f'ratio {GOAL_SETTING}') is None)    # the goal setting's first
-  merged = Row(rows[0].name, dict(rows[0].values), list(rows[0].goals), list(rows[0].notes))
-  for row in rows[1:]:
+  """One row from the rows (in SETTINGS order) of one case measured with one kernel setting per process, each
+  against its own torch calls (benchmarks/__main__.py says why): per-setting cells from their own row, shared
+  cells (torch, peaks) and goals from the goal setting's, parity and spread joined, notes without repeats."""
+  goal = rows[list(SETTINGS).index(GOAL_SETTING)]
+  merged = Row(goal.name, dict(goal.values), list(goal.goals), list(goal.notes))
+  for row in rows:
     for key, value in row.values.items():
       merged.values.setdefault(key, value)
-    merged.goals += [g for g in row.goals if g[0] not in {m[0] for m in merged.goals}]
+    merged.goals += [g for g in row.goals if g not in merged.goals]
     merged.notes += [n for n in row.notes if n not in merged.notes]
   for key in ('parity (fwd / grad)', 'spread (ours / torch)'):
-    parts = [r.values[key] for r in sorted(rows, key=lambda r: _setting_of(r)) if key in r.values]
-    if parts:
-      merged.values[key] = ', '.join(parts)
+    merged.values[key] = ', '.join(r.values[key] for r in rows if key in r.values)
   return merged
-
-
-def _setting_of(row: Row) -> int:
-  names = list(SETTINGS)
-  return next((i for i, k in enumerate(names) if f'ratio {k}' in row.values or f'{k} (ms)' in row.values),
-              len(names))
 
 
 def merge_sections(sections: list[Section]) -> Section:
