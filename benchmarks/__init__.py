@@ -386,6 +386,11 @@ def _op_class(name: str, matmuls: set[str]) -> str:
   return 'elementwise/other'
 
 
+# Threads of XLA's CPU runtime whose trace lines hold the executed thunks: the client's and Eigen pool's (jax 0.10),
+# and the execute pool's (jax 0.12).
+CPU_RUNTIME_THREADS = ('XLAPjRtCpuClient', 'XLAEigen', 'XLAExecute')
+
+
 def profile_jax(run: Callable[[], Any], hlo_text: str, *, calls: int = 2,
                 flops: float | None = None) -> dict[str, Any]:
   """Runs `run()` (one blocking call of a jitted function) `calls` times under jax.profiler.trace and splits the
@@ -416,7 +421,7 @@ def profile_jax(run: Callable[[], Any], hlo_text: str, *, calls: int = 2,
   if data is not None:
     for plane in data.planes:
       for line in plane.lines:
-        if 'XLAPjRtCpuClient' not in line.name and 'XLAEigen' not in line.name:
+        if not any(pool in line.name for pool in CPU_RUNTIME_THREADS):
           continue
         for ev in line.events:
           if ev.name.startswith('end: ') or '::' in ev.name:

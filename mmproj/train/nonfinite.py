@@ -69,7 +69,7 @@ class Guard:
       self.seen = nonfinite_steps
 
   def stop_if_halted(self, state: TrainState, manager, save: Callable[[int, TrainState], None],
-                     close: Callable[[], None], where: str) -> None:
+                     where: str) -> None:
     """'stop' mode, at a log or save point: when the state halted, saves the last good step (unless a checkpoint
     of it exists) with the data position before the bad batch and no pending metrics, then raises."""
     if not self.stop:
@@ -85,7 +85,6 @@ class Guard:
       save(good, state)
       manager.wait_until_finished()
       saved = True
-    close()
     at = f'{where}/{good}' if saved else 'nowhere (no step was good)'
     raise NonFiniteError(f'{self.name}non-finite loss or gradients at step {halted_at} (train.on_nonfinite=stop): '
                          f'no update applied from there; the last good state (step {good}) is saved in {at}')

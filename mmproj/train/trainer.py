@@ -148,28 +148,30 @@ def train(cfg, workdir: str, *, name: str = '') -> TrainResult:
     manager.close()
     writer.close()
 
-  with jax.set_mesh(s.mesh):
-    local = guard.next_batch(start + 1)
-    step_fn = make_train_step(s).lower(state, global_batch(s, local), base_rng).compile()   # ahead of time, once
-    log(f'{flops_lib.format_flops_summary(flops)}\n{name}peak: {peak_source}\n'
-        f'{name}{memory_lib.format_compiled_memory(step_fn)}')
-    t_start = time.time()
-    interval.start()
-    for step in range(start + 1, total + 1):
-      if step > start + 1:
-        local = guard.next_batch(step)
-      state, metrics = step_fn(state, global_batch(s, local), base_rng)
-      interval.add(metrics, local)
-      log_now, save_now = step % log_every == 0 or step == total, step % save_every == 0 or step == total
-      if log_now or save_now:
-        guard.stop_if_halted(state, manager, save_last_good, close, ckpt_lib.checkpoint_dir(workdir))
-      if log_now:
-        record = interval.record(step)
-        writer.write(step, record)
-        guard.warn(step, int(record['nonfinite_steps']))
-      if save_now:
-        save(step, state)
-  close()
+  try:   # on an error too (a bad record, a NaN stop): pending saves finish and the files close
+    with jax.set_mesh(s.mesh):
+      local = guard.next_batch(start + 1)
+      step_fn = make_train_step(s).lower(state, global_batch(s, local), base_rng).compile()   # ahead of time, once
+      log(f'{flops_lib.format_flops_summary(flops)}\n{name}peak: {peak_source}\n'
+          f'{name}{memory_lib.format_compiled_memory(step_fn)}')
+      t_start = time.time()
+      interval.start()
+      for step in range(start + 1, total + 1):
+        if step > start + 1:
+          local = guard.next_batch(step)
+        state, metrics = step_fn(state, global_batch(s, local), base_rng)
+        interval.add(metrics, local)
+        log_now, save_now = step % log_every == 0 or step == total, step % save_every == 0 or step == total
+        if log_now or save_now:
+          guard.stop_if_halted(state, manager, save_last_good, ckpt_lib.checkpoint_dir(workdir))
+        if log_now:
+          record = interval.record(step)
+          writer.write(step, record)
+          guard.warn(step, int(record['nonfinite_steps']))
+        if save_now:
+          save(step, state)
+  finally:
+    close()
   return TrainResult(s, state, tokenizer, seconds_before + time.time() - t_start, latest)
 
 
