@@ -17,11 +17,11 @@ runs under the same setting (it inherits the environment).
 Isolation. Unless --in-process (or --quick), every projector row, the train-step section and the pipeline section
 each run in a fresh child process (`--child`, same pinning and environment) that hands its rows back as JSON: a row
 that allocates gigabytes per call (the perceiver, the train step) then runs on a fresh heap instead of after
-every earlier row's arrays, executables and torch modules (BENCHMARKS.md's analysis has the figures). The projector
-rows and the train step go further: one process per kernel setting of ours, each timed interleaved with torch
-calls of its own, since two of our compiled programs alive in one process slow each other down (BENCHMARKS.md). The train-step section also runs transformers' side
-in a process of its own (benchmarks/train_step.py). The matmul and bandwidth peaks are measured once, in the
-parent.
+every earlier row's arrays, executables and torch modules (BENCHMARKS.md's analysis has the figures). The
+projector rows and the train step go further: one process per kernel setting of ours, each timed interleaved with
+torch calls of its own, since two of our compiled programs alive in one process slow each other down
+(BENCHMARKS.md). The train-step section also runs transformers' side in a process of its own
+(benchmarks/train_step.py). The matmul and bandwidth peaks are measured once, in the parent.
 
 The report keeps a hand-written block between `<!-- analysis -->` and `<!-- /analysis -->` of an existing output
 file (it is copied into the new report), so an interpretation written after a run survives re-runs.
@@ -383,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.isolate or not (args.in_process or args.quick):
     child_argv = _child_argv(opts, step_iters)
   result = run_all(opts, step_iters=step_iters, child_argv=child_argv)
-  result['info']['isolation'] = ('each projector row and each other section in its own child process (the projector rows and the train step: one per kernel setting)'
+  result['info']['isolation'] = ('each projector row and each other section in its own child process (the '
+                                  'projector rows and the train step: one per kernel setting)'
                                  if child_argv is not None else 'all sections in one process')
   text = render(result, argv, opts, read_analysis(args.out))
   with open(args.out, 'w') as f:

@@ -114,8 +114,8 @@ def make_batch(z: dict[str, Any], num_image_tokens: int, image_mean, image_std) 
 
 def prepare(z: dict[str, Any], settings: tuple[str, ...] = tuple(SETTINGS)):
   """-> ({setting: setup}, params, ours_batch, theirs_batch): ours' experiment on the weights of build_hf(z),
-  converted, under each kernel setting of `settings`; the HF model itself is dropped (theirs is rebuilt from the same seed where
-  it runs)."""
+  converted, under each kernel setting of `settings`; the HF model itself is dropped (theirs is rebuilt from the
+  same seed where it runs)."""
   import jax
   import jax.numpy as jnp
 
@@ -257,7 +257,8 @@ def _measure(opts, peaks, probe, section, worker, *, z, setups, params, ours_bat
   s = next(iter(setups.values()))
   seq, n_img = s.seq_len, s.num_image_tokens
   tokens_per_step = z['batch'] * seq
-  executed = float(flops_lib.step_flops(s.cfg, labels=s.labels)['total'])   # the same under every setting
+  # Per setting: query_blocks attention computes fewer score FLOPs than xla's.
+  executed = {k: float(flops_lib.step_flops(sk.cfg, labels=sk.labels)['total']) for k, sk in setups.items()}
   steps, execs, losses = {}, {}, {}
   for k, sk in setups.items():
     with jax.set_mesh(sk.mesh):
@@ -290,7 +291,8 @@ def _measure(opts, peaks, probe, section, worker, *, z, setups, params, ours_bat
       row.goal('>= 1.5x tokens/s of transformers', math.nan, GOAL_SPEEDUP)
     section.rows.extend(rows.values())
     return section
-  opts.log(f'  setup {time.perf_counter() - t_start:.0f} s; matmul FLOPs per step {flop_str(executed)}')
+  opts.log(f'  setup {time.perf_counter() - t_start:.0f} s; matmul FLOPs per step ' +
+           ', '.join(f'{k} {flop_str(v)}' for k, v in executed.items()))
   fns = [(f'ours {k}', steps[k]) for k in setups] + [('theirs', lambda: worker.call('step'))]
   if probe is not None:
     probe.reset()
@@ -301,10 +303,10 @@ def _measure(opts, peaks, probe, section, worker, *, z, setups, params, ours_bat
     peaks = dict(peaks, xla_f32=probe.xla(peaks['xla_f32']), torch_f32=probe.torch(peaks['torch_f32']))
   for k, row in rows.items():
     t_ours = median(times[f'ours {k}'])
-    gflops = executed / t_ours / 1e9
+    gflops = executed[k] / t_ours / 1e9
     row.values.update({'ours (s)': t_ours, 'theirs (s)': t_theirs, 'ours tok/s': tokens_per_step / t_ours,
                        'theirs tok/s': tokens_per_step / t_theirs, 'ratio': ratio(t_theirs, t_ours),
-                       'ours matmul TFLOP': executed / 1e12, 'ours GFLOP/s': gflops,
+                       'ours matmul TFLOP': executed[k] / 1e12, 'ours GFLOP/s': gflops,
                        'XLA peak GFLOP/s': peaks['xla_f32'] / 1e9, 'roofline': gflops * 1e9 / peaks['xla_f32'],
                        'spread (ours / theirs)': f'{spread(times[f"ours {k}"]):.0%} / {spread(times["theirs"]):.0%}'})
     first_ours, first_theirs = median(times[f'ours {k} [first]']), median(times['theirs [first]'])
@@ -319,8 +321,9 @@ def _measure(opts, peaks, probe, section, worker, *, z, setups, params, ours_bat
       'theirs = `LlavaForConditionalGeneration` (sdpa attention) with the vision tower and LM at requires_grad=False, '
       'AdamW + clip_grad_norm_(1.0) on the projector; ours = `trainer.setup` + `trainer.make_train_step` of '
       'configs/llava15_stage1.py (model replaced by the converted HF one, f32; model.kernels per row: xla, the '
-      'default, and cpu-tuned, in the full run each in its own process with theirs timed again beside it), same weights (converted with `mmproj.convert.llava`), same batch; the loss of both '
-      'agrees before timing (column loss). ratio = theirs time / ours time = ours tokens/s / theirs tokens/s.')
+      'default, and cpu-tuned, in the full run each in its own process with theirs timed again beside it), same '
+      'weights (converted with `mmproj.convert.llava`), same batch; the loss of both agrees before timing '
+      '(column loss). ratio = theirs time / ours time = ours tokens/s / theirs tokens/s.')
   for k, e in execs.items():
     rows[k].notes.append(f'XLA\'s cost analysis of this compiled step: {flop_str(xla_cost(e, "flops"))}')
   section.notes.append(
@@ -333,12 +336,12 @@ def _measure(opts, peaks, probe, section, worker, *, z, setups, params, ours_bat
   if goal_row is not None and opts.profile and not all(g[3] for g in goal_row.goals):
     try:
       t_ours = goal_row.values['ours (s)']
-      t_mm = executed / peaks['xla_f32']
+      t_mm = executed[GOAL_SETTING] / peaks['xla_f32']
       goal_row.notes.append(f'bounds: the step\'s matmul FLOPs at the XLA peak take {t_mm:.2f} s '
                             f'({t_mm / t_ours:.0%} of ours)')
       with jax.set_mesh(s.mesh):
         goal_row.notes.append(format_profile(profile_jax(steps[GOAL_SETTING], execs[GOAL_SETTING].as_text(),
-                                                         calls=1, flops=executed), 'ours'))
+                                                         calls=1, flops=executed[GOAL_SETTING]), 'ours'))
       goal_row.notes.append(format_profile(worker.call('profile'), 'theirs'))
     except Exception as e:  # pylint: disable=broad-except
       goal_row.notes.append(f'profile failed: {type(e).__name__}: {e}')
