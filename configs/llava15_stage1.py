@@ -6,7 +6,8 @@ Instruction Tuning"): 1 epoch = 2180 steps at batch 256, lr 1e-3, cosine with 3%
 
 Arguments (key=value, comma-separated; defaults under ~/models and ~/data): vision, lm (HF directories with
 config.json + safetensors), tokenizer (a tokenizer.json holding <image>), json + images (LLaVA-format data),
-data_dir (where the TFDS build goes), text_len, dtype, steps, batch, lr, save_every, log_every.
+data_dir (where the TFDS build goes), text_len, dtype (compute), frozen_dtype (storage of the frozen towers: here
+CLIP and the LM), steps, batch, lr, save_every, log_every.
 The model's sizes come from the HF directories' config.json; without them the config describes LLaVA-1.5-7B.
 Then stage 2: configs/llava15_stage2.py.
 """

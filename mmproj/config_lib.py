@@ -21,14 +21,16 @@ VARIANTS = ('', 'smoke')  # '' = the full CPU budget; 'smoke' = tiny data and st
 
 
 def model_config(*, lm: dict, encoder: dict | None = None, projector: dict | None = None, image_token_id: int = 0,
-                 use_image: bool = True, dtype: str = 'float32', remat: str = 'none',
-                 kernels: dict | None = None) -> mlc.ConfigDict:
+                 use_image: bool = True, dtype: str = 'float32', param_dtype: dict | None = None,
+                 remat: str = 'none', kernels: dict | None = None) -> mlc.ConfigDict:
   """cfg.model with every model-level field; the one place they default. The towers' own fields default in their
   modules (mmproj/encoders/vit.py ViT, mmproj/lm/llama.py Llama); their memory levers are added here:
   scan_layers=False and remat=None (= model.remat).
 
     use_image       False: the blind baseline (LM only, no encoder or projector)
-    dtype           compute dtype, 'float32' | 'bfloat16' (params stay float32)
+    dtype           compute dtype, 'float32' | 'bfloat16'
+    param_dtype     {'encoder', 'projector', 'lm'}: the dtype each tower's params are stored in, 'float32' or, for
+                    a frozen tower, 'bfloat16' (half the memory; trained params and optimizer state stay float32)
     remat           'none' | 'dots' | 'minimal' | 'full' for both towers (mmproj/layers/scan.py)
     kernels         {'dense', 'attention'}: implementations (mmproj/layers/kernels.py); 'auto' = plain XLA, or
                     cuDNN attention on a GPU in bf16
@@ -38,6 +40,7 @@ def model_config(*, lm: dict, encoder: dict | None = None, projector: dict | Non
   c.use_image = use_image
   c.image_token_id = image_token_id
   c.dtype = dtype
+  c.param_dtype = {'encoder': 'float32', 'projector': 'float32', 'lm': 'float32', **(param_dtype or {})}
   c.remat = remat
   c.kernels = {'dense': 'auto', 'attention': 'auto', **(kernels or {})}
   c.lm = {**levers, **lm}
@@ -146,8 +149,8 @@ def llava15_experiment(arg: str, *, stage: int, name: str, size: str = '7b', fsd
                     steps=5198, batch=128, lr=2e-5, projector='runs/llava15_stage1')
   a = parse_arg(arg, where, vision='~/models/clip-vit-large-patch14-336', lm=f'~/models/vicuna-{size}-v1.5',
                 tokenizer='~/models/llava-1.5-7b-hf/tokenizer.json', data_dir='~/.cache/mmproj/data',
-                text_len=1472, dtype='bfloat16', save_every=500, log_every=10, fsdp=fsdp, tensor=1,
-                scan=int(scan), remat=remat, **defaults)
+                text_len=1472, dtype='bfloat16', frozen_dtype='bfloat16', save_every=500, log_every=10, fsdp=fsdp,
+                tensor=1, scan=int(scan), remat=remat, **defaults)
   encoder = dict(CLIP_L14_336, scan_layers=bool(a.scan))
   lm = dict({'7b': VICUNA_7B, '13b': VICUNA_13B}[size], scan_layers=bool(a.scan))
 
@@ -163,8 +166,10 @@ def llava15_experiment(arg: str, *, stage: int, name: str, size: str = '7b', fsd
                 image_aspect='crop' if stage == 1 else 'pad',
                 overflow='truncate', image_token='<image>', bos_token='<s>', eos_token='</s>', worker_count=0,
                 bad_records='error')  # malformed entry / undecodable image: 'error' | 'skip' (counted)
+  # The frozen towers are stored in frozen_dtype (stage 1: CLIP and the LM; stage 2: CLIP), the trained ones in f32.
   c.model = model_config(image_token_id=LLAVA_IMAGE_TOKEN_ID, dtype=a.dtype, remat=a.remat, encoder=encoder, lm=lm,
-                         projector=dict(name='mlp', depth=2, act='gelu', use_bias=True))
+                         projector=dict(name='mlp', depth=2, act='gelu', use_bias=True),
+                         param_dtype=dict(encoder=a.frozen_dtype, lm=a.frozen_dtype if stage == 1 else 'float32'))
   # The images are prepared at the tower's size, padded with its mean colour (references: they follow the encoder).
   c.data.image_size = c.model.encoder.get_ref('image_size')
   c.data.image_mean = c.model.encoder.get_ref('image_mean')

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import jax
+from etils import epath
 
 from mmproj.data import shapes
 from mmproj.eval import vqa
-from mmproj.train import trainer
+from mmproj.train import paths, trainer
 
 
 def blind_config(cfg):
@@ -48,16 +48,20 @@ def format_table(results: dict) -> str:
 
 
 def _last_metrics(workdir: str) -> dict:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
+  path = epath.Path(paths.join(workdir, 'metrics.jsonl'))
+  lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
   return json.loads(lines[-1]) if lines else {}
 
 
+def _write_results(workdir: str, results: dict) -> str:
+  path = paths.join(workdir, 'results.json')
+  clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()}
+  paths.write_text(path, json.dumps(clean, indent=2))
+  return path
+
+
 def run(cfg, workdir: str) -> dict:
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = paths.resolve(workdir)          # a local directory or a URL (gs://bucket/run): mmproj/train/paths.py
   baseline = str(cfg.baseline or '').lower()
   if baseline not in ('blind', '', 'none'):
     raise ValueError(f'baseline={cfg.baseline!r}: the only baseline is "blind" ("" or "none" for no baseline)')
@@ -68,23 +72,21 @@ def run(cfg, workdir: str) -> dict:
     results = {'steps': int(cfg.train.steps), 'train_seconds': round(main.train_seconds, 1),
                'last_metrics': _last_metrics(workdir)}
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=2)
+      path = _write_results(workdir, results)
       print(f'trained {results["steps"]} steps in {results["train_seconds"]:.0f}s; last log: '
-            f'{results["last_metrics"]}\nresults: {os.path.join(workdir, "results.json")}', flush=True)
+            f'{results["last_metrics"]}\nresults: {path}', flush=True)
     return results
   main = trainer.train(cfg, workdir, name='[image] ' if baseline == 'blind' else '')
   accuracy, cap_loss = _evaluate(main, cfg)
   results = {'vqa_accuracy': accuracy, 'caption_loss': cap_loss, 'steps': int(cfg.train.steps),
              'train_seconds': round(main.train_seconds, 1)}
   if baseline == 'blind':
-    blind = trainer.train(blind_config(cfg), os.path.join(workdir, 'blind'), name='[blind] ')
+    blind = trainer.train(blind_config(cfg), paths.join(workdir, 'blind'), name='[blind] ')
     blind_accuracy, blind_loss = _evaluate(blind, cfg)
     results.update(blind_vqa_accuracy=blind_accuracy, blind_caption_loss=blind_loss,
                    blind_train_seconds=round(blind.train_seconds, 1))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()}, f, indent=2)
+    path = _write_results(workdir, results)
     print(format_table(results), flush=True)
-    print(f'results: {os.path.join(workdir, "results.json")}', flush=True)
+    print(f'results: {path}', flush=True)
   return results

@@ -6,7 +6,8 @@
 
 Shapes are static: the data pipeline writes exactly M = num_image_tokens(cfg.model) placeholders per row (anywhere
 in the row; left padding is fine). Params: {'encoder', 'projector', 'lm'} ('lm' only for the blind baseline,
-use_image=False). Params are float32; compute runs in cfg.model.dtype; logits come back float32.
+use_image=False), stored in cfg.model.param_dtype.<tower> (float32; a frozen tower may be stored in bfloat16);
+compute runs in cfg.model.dtype; logits come back float32.
 With encoder_trainable=False the encoder output goes through stop_gradient, so no backward pass runs through it.
 
 A projector that declares `injects_into_lm = True` (gated_xattn, Flamingo) is wired differently: nothing is merged.
@@ -34,6 +35,27 @@ from mmproj.lm import build_lm
 from mmproj.layers.partitioning import constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+TOWERS = ('encoder', 'projector', 'lm')   # the top-level keys of the params
+
+
+def param_dtypes(cfg_model: Any) -> dict[str, Any]:
+  """{tower: the dtype its parameters are stored in}: cfg.model.param_dtype (float32 for a tower it does not
+  name, e.g. in a run saved before the field existed). A layer computes in model.dtype whatever its parameters are
+  stored in, so storing a frozen tower in bfloat16 halves its memory and changes nothing else; trained
+  parameters stay float32, as do their gradients and optimizer state (mmproj/train/state.py checks)."""
+  stored = dict(cfg_model.get('param_dtype') or {})
+  return {tower: DTYPES[stored.get(tower, 'float32')] for tower in TOWERS}
+
+
+def cast_params(params: dict, cfg_model: Any) -> dict:
+  """params (arrays or ShapeDtypeStructs, under jit or eval_shape) with each tower's floating leaves in its
+  storage dtype (param_dtypes)."""
+  dtypes = param_dtypes(cfg_model)
+
+  def cast(dtype):
+    return lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
+
+  return {k: jax.tree.map(cast(dtypes[k]), v) if k in dtypes else v for k, v in params.items()}
 
 
 def _frozen(cfg: Any) -> ml_collections.FrozenConfigDict:
@@ -53,6 +75,11 @@ def validate(cfg_model: Any) -> None:
   c = cfg_model
   if c.dtype not in DTYPES:
     raise ValueError(f'model.dtype={c.dtype!r} is not one of {sorted(DTYPES)}')
+  for tower, dtype in dict(c.get('param_dtype') or {}).items():
+    if tower not in TOWERS:
+      raise ValueError(f'model.param_dtype.{tower}: unknown tower; known: {list(TOWERS)}')
+    if dtype not in DTYPES:
+      raise ValueError(f'model.param_dtype.{tower}={dtype!r} is not one of {sorted(DTYPES)}')
   check_remat(c.remat, 'model.remat')                                  # mmproj/layers/scan.py
   kernels_lib.resolve(c.kernels, 'cpu', c.dtype)                       # ValueError naming model.kernels.*
 

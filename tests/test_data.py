@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from experiment_utils import load_config
 from mmproj.data import pipeline, shapes
 from mmproj.data import tokenizer as tokenizer_lib
 
@@ -385,3 +386,12 @@ def test_prepare_is_noop_second_time_and_killed_builds_never_read_complete(world
   assert shapes.is_prepared(fresh) and not stale.exists()
   assert len(shapes.data_source(fresh, 'train')) == NUM_TRAIN and tokenizer_lib.vocab_size(tok) == shapes.VOCAB_SIZE
 
+
+
+def test_a_url_data_dir_is_refused_naming_the_field():
+  """array_record reads and writes local files only: data.data_dir='gs://...' fails before anything is built (a
+  workdir may be a URL; the data dir may not)."""
+  cfg = load_config('configs/quickstart.py', 'smoke')
+  cfg.data.data_dir = 'gs://bucket/data'
+  with pytest.raises(ValueError, match=r"data.data_dir='gs://bucket/data': the data dir must be a local path"):
+    shapes.prepare(cfg.data)

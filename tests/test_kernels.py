@@ -38,7 +38,7 @@ def attention_case(t: int = 360):
   return q, k, v, w, mask
 
 
-@pytest.mark.parametrize('kernel', ['xla', 'query_blocks'])
+@pytest.mark.parametrize('kernel', ['xla', 'query_blocks', 'cudnn'])   # 'cudnn' with f32 inputs: its 'xla' path
 @pytest.mark.parametrize('causal', [True, False])
 def test_attention_kernels_equal_the_reference(kernel, causal):
   assert causal_query_blocks(360) == [(0, 180), (180, 360)]               # 'query_blocks' runs 2 blocks here
@@ -77,6 +77,25 @@ def test_cudnn_attention_needs_a_gpu():
   with kernels.use(kernels.Kernels(attention='cudnn')), pytest.raises(Exception):
     jax.block_until_ready(dot_product_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
                                                 v.astype(jnp.bfloat16), mask))
+
+
+def test_cudnn_takes_only_the_shapes_cudnn_runs():
+  """The 'cudnn' kernel hands cuDNN bf16/fp16 calls with a head dim that is a multiple of 8 up to 128 (and even
+  lengths under a mask); anything else goes to the 'xla' path instead of failing on the GPU."""
+  from mmproj.layers.attention import cudnn_takes
+  bf16 = jnp.bfloat16
+
+  def case(t, s, dh, dtype=bf16):
+    return jnp.zeros((1, t, 4, dh), dtype), jnp.zeros((1, s, 2, dh), dtype)
+  assert cudnn_takes(*case(16, 16, 64), masked=True)
+  assert cudnn_takes(*case(15, 17, 128), masked=False)
+  assert not cudnn_takes(*case(15, 16, 64), masked=True)           # odd length with a mask (bias)
+  assert not cudnn_takes(*case(16, 16, 12), masked=False)          # head dim not a multiple of 8
+  assert not cudnn_takes(*case(16, 16, 256), masked=False)         # above 128
+  assert not cudnn_takes(*case(16, 16, 64, jnp.float32), masked=False)
+  q, k, v, _, mask = attention_case(16)                            # dh 8, f32: runs as 'xla' under 'cudnn'
+  with kernels.use(kernels.Kernels(attention='cudnn')):
+    np.testing.assert_allclose(dot_product_attention(q, k, v, mask), reference_attention(q, k, v, mask), atol=1e-5)
 
 
 def _model_loss_and_grads(cfg_model, chosen: kernels.Kernels, batch):

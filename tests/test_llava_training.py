@@ -57,6 +57,10 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
+def _bf16(tree):
+  return jax.tree.map(lambda x: np.asarray(x).astype(jax.numpy.bfloat16), tree)
+
+
 def _changed(a, b):
   fa, fb = _flat(a), _flat(b)
   return {k for k in fa if not np.array_equal(fa[k], fb[k])}
@@ -74,22 +78,25 @@ def test_stage1_then_stage2(parts, tmp_path):
   r1 = trainer.train(cfg1, str(s1))
   p1 = r1.state.params
 
-  # Stage 1: the CLIP tower and the LM are exactly the released weights; only the projector trained.
+  # Stage 1: the CLIP tower and the LM are exactly the released weights, stored in bf16 (frozen_dtype); only the
+  # projector trained, in f32.
+  assert dict(cfg1.model.param_dtype) == {'encoder': 'bfloat16', 'projector': 'float32', 'lm': 'bfloat16'}
   _, clip_params = vision.load_vision_tower(parts['vision'], output_layer=-2)
-  _assert_same(p1['encoder'], clip_params)
+  _assert_same(p1['encoder'], _bf16(clip_params))
   _, lm_params = load_lm(parts['lm'])
   lm_loaded = pretrained.load(cfg1)['lm']
   _assert_same({k: v for k, v in p1['lm'].items() if k not in ('embed_tokens', 'lm_head')},
-               {k: v for k, v in lm_params.items() if k not in ('embed_tokens', 'lm_head')})
+               _bf16({k: v for k, v in lm_params.items() if k not in ('embed_tokens', 'lm_head')}))
   v0 = lm_params['embed_tokens']['embedding'].shape[0]
   assert v0 == 250
   for name, table, axis in (('embed_tokens', 'embedding', 0), ('lm_head', 'kernel', 1)):
     ours, theirs = np.asarray(p1['lm'][name][table]), lm_params[name][table]
-    np.testing.assert_array_equal(np.take(ours, np.arange(v0), axis), theirs)        # the checkpoint's rows
-    new_rows = np.take(ours, np.arange(v0, 256), axis)                                # rows added: their mean
+    np.testing.assert_array_equal(np.take(ours, np.arange(v0), axis), _bf16(theirs))  # the checkpoint's rows
+    new_rows = np.take(ours, np.arange(v0, 256), axis).astype(np.float32)             # rows added: their mean
     np.testing.assert_allclose(new_rows, np.broadcast_to(theirs.mean(axis, keepdims=True), new_rows.shape),
-                               rtol=1e-6)
-  _assert_same(p1['lm'], lm_loaded)
+                               rtol=2 ** -8)
+  _assert_same(p1['lm'], _bf16(lm_loaded))
+  assert {x.dtype for x in jax.tree.leaves(p1['projector'])} == {np.dtype('float32')}
   fresh = trainer.init_state(trainer.setup(cfg1), 0).params
   assert _changed(fresh['projector'], p1['projector']) == set(_flat(p1['projector']))
 
@@ -99,7 +106,8 @@ def test_stage1_then_stage2(parts, tmp_path):
   _assert_same(pretrained.load(cfg2)['projector'], p1['projector'])
   s2 = tmp_path / 'stage2'
   p2 = trainer.train(cfg2, str(s2)).state.params
-  _assert_same(p2['encoder'], clip_params)
+  _assert_same(p2['encoder'], _bf16(clip_params))
+  assert {x.dtype for x in jax.tree.leaves(p2['lm'])} == {np.dtype('float32')}        # trained: stored in f32
   assert _changed(p1['projector'], p2['projector']) and _changed(p1['lm'], p2['lm'])
   losses = [line for line in (s2 / 'metrics.jsonl').read_text().splitlines()]
   assert len(losses) == 2 and all('"loss"' in line for line in losses)

@@ -120,7 +120,7 @@ def _path_field(data_cfg: Any, key: str) -> str:
   value = config_value(data_cfg, key)
   if not value:
     raise ValueError(f'data.{key}: must be set')
-  return os.path.abspath(os.path.expanduser(os.fspath(value)))
+  return shapes.local_dir(f'data.{key}', value)
 
 
 def _check_name(data_cfg: Any) -> None:

@@ -367,11 +367,21 @@ class _QuietCustomConfig(logging.Filter):
 logging.getLogger('absl').addFilter(_QuietCustomConfig())
 
 
+def local_dir(field: str, value: Any) -> str:
+  """A data directory as an absolute local path. A URL (gs://...) is refused, naming the field: array_record
+  writes and reads its files through local file descriptors (workdirs may be URLs: mmproj/train/paths.py)."""
+  value = os.fspath(value)
+  if '://' in value:
+    raise ValueError(f'{field}={value!r}: the data dir must be a local path (or a gcsfuse mount of the bucket): '
+                     'array_record writes and reads its files through local file descriptors')
+  return os.path.abspath(os.path.expanduser(value))
+
+
 def _root(data_cfg: Any) -> str:
   data_dir = get_field(data_cfg, 'data_dir', None)
   if not data_dir:
     raise ValueError('data.data_dir: must be set (where the shapes world is built)')
-  return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+  return local_dir('data.data_dir', data_dir)
 
 
 def builder(data_cfg: Any) -> ShapesWorld:

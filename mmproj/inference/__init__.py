@@ -69,7 +69,10 @@ def _is_hf_dir(path: str) -> bool:
 def load(path: str, step: int | None = None) -> Bundle:
   """An mmproj Orbax workdir (latest step, or `step`), one of its step directories, or an HF directory holding a
   LLaVA checkpoint (config.json + safetensors; never pickle) -> Bundle with .model, .params, .tokenizer, .config."""
-  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  path = os.fspath(path)
+  if '://' in path:        # a workdir in cloud storage (gs://...): read through etils.epath and Orbax
+    return _load_workdir(path.rstrip('/'), step)
+  path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist: it is not an mmproj workdir or an HF directory')
   if _is_hf_dir(path):

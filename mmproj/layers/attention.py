@@ -123,6 +123,8 @@ def dot_product_attention(q, k, v, mask=None, return_probs: bool = False, causal
   if causal and k.shape[1] != q.shape[1]:
     raise ValueError(f'causal attention needs as many keys as queries: {k.shape[1]} keys, {q.shape[1]} queries')
   kernel = kernels.current().attention
+  if kernel == 'cudnn' and not cudnn_takes(q, k, masked=mask is not None):
+    kernel = 'xla'
   if kernel == 'query_blocks':
     out = _einsum_attention(q, k, v, mask, False, causal)
   else:
@@ -133,6 +135,16 @@ def dot_product_attention(q, k, v, mask=None, return_probs: bool = False, causal
   if return_probs:       # the maps from the einsum path; the output stays the kernel's
     return out, _einsum_attention(q, k, v, mask, True, False)[1]
   return out                                                                  # [B, T, H, Dh]
+
+
+def cudnn_takes(q, k, *, masked: bool) -> bool:
+  """Whether cuDNN's fused attention runs these shapes (jax.nn.dot_product_attention's 'cudnn' checks, on every
+  GPU generation): bf16 / fp16 inputs, a head dim that is a multiple of 8 and at most 128, and with a mask (which
+  it takes as a bias) even query and key lengths. The 'cudnn' kernel sends any other call (a small projector's
+  odd head dim, an f32 layer) to the 'xla' path."""
+  t, dh, s = q.shape[1], q.shape[-1], k.shape[1]
+  return (q.dtype in (jnp.bfloat16, jnp.float16) and dh % 8 == 0 and dh <= 128
+          and (not masked or (t % 2 == 0 and s % 2 == 0)))
 
 
 def _einsum_attention(q, k, v, mask, return_probs: bool, causal: bool):

@@ -8,7 +8,9 @@
                                                  to each block's end, with masked_softmax's compact backward
                                                  (mmproj/layers/attention.py); other attention as 'xla'
                            'cudnn'               jax.nn.dot_product_attention(implementation='cudnn'): cuDNN's
-                                                 fused attention on NVIDIA GPUs (bf16 / fp16 compute)
+                                                 fused (flash) attention on NVIDIA GPUs, for the calls whose shapes
+                                                 it takes (attention.cudnn_takes: bf16 / fp16, head dim a multiple
+                                                 of 8 up to 128); the others run 'xla'
   'auto' (the default of both) is decided from the platform of the mesh the model runs on: 'cudnn' attention on a
   GPU with bf16 compute, 'xla' for everything else. The CPU-tuned choices are never picked by 'auto'; the
   benchmarks turn them on, and BENCHMARKS.md reports both settings. All choices compute the same function (tests

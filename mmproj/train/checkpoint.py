@@ -1,7 +1,7 @@
 """Orbax checkpoints of the train state together with the data iterator, and the read-only restore behind
 `mmproj.load`.
 
-Layout of a workdir (in a multi-host run, a directory every host sees: NFS, Filestore, a gcsfuse mount):
+Layout of a workdir (in a multi-host run, a directory every host sees: NFS, Filestore, a gs:// URL; see paths.py):
   WORKDIR/config.json          the full experiment config (what `load` rebuilds the model from)
   WORKDIR/tokenizer.json       the tokenizer the run trained with
   WORKDIR/checkpoints/<step>/  {state: params + optimizer state + step, data: grain iterator, meta: json}
@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mmproj import config_lib
+from mmproj.train import paths
 
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.json'
@@ -46,19 +47,13 @@ class IncompatibleCheckpointError(ValueError):
   nothing falls back or moves; the error names the leaf."""
 
 
-def _is_url(path: str) -> bool:
-  return '://' in str(path)
-
-
 def workdir_path(workdir: str) -> str:
   """An absolute local path (~ expanded), or the URL itself (gs://...) minus a trailing slash."""
-  workdir = os.fspath(workdir)
-  return workdir.rstrip('/') if _is_url(workdir) else os.path.abspath(os.path.expanduser(workdir))
+  return paths.resolve(workdir)
 
 
 def checkpoint_dir(workdir: str) -> str:
-  root = workdir_path(workdir)
-  return f'{root}/checkpoints' if _is_url(root) else os.path.join(root, 'checkpoints')
+  return paths.join(workdir, 'checkpoints')
 
 
 def make_manager(workdir: str, ckpt_cfg) -> ocp.CheckpointManager:
@@ -250,10 +245,8 @@ def restore_latest(workdir: str, ckpt_cfg, abstract_state: Any, data_iterator, *
 def save_run_files(workdir: str, cfg: ml_collections.ConfigDict, tokenizer) -> None:
   if jax.process_index() != 0:
     return
-  root = epath.Path(workdir_path(workdir))
-  root.mkdir(parents=True, exist_ok=True)
-  (root / CONFIG_FILE).write_text(cfg.to_json_best_effort(indent=2))
-  (root / TOKENIZER_FILE).write_text(tokenizer.to_str(pretty=True))
+  paths.write_text(paths.join(workdir, CONFIG_FILE), cfg.to_json_best_effort(indent=2))
+  paths.write_text(paths.join(workdir, TOKENIZER_FILE), tokenizer.to_str(pretty=True))
 
 
 def read_run_files(path: str) -> tuple[ml_collections.ConfigDict, Any]:

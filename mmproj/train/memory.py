@@ -15,8 +15,10 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from mmproj import model as model_lib
 from mmproj.train import sharding as shard_lib
 from mmproj.train import state as state_lib
 
@@ -106,8 +108,9 @@ def main(argv=None) -> None:
     cfg.train.batch_size = args.batch
   mem = state_memory(cfg, devices, mesh_cfg)
   shape = dict(zip(shard_lib.MESH_AXES, shard_lib.mesh_shape(mesh_cfg, devices)))
+  stored = ', '.join(f'{tower} {jnp.dtype(dtype).name}' for tower, dtype in model_lib.param_dtypes(cfg.model).items())
   print(f'{args.config}: {devices} devices, mesh {shape}, batch {cfg.train.batch_size}, model.dtype '
-        f'{cfg.model.dtype}, params float32')
+        f'{cfg.model.dtype}, params stored as: {stored} (model.param_dtype)')
   print(format_state_memory(mem))
 
 

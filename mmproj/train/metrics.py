@@ -3,11 +3,13 @@ and WORKDIR/metrics.jsonl (`MetricWriter`, process 0 only)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
 import numpy as np
+from etils import epath
+
+from mmproj.train import paths
 
 
 def _fmt_seconds(s: float) -> str:
@@ -17,24 +19,24 @@ def _fmt_seconds(s: float) -> str:
 
 class MetricWriter:
   """Writes one record per log step. On resume, records past the restored step are dropped first, so the
-  files read as one uninterrupted run."""
+  files read as one uninterrupted run. metrics.jsonl is rewritten whole at each record (paths.write_text), which
+  works the same on a local disk and in cloud storage, whose objects cannot be appended to."""
 
   def __init__(self, workdir: str, *, total_steps: int, resume_step: int = 0, name: str = ''):
     self.enabled = jax.process_index() == 0
     self.total_steps = total_steps
     self.name = name
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = epath.Path(paths.join(workdir, 'metrics.jsonl'))
     self._tb = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= resume_step]
-      with open(self.path, 'w') as f:
-        f.writelines(kept)
+    self._lines = []
+    if self.path.exists():
+      self._lines = [line + '\n' for line in self.path.read_text().splitlines()
+                     if line.strip() and json.loads(line).get('step', 0) <= resume_step]
+      paths.write_text(self.path, ''.join(self._lines))
     from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes events
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=10)
+    self._tb = SummaryWriter(paths.join(workdir, 'tensorboard'), flush_secs=10)
     self._start_time = time.time()
     self._start_step = resume_step
 
@@ -42,8 +44,8 @@ class MetricWriter:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': step, **scalars}) + '\n')
+    self._lines.append(json.dumps({'step': step, **scalars}) + '\n')
+    paths.write_text(self.path, ''.join(self._lines))
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, step)
     if console:

@@ -24,6 +24,9 @@ import os
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from mmproj.train import paths
 
 PARTS = ('encoder', 'lm', 'projector')
 # Keys of a full CLIPModel / SiglipModel that are not its vision tower.
@@ -43,8 +46,8 @@ def _sources(cfg) -> dict[str, str]:
   for part in PARTS:
     path = init[part]
     if path:
-      path = os.path.abspath(os.path.expanduser(str(path)))
-      if not os.path.exists(path):
+      path = paths.resolve(str(path))                         # a projector's workdir may be a URL (gs://...)
+      if not epath.Path(path).exists():
         raise FileNotFoundError(f'init.{part}={init[part]!r}: {path} does not exist')
       out[part] = path
   if out and not cfg.model.use_image and set(out) - {'lm'}:
@@ -88,11 +91,10 @@ def _lm_config(path: str) -> dict:
 
 
 def _workdir_config(path: str) -> dict:
-  config = os.path.join(path, 'config.json')
-  if not os.path.isfile(config):
+  config = epath.Path(paths.join(path, 'config.json'))
+  if not config.is_file():
     raise FileNotFoundError(f'init.projector: {config} not found ({path} is not an mmproj workdir)')
-  with open(config) as f:
-    return json.load(f)
+  return json.loads(config.read_text())
 
 
 def check(cfg) -> None:

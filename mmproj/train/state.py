@@ -115,6 +115,21 @@ def validate(cfg) -> None:
   loss_positions(cfg)                                     # raises naming train.loss_positions
 
 
+def check_param_dtypes(cfg, labels) -> None:
+  """A tower stored in a dtype other than float32 (model.param_dtype) must be frozen in every parameter: trained
+  parameters take their AdamW updates in float32. ValueError naming the field and the first trained parameter."""
+  for tower, dtype in model_lib.param_dtypes(cfg.model).items():
+    if dtype == jnp.float32 or tower not in labels:
+      continue
+    trained = [opt_lib.path_str(path) for path, label in jax.tree_util.tree_flatten_with_path(labels[tower])[0]
+               if label == 'train']
+    if trained:
+      raise ValueError(f'model.param_dtype.{tower}={cfg.model.param_dtype[tower]!r}, but train.trainable / '
+                       f'train.frozen train {tower}/{trained[0]} ({len(trained)} {tower} parameters in all): trained '
+                       f'parameters are stored in float32; store only a frozen tower in '
+                       f'{cfg.model.param_dtype[tower]}')
+
+
 def setup(cfg, devices: Sequence[jax.Device] | None = None, *, mesh: Any = None) -> Setup:
   """devices: the devices to lay cfg.mesh over (default all); or mesh: a ready Mesh, or a
   jax.sharding.AbstractMesh to plan shardings and memory for a topology this host does not have."""
@@ -134,6 +149,8 @@ def setup(cfg, devices: Sequence[jax.Device] | None = None, *, mesh: Any = None)
   params_sharding = shard_lib.logical_to_shardings(boxed, mesh, rules)
   abstract_params = flax.linen.unbox(boxed)
   labels = opt_lib.trainable_labels(abstract_params, cfg.train)
+  check_param_dtypes(cfg, labels)
+  abstract_params = jax.eval_shape(lambda p: model_lib.cast_params(p, cfg.model), abstract_params)
   model = model_lib.build_model(cfg.model, encoder_trainable=not opt_lib.is_frozen(labels, 'encoder'),
                                 platform=platform)
   tx = opt_lib.make_optimizer(cfg.train, labels)

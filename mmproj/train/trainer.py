@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mmproj import model as model_lib
 from mmproj.train import checkpoint as ckpt_lib
 from mmproj.train import distributed
 from mmproj.train import flops as flops_lib
@@ -37,8 +38,8 @@ def init_state(s: Setup, seed: int) -> TrainState:
   (mmproj/train/pretrained.py), and the optimizer state of those params."""
   batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in dummy_batch(s.cfg, 1).items()}
 
-  def init_params():
-    return flax.linen.unbox(s.model.init(jax.random.key(seed), batch)['params'])
+  def init_params():   # in each tower's storage dtype (model.param_dtype)
+    return model_lib.cast_params(flax.linen.unbox(s.model.init(jax.random.key(seed), batch)['params']), s.cfg.model)
 
   def init_opt(params):
     return TrainState.create(params, s.tx.init(params))
