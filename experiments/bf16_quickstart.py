@@ -26,19 +26,11 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from sweep import interval  # noqa: E402  (experiments/sweep.py: mean and 95% t-interval)
+
 DTYPES = ('float32', 'bfloat16')
 FAMILIES = ('overall', 'existence', 'color', 'shape', 'count', 'position', 'relation')
 MARGIN = 3.0   # percentage points of overall accuracy
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-  """Mean and the half-width of its 95% t-interval (0 for a single value)."""
-  import numpy as np
-  from scipy import stats
-  x = np.asarray(values, float)
-  if len(x) < 2:
-    return float(x.mean()), 0.0
-  return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
 
 
 def verdict(low: float, high: float, seeds: int, margin: float = MARGIN) -> str:
@@ -87,7 +79,7 @@ def report(results: dict, seeds: list[int], command: str) -> str:
     lines.append(f'| {name} (mean) | ' + ' | '.join(cells) + ' | |')
   mean, half = interval([100 * (results['bfloat16'][s]['vqa_accuracy']['overall']
                                 - results['float32'][s]['vqa_accuracy']['overall']) for s in seeds])
-  lines += ['', f'Per seed (overall, f32 / bf16): ' + ', '.join(
+  lines += ['', 'Per seed (overall, f32 / bf16): ' + ', '.join(
       f'seed {s}: {100 * results["float32"][s]["vqa_accuracy"]["overall"]:.1f} / '
       f'{100 * results["bfloat16"][s]["vqa_accuracy"]["overall"]:.1f}' for s in seeds), '',
       f'**Verdict: {verdict(mean - half, mean + half, len(seeds))}** (d(overall) = {mean:+.1f} ± {half:.1f} points, '

@@ -187,6 +187,21 @@ def llava15_experiment(arg: str, *, stage: int, name: str, size: str = '7b', fsd
   return c
 
 
+def sweep_cells(config: str, axes: dict[str, Sequence[Any]], *, fixed: dict[str, Any] | None = None,
+                name: str = '') -> list[dict]:
+  """The cells of a sweep (configs/sweeps/, run by experiments/sweep.py) over the product of `axes` ({config
+  field: values}) on one experiment config, every cell also setting `fixed`. A cell's name is `name` (if any)
+  and each axis as field=value, joined by ','; e.g. sweep_cells('configs/zoo.py:mlp', {'model.projector.depth':
+  [1, 2]}) -> cells 'model.projector.depth=1' and '...=2'."""
+  import itertools
+  cells = []
+  for values in itertools.product(*axes.values()):
+    chosen = dict(zip(axes, values))
+    label = ','.join([name] * bool(name) + [f'{k}={v}' for k, v in chosen.items()])
+    cells.append(dict(name=label.replace('/', '_') or 'base', config=config, overrides={**(fixed or {}), **chosen}))
+  return cells
+
+
 def load_config_file(spec: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
   """'configs/x.py[:ARG]' -> get_config(ARG), then each override 'a.b.c=value' applied (the value a Python
   literal, else a string; true/false as booleans): the one way every entry point (mmproj.main, the memory planner,

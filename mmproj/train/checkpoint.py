@@ -18,7 +18,6 @@ the bad one to WORKDIR/checkpoints_corrupt/ (kept, not deleted) and saying so.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 

@@ -1,0 +1,302 @@
+"""Sweeps: one experiment config run over a list of cells x seeds, each run an ordinary experiment in its own
+workdir, and the runs' results collected into tables with intervals and plots.
+
+  python experiments/sweep.py configs/sweeps/zoo.py --workdir runs/sweeps/zoo                   # run, resumable
+  python experiments/sweep.py configs/sweeps/zoo.py:smoke --workdir /tmp/zoo                     # the smoke grid
+  python experiments/sweep.py configs/sweeps/zoo.py --workdir runs/sweeps/zoo --print-commands   # for a scheduler
+  python experiments/sweep.py configs/sweeps/zoo.py --workdir runs/sweeps/zoo --collect --out experiments/results
+
+A sweep config is a small config file (configs/sweeps/) whose get_config returns `name`, `seeds` and `cells`: each
+cell a dict {name, config: 'configs/X.py[:ARG]', overrides: {field: value}} (config_lib.sweep_cells builds a grid
+of them). Run r = (cell, seed) trains in WORKDIR/<cell>/seed<seed>/ as `python -m mmproj.main --config CONFIG
+--workdir ... --config.seed=SEED --config.FIELD=VALUE ...`. A run whose results.json exists is skipped; an
+interrupted one resumes from its own checkpoint (the trainer's resume), so re-running the sweep command continues
+it. Progress is printed before each run: runs done / left and the ETA from this invocation's mean run time. A run
+that fails is reported and the sweep goes on; the command then exits with status 1, naming the failures.
+
+--print-commands prints one `./launch.sh` line per run not yet finished (a SLURM array or any queue can run them;
+`--collect` afterwards is the same). --collect reads every finished run's results.json and metrics.jsonl, copies
+them (small) to OUT/<name>/<cell>/seed<seed>/ so that `--collect --workdir OUT/<name>` rebuilds everything from
+the copies, and writes OUT/<name>.md (per cell and question family: mean and 95% t-interval over the seeds,
+visual tokens M, seeds finished) and three plots: OUT/<name>_accuracy.png (accuracy per family per cell, with the
+intervals), OUT/<name>_tokens.png (overall accuracy against visual tokens) and OUT/<name>_curves.png (training
+loss against step, mean over seeds, per cell).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  cell: str
+  seed: int
+  config: str
+  overrides: tuple[tuple[str, Any], ...]
+  workdir: str
+
+  @property
+  def done(self) -> bool:
+    return os.path.exists(os.path.join(self.workdir, 'results.json'))
+
+  def args(self) -> list[str]:
+    return ['--workdir', self.workdir, f'--config.seed={self.seed}'] + [
+        f'--config.{field}={_literal(value)}' for field, value in self.overrides]
+
+
+def _literal(value: Any) -> str:
+  """A value as mmproj.main parses it back (config_lib.load_config_file: a Python literal, else a string)."""
+  return value if isinstance(value, str) else repr(value)
+
+
+def load_sweep(spec: str):
+  from mmproj import config_lib
+  sweep = config_lib.load_config_file(spec if os.path.isabs(spec) else os.path.join(REPO, spec))
+  for field in ('name', 'seeds', 'cells'):
+    if field not in sweep:
+      raise ValueError(f'{spec}: a sweep config needs {field!r} (name, seeds, cells)')
+  names = [c['name'] for c in sweep.cells]
+  if len(set(names)) != len(names) or any('/' in n for n in names):
+    raise ValueError(f'{spec}: cell names must be unique and contain no "/": {names}')
+  return sweep
+
+
+def runs_of(sweep, workdir: str, extra: dict[str, Any] | None = None) -> list[Run]:
+  """Every (cell, seed) of a sweep, seeds outermost: a sweep stopped part-way has whole seeds of every cell.
+  `extra` overrides every run (--set)."""
+  workdir = os.path.abspath(workdir)
+  return [Run(cell=c['name'], seed=int(seed), config=c['config'],
+              overrides=tuple(sorted({**dict(c.get('overrides') or {}), **(extra or {})}.items())),
+              workdir=os.path.join(workdir, c['name'], f'seed{int(seed)}'))
+          for seed in sweep.seeds for c in sweep.cells]
+
+
+def _duration(seconds: float) -> str:
+  s = int(seconds)
+  return f'{s // 3600}h{s // 60 % 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
+
+
+def run_all(runs: list[Run], log=print) -> list[str]:
+  """Runs every unfinished run in turn (its own process) -> the names of those that failed."""
+  pending = [r for r in runs if not r.done]
+  log(f'sweep: {len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run')
+  failures, spent = [], []
+  for i, r in enumerate(pending):
+    eta = f', ETA {_duration(sum(spent) / len(spent) * (len(pending) - i))}' if spent else ''
+    log(f'[{len(runs) - len(pending) + i + 1}/{len(runs)}] {r.cell} seed {r.seed} ({i} done, '
+        f'{len(pending) - i} left{eta})')
+    start = time.time()
+    cmd = [sys.executable, '-m', 'mmproj.main', '--config', r.config] + r.args()
+    out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    spent.append(time.time() - start)
+    if out.returncode or not r.done:
+      failures.append(f'{r.cell}/seed{r.seed} (exit status {out.returncode})')
+      log(f'sweep: {r.cell} seed {r.seed} FAILED (exit status {out.returncode}); going on')
+  return failures
+
+
+def print_commands(runs: list[Run]) -> list[str]:
+  lines = [' '.join(shlex.quote(a) for a in ['./launch.sh', r.config] + r.args()) for r in runs if not r.done]
+  for line in lines:
+    print(line)
+  return lines
+
+
+# ------------------------------------------------------------------------------------------------ collecting
+
+def interval(values: list[float]) -> tuple[float, float]:
+  """Mean and half-width of its 95% t-interval (0 with one value)."""
+  import numpy as np
+  from scipy import stats
+  x = np.asarray(values, float)
+  if len(x) < 2:
+    return float(x.mean()), 0.0
+  return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _visual_tokens(workdir: str) -> int | None:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return None
+  import ml_collections
+
+  from mmproj import config_lib, model as model_lib
+  cfg = ml_collections.ConfigDict(_read_json(path))
+  return model_lib.num_image_tokens(config_lib.model_config(**cfg.model.to_dict()))
+
+
+def _losses(workdir: str) -> dict[int, float]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return {int(r['step']): float(r['loss']) for r in records if 'loss' in r}
+
+
+def gather(sweep, runs: list[Run], copy_to: str | None = None) -> list[dict]:
+  """One row per cell: {cell, seeds, accuracy: {family: [per seed]}, tokens, curve: {step: mean loss}}; each
+  finished run's results.json, config.json and metrics.jsonl copied under copy_to/<cell>/seed<seed>/."""
+  rows = []
+  for cell in sweep.cells:
+    mine = [r for r in runs if r.cell == cell['name'] and r.done]
+    accuracy: dict[str, list[float]] = {}
+    curves, tokens = [], None
+    for r in mine:
+      results = _read_json(os.path.join(r.workdir, 'results.json'))
+      for family, value in results.get('vqa_accuracy', {}).items():
+        accuracy.setdefault(family, []).append(float(value))
+      curves.append(_losses(r.workdir))
+      tokens = tokens if tokens is not None else _visual_tokens(r.workdir)
+      if copy_to:
+        dst = os.path.join(copy_to, r.cell, f'seed{r.seed}')
+        if os.path.abspath(dst) != os.path.abspath(r.workdir):
+          os.makedirs(dst, exist_ok=True)
+          for name in ('results.json', 'config.json', 'metrics.jsonl'):
+            if os.path.exists(os.path.join(r.workdir, name)):
+              shutil.copyfile(os.path.join(r.workdir, name), os.path.join(dst, name))
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
+    curve = {s: sum(c[s] for c in curves) / len(curves) for s in steps}
+    rows.append(dict(cell=cell['name'], seeds=[r.seed for r in mine], accuracy=accuracy, tokens=tokens,
+                     curve=curve))
+  return rows
+
+
+def markdown(sweep, rows: list[dict], command: str) -> str:
+  families = list(dict.fromkeys(f for r in rows for f in r['accuracy']))
+  lines = [f'# Sweep: {sweep.name}', '', f'Command: `{command}`  ',
+           f'Seeds: {", ".join(map(str, sweep.seeds))}. Exact-match accuracy (%) on the test split, mean ± 95% '
+           't-interval over the seeds finished (one seed: no interval); M = visual tokens the LM reads.', '',
+           '| cell | M | seeds | ' + ' | '.join(families) + ' |', '|' + '---|' * (len(families) + 3)]
+  for r in rows:
+    cells = []
+    for family in families:
+      values = r['accuracy'].get(family, [])
+      if not values:
+        cells.append('')
+        continue
+      mean, half = interval([100 * v for v in values])
+      cells.append(f'{mean:.1f} ± {half:.1f}' if len(values) > 1 else f'{mean:.1f}')
+    lines.append(f'| {r["cell"]} | {"" if r["tokens"] is None else r["tokens"]} | {len(r["seeds"])} | '
+                 + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def plots(sweep, rows: list[dict], out: str) -> list[str]:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import numpy as np
+  rows = [r for r in rows if r['seeds']]
+  families = list(dict.fromkeys(f for r in rows for f in r['accuracy']))
+  paths = []
+
+  fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(rows) + 3), 4.5))
+  width = 0.8 / max(len(families), 1)
+  x = np.arange(len(rows))
+  for i, family in enumerate(families):
+    stats = [interval([100 * v for v in r['accuracy'].get(family, [np.nan])]) for r in rows]
+    ax.bar(x + (i - len(families) / 2 + 0.5) * width, [m for m, _ in stats], width, yerr=[h for _, h in stats],
+           capsize=2, label=family)
+  ax.set_xticks(x, [r['cell'] for r in rows], rotation=45, ha='right', fontsize=8)
+  ax.set_ylabel('exact-match accuracy (%)')
+  ax.set_ylim(0, 100)
+  ax.legend(ncol=min(len(families), 7), fontsize=7, loc='upper center', bbox_to_anchor=(0.5, 1.15))
+  fig.tight_layout()
+  paths.append(os.path.join(out, f'{sweep.name}_accuracy.png'))
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  for r in rows:
+    if r['tokens'] is None or 'overall' not in r['accuracy']:
+      continue
+    mean, half = interval([100 * v for v in r['accuracy']['overall']])
+    ax.errorbar([r['tokens']], [mean], yerr=[half], fmt='o', capsize=3)
+    ax.annotate(r['cell'], (r['tokens'], mean), fontsize=7, xytext=(3, 3), textcoords='offset points')
+  ax.set_xscale('symlog', linthresh=1)
+  ax.set_xlabel('visual tokens M')
+  ax.set_ylabel('overall accuracy (%)')
+  fig.tight_layout()
+  paths.append(os.path.join(out, f'{sweep.name}_tokens.png'))
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  curves = [r for r in rows if r['curve']]
+  for r in curves:
+    steps = sorted(r['curve'])
+    ax.plot(steps, [r['curve'][s] for s in steps], label=r['cell'], linewidth=1)
+  ax.set_yscale('log')
+  ax.set_xlabel('step')
+  ax.set_ylabel('training loss (mean over seeds)')
+  if curves:
+    ax.legend(fontsize=6, ncol=2)
+  fig.tight_layout()
+  paths.append(os.path.join(out, f'{sweep.name}_curves.png'))
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+  return paths
+
+
+def collect(sweep, runs: list[Run], out: str, command: str) -> str:
+  os.makedirs(out, exist_ok=True)
+  rows = gather(sweep, runs, copy_to=os.path.join(out, sweep.name))
+  text = markdown(sweep, rows, command)
+  with open(os.path.join(out, f'{sweep.name}.md'), 'w') as f:
+    f.write(text)
+  if any(r['seeds'] for r in rows):
+    plots(sweep, rows, out)
+  return text
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('sweep', help='sweep config file, optionally with :ARG (e.g. configs/sweeps/zoo.py:smoke)')
+  p.add_argument('--workdir', required=True, help='the sweep\'s directory: one sub-directory per cell and seed')
+  p.add_argument('--print-commands', action='store_true', help='print a launch.sh line per unfinished run')
+  p.add_argument('--collect', action='store_true', help='tables and plots from the finished runs')
+  p.add_argument('--out', default=os.path.join(REPO, 'experiments', 'results'), help='where --collect writes')
+  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                 help='an override for every run (e.g. data.data_dir=/fast/disk); repeatable')
+  args = p.parse_args(argv)
+  sweep = load_sweep(args.sweep)
+  extra = {}
+  for item in args.set:
+    field, sep, value = item.partition('=')
+    if not sep or not field:
+      p.error(f'--set {item!r}: expected FIELD=VALUE')
+    extra[field] = value
+  runs = runs_of(sweep, args.workdir, extra)
+  if args.print_commands:
+    print_commands(runs)
+    return 0
+  if not args.collect:
+    failures = run_all(runs)
+    if failures:
+      print(f'sweep: {len(failures)} run(s) failed: {", ".join(failures)}', file=sys.stderr)
+      return 1
+  command = 'python experiments/sweep.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+  print(collect(sweep, runs, args.out, command.strip()))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,86 @@
+"""experiments/sweep.py: the smoke sweep end to end (configs/sweeps/zoo.py:smoke at a few steps), skipping
+finished runs and resuming an interrupted one, --print-commands, and collection with intervals on hand-made
+results."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from experiment_utils import REPO, python_env
+
+sys.path.insert(0, os.path.join(REPO, 'experiments'))
+import sweep as sweep_tool  # noqa: E402
+
+FAST = ['--set', 'train.steps=6', '--set', 'train.warmup_steps=2', '--set', 'checkpoint.every=3',
+        '--set', 'log_every=3', '--set', 'eval.max_examples=16', '--set', 'eval.batch_size=16']
+
+
+def _sweep(*args, timeout=300):
+  out = subprocess.run([sys.executable, 'experiments/sweep.py', 'configs/sweeps/zoo.py:smoke', *args], cwd=REPO,
+                       env=python_env(), capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
+  return out.stdout
+
+
+def test_smoke_sweep_runs_resumes_skips_finished_runs_and_collects(shapes_data_dir, tmp_path, capsys):
+  work, out = tmp_path / 'sweep', tmp_path / 'results'
+  common = ['--workdir', str(work), '--set', f'data.data_dir={shapes_data_dir}', *FAST]
+  first = _sweep(*common, '--out', str(out))
+  assert 'sweep: 1 runs, 0 finished, 1 to run' in first and '[1/1] mlp seed 0 (0 done, 1 left)' in first
+  assert (work / 'mlp' / 'seed0' / 'results.json').exists()
+  table = (out / 'zoo_smoke.md').read_text()
+  assert '| mlp | 36 | 1 |' in table
+  assert all((out / f'zoo_smoke_{kind}.png').stat().st_size > 0 for kind in ('accuracy', 'tokens', 'curves'))
+  assert (out / 'zoo_smoke' / 'mlp' / 'seed0' / 'results.json').exists()          # the copies --collect reads
+
+  # --print-commands: one launch.sh line per unfinished run, quoted for a shell.
+  (work / 'mlp' / 'seed0' / 'results.json').unlink()     # as if killed after its last checkpoint, before evaluating
+  assert sweep_tool.main(['configs/sweeps/zoo.py:smoke', *common[:2], '--print-commands', '--set',
+                          'data.data_dir=/a dir']) == 0
+  assert capsys.readouterr().out.splitlines() == [
+      f"./launch.sh configs/zoo.py:mlp,smoke --workdir {work}/mlp/seed0 --config.seed=0 --config.baseline=none "
+      "'--config.data.data_dir=/a dir'"]
+
+  # The unfinished run goes again, resuming from its checkpoint; a finished one is skipped.
+  second = _sweep(*common, '--out', str(out))
+  assert 'sweep: 1 runs, 0 finished, 1 to run' in second and 'Resuming from checkpoint step 6' in second
+  third = _sweep(*common, '--out', str(out))
+  assert 'sweep: 1 runs, 1 finished, 0 to run' in third and 'workdir:' not in third   # nothing trained
+
+  # --collect rebuilds the same table from the copies alone.
+  shutil.rmtree(work)
+  assert sweep_tool.main(['configs/sweeps/zoo.py:smoke', '--workdir', str(out / 'zoo_smoke'), '--collect',
+                          '--out', str(tmp_path / 'again')]) == 0
+  assert (tmp_path / 'again' / 'zoo_smoke.md').read_text().split('\n', 3)[3] == table.split('\n', 3)[3]
+
+
+def test_print_commands_covers_every_cell_and_seed(tmp_path, capsys):
+  assert sweep_tool.main(['configs/sweeps/zoo.py', '--workdir', str(tmp_path), '--print-commands']) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 3 * 17 and lines[-1].endswith(
+      f'--workdir {tmp_path}/blind/seed2 --config.seed=2 --config.baseline=none --config.model.use_image=False')
+
+
+def test_collection_gives_means_and_intervals(tmp_path):
+  """Hand-made results: cell a at 80/70/90% (mean 80, sd 10, t(2) = 4.303: ± 24.8), cell b one seed."""
+  sweep = sweep_tool.load_sweep('configs/sweeps/zoo.py')
+  sweep.name, sweep.seeds = 'handmade', [0, 1, 2]
+  sweep.cells = [dict(name='a', config='configs/zoo.py:mlp'), dict(name='b', config='configs/zoo.py:mlp')]
+  runs = sweep_tool.runs_of(sweep, str(tmp_path / 'w'))
+  values = {('a', 0): 0.8, ('a', 1): 0.7, ('a', 2): 0.9, ('b', 0): 0.5}
+  for r in runs:
+    if (r.cell, r.seed) in values:
+      os.makedirs(r.workdir)
+      with open(os.path.join(r.workdir, 'results.json'), 'w') as f:
+        json.dump({'vqa_accuracy': {'overall': values[r.cell, r.seed], 'color': 1.0}}, f)
+  text = sweep_tool.collect(sweep, runs, str(tmp_path / 'out'), 'cmd')
+  assert '| a |  | 3 | 80.0 ± 24.8 | 100.0 ± 0.0 |' in text
+  assert '| b |  | 1 | 50.0 | 100.0 |' in text
+  assert sweep_tool.interval([1.0]) == (1.0, 0.0)
+  mean, half = sweep_tool.interval([80.0, 70.0, 90.0])
+  assert mean == pytest.approx(80.0) and half == pytest.approx(24.84, abs=0.01)
