@@ -2,14 +2,13 @@
 model.dtype settings over several seeds, accuracies side by side.
 
   .venv/bin/python experiments/bf16_quickstart.py                    # 3 seeds x 2 dtypes, 800 steps each (~40 min)
-  .venv/bin/python experiments/bf16_quickstart.py --variant smoke --seeds 0,1 --out /tmp/bf16 --runs /tmp/bf16/runs
+  .venv/bin/python experiments/bf16_quickstart.py --variant smoke --out /tmp/bf16 --runs /tmp/bf16/runs
+  .venv/bin/python experiments/bf16_quickstart.py --runs experiments/results/bf16_quickstart   # the report again
   .venv/bin/python experiments/bf16_quickstart.py --dry-run          # the commands; trains nothing
 
-Each (dtype, seed) cell is one `python -m mmproj.main` run in RUNS/<dtype>_seed<N>/ with cfg.seed = N (the
-init and the data order; the world itself is the same); a cell whose results.json exists is not run again, and an
-interrupted one resumes from its checkpoint, so the experiment resumes where it stopped. Each cell's results.json
-is copied to OUT/bf16_quickstart/<dtype>_seed<N>.json (small, committed) and OUT/bf16_quickstart.md is written
-from those copies.
+The runs are the sweep configs/sweeps/bf16_quickstart.py (experiments/sweep.py: RUNS/<dtype>/seed<N>/, cfg.seed = N
+for the init and the data order, the world itself the same; finished runs are skipped, interrupted ones resume).
+Their small files are copied to OUT/bf16_quickstart/<dtype>/seed<N>/ and OUT/bf16_quickstart.md is written.
 
 Verdict rule, fixed before the runs: with d = bf16 - float32 overall accuracy, paired by seed, and its 95%
 t-interval over the seeds, bf16 is *within the margin* when the interval lies inside [-MARGIN, +MARGIN], *worse*
@@ -20,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from sweep import interval  # noqa: E402  (experiments/sweep.py: mean and 95% t-interval)
+import sweep  # noqa: E402  (experiments/sweep.py)
+from sweep import interval  # noqa: E402
 
 DTYPES = ('float32', 'bfloat16')
 FAMILIES = ('overall', 'existence', 'color', 'shape', 'count', 'position', 'relation')
@@ -43,16 +42,6 @@ def verdict(low: float, high: float, seeds: int, margin: float = MARGIN) -> str:
   if low > margin:
     return 'better'
   return 'inconclusive'
-
-
-def run_cell(spec: str, workdir: str, dtype: str, seed: int, dry_run: bool) -> None:
-  if os.path.exists(os.path.join(workdir, 'results.json')):
-    return
-  cmd = [sys.executable, '-m', 'mmproj.main', '--config', spec, '--workdir', workdir, '--config.baseline=none',
-         f'--config.model.dtype={dtype}', f'--config.seed={seed}']
-  print('$', ' '.join(cmd[1:]), flush=True)
-  if not dry_run:
-    subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
 
 
 def report(results: dict, seeds: list[int], command: str) -> str:
@@ -87,38 +76,35 @@ def report(results: dict, seeds: list[int], command: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--variant', default='', help="configs/quickstart.py variant ('' or 'smoke')")
-  parser.add_argument('--seeds', default='0,1,2', help='comma-separated cfg.seed values')
-  parser.add_argument('--out', default=os.path.join(REPO, 'experiments', 'results'), help='report + cell results')
-  parser.add_argument('--runs', default=os.path.join(REPO, 'runs', 'bf16_quickstart'), help='the cells\' workdirs')
+  parser.add_argument('--variant', default='', help="the sweep's variant ('' or 'smoke')")
+  parser.add_argument('--out', default=os.path.join(REPO, 'experiments', 'results'), help='report + run copies')
+  parser.add_argument('--runs', default=os.path.join(REPO, 'runs', 'bf16_quickstart'), help='the runs\' workdirs')
   parser.add_argument('--dry-run', action='store_true', help='print the commands that would run; train nothing')
   args = parser.parse_args(argv)
-  seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
-  spec = 'configs/quickstart.py' + (f':{args.variant}' if args.variant else '')
-  cells = os.path.join(args.out, 'bf16_quickstart')
-  results: dict = {d: {} for d in DTYPES}
-  for seed in seeds:
-    for dtype in DTYPES:
-      workdir = os.path.join(os.path.abspath(args.runs), f'{dtype}_seed{seed}')
-      run_cell(spec, workdir, dtype, seed, args.dry_run)
-      if args.dry_run:
-        continue
-      with open(os.path.join(workdir, 'results.json')) as f:
-        results[dtype][seed] = json.load(f)
-      os.makedirs(cells, exist_ok=True)
-      with open(os.path.join(cells, f'{dtype}_seed{seed}.json'), 'w') as f:
-        json.dump(results[dtype][seed], f, indent=2)
+  spec = 'configs/sweeps/bf16_quickstart.py' + (f':{args.variant}' if args.variant else '')
+  config = sweep.load_sweep(spec)
+  runs = sweep.runs_of(config, args.runs)
   if args.dry_run:
-    return
+    sweep.print_commands(runs)
+    return 0
+  failures = sweep.run_all(runs)
+  if failures:
+    print(f'bf16_quickstart: {len(failures)} run(s) failed: {", ".join(failures)}', file=sys.stderr)
+    return 1
+  sweep.gather(config, runs, copy_to=os.path.join(args.out, 'bf16_quickstart'))
+  results: dict = {d: {} for d in DTYPES}
+  for r in runs:
+    with open(os.path.join(r.workdir, 'results.json')) as f:
+      results[r.cell][r.seed] = json.load(f)
   command = 'python experiments/bf16_quickstart.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
-  text = report(results, seeds, command.strip())
-  os.makedirs(args.out, exist_ok=True)
+  text = report(results, list(config.seeds), command.strip())
   with open(os.path.join(args.out, 'bf16_quickstart.md'), 'w') as f:
     f.write(text)
   print(text)
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

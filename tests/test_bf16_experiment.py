@@ -1,4 +1,4 @@
-"""experiments/bf16_quickstart.py: the verdict rule and the report on hand-made cell results, and its dry run."""
+"""experiments/bf16_quickstart.py: the verdict rule and the report on hand-made results, its dry run, and the\ncommitted report rebuilt from the committed runs."""
 from __future__ import annotations
 
 import os
@@ -34,11 +34,20 @@ def test_report_pairs_seeds_and_states_the_rule():
   assert 'Verdict rule (fixed before the runs)' in text and '**Verdict: within the margin**' in text
 
 
-def test_dry_run_prints_one_command_per_cell(tmp_path):
-  out = subprocess.run([sys.executable, 'experiments/bf16_quickstart.py', '--dry-run', '--seeds', '0,1',
+def test_dry_run_prints_one_command_per_run(tmp_path):
+  out = subprocess.run([sys.executable, 'experiments/bf16_quickstart.py', '--dry-run', '--variant', 'smoke',
                         '--runs', str(tmp_path)], cwd=REPO, env=python_env(), capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0, out.stderr
-  lines = [line for line in out.stdout.splitlines() if line.startswith('$ ')]
-  assert len(lines) == 4 and all('--config.baseline=none' in line for line in lines)
+  lines = out.stdout.splitlines()
+  assert len(lines) == 4 and all(line.startswith('./launch.sh configs/quickstart.py:smoke') for line in lines)
+  assert all('--config.baseline=none' in line for line in lines)
   assert sum('--config.model.dtype=bfloat16' in line for line in lines) == 2
+
+
+def test_the_committed_runs_rebuild_the_report(tmp_path):
+  """experiments/results/bf16_quickstart/ holds every run's results: the report comes back from them alone."""
+  committed = os.path.join(REPO, 'experiments', 'results', 'bf16_quickstart')
+  assert exp.main(['--runs', committed, '--out', str(tmp_path)]) == 0
+  with open(os.path.join(REPO, 'experiments', 'results', 'bf16_quickstart.md')) as f:
+    assert (tmp_path / 'bf16_quickstart.md').read_text().split('\n', 3)[3] == f.read().split('\n', 3)[3]
