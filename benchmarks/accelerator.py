@@ -73,6 +73,9 @@ PROJECTORS = {
     'qwen_vl_resampler': dict(name='qwen_vl_resampler', num_queries=256, num_heads=16),               # Qwen-VL
     'tokenpacker': dict(name='tokenpacker', scale=2, num_heads=16),                                   # TokenPacker
 }
+# --tiny: the largest value of each size field (the grids are set to the toy grid).
+TINY_CAPS = dict(num_queries=4, num_latents=4, num_query_tokens=4, num_heads=2, num_kv_heads=2, depth=2,
+                 num_layers=2, num_points=2, head_dim=16, hidden_dim=32, mlp_dim=32)
 NOT_BENCHED = {'gated_xattn': 'its blocks run inside the LM (Flamingo): their cost is part of an LM step'}
 
 
@@ -169,14 +172,9 @@ def run_projector(name: str, tiny: bool) -> dict[str, Any]:
   from mmproj.train import flops as flops_lib
   z = shapes(tiny)
   cfg = dict(PROJECTORS[name])
-  if tiny:   # toy sizes: the same families, grids and options, narrower
-    cfg = {k: (min(v, 4) if k in ('num_queries', 'num_latents', 'num_query_tokens') else
-               (2, 2) if k == 'output_grid' else (z['grid'], z['grid']) if k == 'pos_emb_grid' else
-               min(v, 2) if k in ('num_heads', 'num_kv_heads', 'depth', 'num_layers', 'num_points') else
-               min(v, 16) if k in ('head_dim',) else min(v, 32) if k in ('hidden_dim', 'mlp_dim') else v)
-           for k, v in cfg.items()}
-    if 'output_grid' in cfg:
-      cfg['output_grid'] = 2
+  if tiny:   # toy sizes: the same families and options, narrower
+    cfg = {k: min(v, TINY_CAPS[k]) if k in TINY_CAPS else v for k, v in cfg.items()}
+    cfg.update({k: v for k, v in (('output_grid', 2), ('pos_emb_grid', (z['grid'], z['grid']))) if k in cfg})
   grid = (z['grid'], z['grid'])
   proj = projectors.build(cfg, in_dim=z['in_dim'], out_dim=z['out_dim'], dtype=jnp.bfloat16)
   x = jax.random.normal(jax.random.key(0), (z['proj_batch'], grid[0] * grid[1], z['in_dim']), jnp.bfloat16)
