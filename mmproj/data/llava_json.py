@@ -74,9 +74,7 @@ data_cfg fields (ml_collections.ConfigDict, dict or attribute object):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import io
@@ -95,6 +93,7 @@ from etils import epath
 from PIL import Image
 
 from mmproj.data import conversation
+from mmproj.data.file_lock import file_lock
 from mmproj.data import preprocess
 from mmproj.data import sampling
 from mmproj.data import shapes  # get_field; importing it also quiets TFDS's 'custom data configuration' warning
@@ -298,18 +297,6 @@ def is_prepared(data_cfg: Any) -> bool:
   return builder(data_cfg).data_path.exists()
 
 
-@contextlib.contextmanager
-def _lock(path: str):
-  """Exclusive inter-process file lock, so concurrent prepare() calls build once."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'a') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def load_tokenizer(data_cfg: Any) -> tokenizers.Tokenizer:
   """data.tokenizer (a tokenizer.json or a directory holding one), checked for data.image_token/bos_token/
   eos_token (ValueError naming the field)."""
@@ -342,7 +329,7 @@ def prepare(data_cfg: Any) -> tuple[str, tokenizers.Tokenizer]:
   b = builder(data_cfg)
   path = b.data_path  # <data_dir>/llava_json/<stem>_<hash>/<version>
   if not path.exists():
-    with _lock(os.path.join(_path_field(data_cfg, 'data_dir'), f'.{b.name}.{b.builder_config.name}.lock')):
+    with file_lock(os.path.join(_path_field(data_cfg, 'data_dir'), f'.{b.name}.{b.builder_config.name}.lock')):
       if not path.exists():
         for stale in path.parent.glob(f'incomplete.*_{path.name}'):  # left by killed builds
           stale.rmtree(missing_ok=True)

@@ -180,6 +180,7 @@ class SampleText(grain.transforms.RandomMap):
   turns: int = 1
   isolate_turns: bool = True
   image_size: int = shapes.DEFAULTS['image_size']
+  families: tuple[str, ...] = shapes.FAMILIES
 
   def blank_row(self) -> dict[str, np.ndarray]:
     """The stand-in for a bad record (data.bad_records='skip'): all padding (masks 0) and a black image."""
@@ -198,7 +199,7 @@ class SampleText(grain.transforms.RandomMap):
     pairs_of = {}                                   # family -> indices of its pairs not drawn yet, ascending
     for j, family in enumerate(families):
       pairs_of.setdefault(family, []).append(j)
-    present = sorted(pairs_of, key=shapes.FAMILIES.index)
+    present = sorted(pairs_of, key=self.families.index)
     budget = self.text_len - 1 - sum(_turn_length(self.tok, q, a) for q, a, _ in chosen)  # - <bos>
     questions, answers = element['questions'], element['answers']
     while present and len(chosen) < self.turns:
@@ -265,7 +266,8 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
   bad_records = sampling.check_bad_records(_cfg(data_cfg, 'bad_records'))
   source = shapes.data_source(data_cfg, split)
   row = SampleText(tok, num_image_tokens, _text_len(data_cfg), caption_prob, split, turns,
-                   bool(_cfg(data_cfg, 'isolate_turns')), shapes.config_from(data_cfg).image_size)
+                   bool(_cfg(data_cfg, 'isolate_turns')), shapes.config_from(data_cfg).image_size,
+                   shapes.families(data_cfg))
   return sampling.train_dataset(source, row, global_batch_size=global_batch_size, seed=int(seed),
                                 process_index=process_index, process_count=process_count, read_threads=read_threads,
                                 worker_count=worker_count, worker_buffer_size=worker_buffer_size, split=split,

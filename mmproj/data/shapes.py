@@ -16,15 +16,22 @@ a colour and a size, renders them with numpy onto a dark background, and writes
     Objects in color/position/relation questions are named by "colour shape", asked only when that pair is
     unique in the image.
 
+The 'scenes' world (data.world='scenes') is the same board made for studying connectors on a pretrained
+encoder: larger images and finer grids (up to 6x6 cells, up to 12 objects, counts to twelve), every object's cell
+in the caption ("large red circle top left"), up to data.max_glyphs digits drawn as glyphs in empty cells, and two
+more families:
+      nearest   "which object is nearest to the red circle ?"   "blue square" (asked only when the nearest object,
+                by distance between cell centres, is unique and uniquely named)
+      text      "what number is at top left ?"                  zero .. nine (a glyph's digit)
+`chance_levels` gives each family's chance level: the accuracy of always answering its most frequent answer.
+
 `ShapesWorld` is a TFDS `GeneratorBasedBuilder` written as array_record (no TensorFlow needed to build or read);
 `prepare(cfg.data)` builds it once under `cfg.data.data_dir` and returns (dataset dir, tokenizer).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import functools
 import logging
 import os
@@ -38,6 +45,7 @@ from etils import epath
 from tensorflow_datasets.proto import tf_example_pb2  # TFDS's copy of the proto: no TensorFlow needed
 
 from mmproj.data import tokenizer as tokenizer_lib
+from mmproj.data.file_lock import file_lock
 
 FAMILIES = ('existence', 'color', 'shape', 'count', 'position', 'relation')
 SHAPES = ('square', 'circle', 'triangle', 'cross')
@@ -55,23 +63,48 @@ SPLITS = {'train': 0, 'test': 1}  # split name -> split_id in the record rng key
 OBJECT_FIELDS = ('shape', 'color', 'size', 'row', 'col', 'x', 'y')  # per-object annotations (x, y: centre pixel)
 MAX_GRID = 5
 MAX_OBJECTS = len(NUMBERS) - 1
+WORLDS = ('shapes', 'scenes')
+SCENE_FAMILIES = FAMILIES + ('nearest', 'text')
+SCENE_NUMBERS = NUMBERS + ('ten', 'eleven', 'twelve')
+SCENE_MAX_GRID = 6
+SCENE_MAX_OBJECTS = len(SCENE_NUMBERS) - 1
+GLYPH_RGB = (235, 235, 235)  # digits are light grey: brighter than any shape colour (channel sum 705 vs 375)
+# 5x7 bitmaps of the digits 0-9 ('#' = ink), scaled to the cell when drawn.
+DIGIT_BITMAPS = (
+    (' ### ', '#   #', '#  ##', '# # #', '##  #', '#   #', ' ### '),
+    ('  #  ', ' ##  ', '  #  ', '  #  ', '  #  ', '  #  ', ' ### '),
+    (' ### ', '#   #', '    #', '   # ', '  #  ', ' #   ', '#####'),
+    ('#####', '   # ', '  #  ', '   # ', '    #', '#   #', ' ### '),
+    ('   # ', '  ## ', ' # # ', '#  # ', '#####', '   # ', '   # '),
+    ('#####', '#    ', '#### ', '    #', '    #', '#   #', ' ### '),
+    ('  ## ', ' #   ', '#    ', '#### ', '#   #', '#   #', ' ### '),
+    ('#####', '    #', '   # ', '  #  ', ' #   ', ' #   ', ' #   '),
+    (' ### ', '#   #', '#   #', ' ### ', '#   #', '#   #', ' ### '),
+    (' ### ', '#   #', '#   #', ' ####', '    #', '   # ', ' ##  '),
+)
 
 # Row/column words per grid size; a cell is "<row> <col>", with the middle row/centre column words dropped
 # ("middle left" -> "left", "top center" -> "top", "middle center" -> "center").
 ROW_WORDS = {1: ('middle',), 2: ('top', 'bottom'), 3: ('top', 'middle', 'bottom'),
-             4: ('top', 'upper', 'lower', 'bottom'), 5: ('top', 'upper', 'middle', 'lower', 'bottom')}
+             4: ('top', 'upper', 'lower', 'bottom'), 5: ('top', 'upper', 'middle', 'lower', 'bottom'),
+             6: ('top', 'upper', 'high', 'low', 'lower', 'bottom')}
 COL_WORDS = {1: ('center',), 2: ('left', 'right'), 3: ('left', 'center', 'right'),
-             4: ('left', 'midleft', 'midright', 'right'), 5: ('left', 'midleft', 'center', 'midright', 'right')}
+             4: ('left', 'midleft', 'midright', 'right'), 5: ('left', 'midleft', 'center', 'midright', 'right'),
+             6: ('left', 'midleft', 'inleft', 'inright', 'midright', 'right')}
 
 _TEMPLATE_WORDS = ('is there a ? what color the shape object how many objects are where left of right above '
                    'below caption yes no')
 WORDS = tuple(sorted(set(_TEMPLATE_WORDS.split()) | set(SHAPES) | set(COLORS) | set(SIZES) | set(NUMBERS)
-                     | {w for g in ROW_WORDS for w in ROW_WORDS[g] + COL_WORDS[g]}))
+                     | {w for g in range(1, MAX_GRID + 1) for w in ROW_WORDS[g] + COL_WORDS[g]}))
 VOCAB_SIZE = tokenizer_lib.NUM_SPECIAL + len(WORDS)  # 58 <= model.lm.vocab_size = 64
+# The scenes world's words: the shapes world's and these (its own tokenizer, so the shapes world's ids never move).
+SCENE_WORDS = tuple(sorted(set(WORDS) | set(SCENE_NUMBERS) | set(ROW_WORDS[6] + COL_WORDS[6])
+                           | set('which nearest to number at'.split())))
+SCENE_VOCAB_SIZE = tokenizer_lib.NUM_SPECIAL + len(SCENE_WORDS)  # <= model.lm.vocab_size = 96
 CAPTION_QUESTION = 'caption'  # a caption example is `<bos> <image>*M caption <sep> <the caption's words> <eos>`
 
 DEFAULTS = dict(image_size=48, grid=3, num_train=20_000, num_test=1_000, min_objects=1, max_objects=6, seed=0,
-                jitter=1)
+                jitter=1, world='shapes', max_glyphs=0)
 
 
 def position_name(row: int, col: int, grid: int) -> str:
@@ -82,9 +115,20 @@ def position_name(row: int, col: int, grid: int) -> str:
   return r if c == 'center' else f'{r} {c}'
 
 
-def make_tokenizer() -> tokenizers.Tokenizer:
-  """The shapes-world tokenizer: fixed specials, then the sorted `WORDS` (VOCAB_SIZE ids)."""
+def make_tokenizer(world: str = 'shapes') -> tokenizers.Tokenizer:
+  """The world's tokenizer: fixed specials, then the sorted `WORDS` (VOCAB_SIZE ids; scenes: SCENE_WORDS)."""
+  if world == 'scenes':
+    return tokenizer_lib.build(SCENE_WORDS, max_vocab_size=SCENE_VOCAB_SIZE)
   return tokenizer_lib.build(WORDS)
+
+
+def families(data_cfg: Any) -> tuple[str, ...]:
+  """The question families of cfg.data's world, in report order."""
+  return SCENE_FAMILIES if get_field(data_cfg, 'world', 'shapes') == 'scenes' else FAMILIES
+
+
+def numbers(world: str) -> tuple[str, ...]:
+  return SCENE_NUMBERS if world == 'scenes' else NUMBERS
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -102,6 +146,8 @@ class ShapesWorldConfig(tfds.core.BuilderConfig):
   max_objects: int = DEFAULTS['max_objects']
   seed: int = DEFAULTS['seed']
   jitter: int = DEFAULTS['jitter']  # max pixels an object moves off its cell centre (capped so it stays inside)
+  world: str = DEFAULTS['world']  # 'shapes' | 'scenes' (module docstring)
+  max_glyphs: int = DEFAULTS['max_glyphs']  # scenes: 0..max_glyphs digits drawn in empty cells
 
   def __post_init__(self):
     expected = config_name(self)
@@ -113,25 +159,35 @@ class ShapesWorldConfig(tfds.core.BuilderConfig):
 
 
 def config_name(c: Any) -> str:
-  return (f'img{c.image_size}_grid{c.grid}_obj{c.min_objects}-{c.max_objects}'
+  name = (f'img{c.image_size}_grid{c.grid}_obj{c.min_objects}-{c.max_objects}'
           f'_n{c.num_train}-{c.num_test}_seed{c.seed}_jitter{c.jitter}')
+  return f'scenes_{name}_glyphs{c.max_glyphs}' if c.world == 'scenes' else name
 
 
 def validate(c: Any) -> None:
   """ValueError naming the offending `data.*` field."""
   def fail(field, msg):
     raise ValueError(f'data.{field}: {msg}')
-  for f in ('image_size', 'grid', 'num_train', 'num_test', 'min_objects', 'max_objects', 'seed', 'jitter'):
+  if c.world not in WORLDS:
+    fail('world', f'unknown world {c.world!r}; known: {list(WORLDS)}')
+  for f in ('image_size', 'grid', 'num_train', 'num_test', 'min_objects', 'max_objects', 'seed', 'jitter',
+            'max_glyphs'):
     if not isinstance(getattr(c, f), (int, np.integer)) or isinstance(getattr(c, f), bool):
       fail(f, f'must be an int, got {getattr(c, f)!r}')
-  if not 1 <= c.grid <= MAX_GRID:
-    fail('grid', f'must be in [1, {MAX_GRID}] (cells need names), got {c.grid}')
+  scenes = c.world == 'scenes'
+  max_grid, max_objects = (SCENE_MAX_GRID, SCENE_MAX_OBJECTS) if scenes else (MAX_GRID, MAX_OBJECTS)
+  if not 1 <= c.grid <= max_grid:
+    fail('grid', f'must be in [1, {max_grid}] in the {c.world} world (cells need names), got {c.grid}')
   if c.image_size < 8 * c.grid:
     fail('image_size', f'{c.image_size} gives cells under 8 px on a {c.grid}x{c.grid} grid')
   if not 1 <= c.min_objects <= c.max_objects:
     fail('min_objects', f'need 1 <= min_objects <= max_objects, got {c.min_objects}, {c.max_objects}')
-  if c.max_objects > min(c.grid * c.grid, MAX_OBJECTS):
-    fail('max_objects', f'{c.max_objects} > min(grid*grid, {MAX_OBJECTS}) = {min(c.grid ** 2, MAX_OBJECTS)}')
+  if c.max_objects > min(c.grid * c.grid, max_objects):
+    fail('max_objects', f'{c.max_objects} > min(grid*grid, {max_objects}) = {min(c.grid ** 2, max_objects)}')
+  if c.max_glyphs and not scenes:
+    fail('max_glyphs', f"glyphs are drawn in the scenes world only (data.world='scenes'), got {c.max_glyphs}")
+  if not 0 <= c.max_glyphs < c.grid * c.grid:
+    fail('max_glyphs', f'must be in [0, grid*grid) = [0, {c.grid ** 2}), got {c.max_glyphs}')
   for f in ('num_train', 'num_test'):
     if getattr(c, f) < 1:
       fail(f, f'must be >= 1, got {getattr(c, f)}')
@@ -153,7 +209,7 @@ def config_from(data_cfg: Any) -> ShapesWorldConfig:
   name = get_field(data_cfg, 'name', 'shapes')
   if name != 'shapes':
     raise ValueError(f"data.name: the shapes world needs name='shapes', got {name!r}")
-  return ShapesWorldConfig(**{k: int(get_field(data_cfg, k, v)) for k, v in DEFAULTS.items()})
+  return ShapesWorldConfig(**{k: type(v)(get_field(data_cfg, k, v)) for k, v in DEFAULTS.items()})
 
 
 # ----------------------------------------------------------------------------------------------- rendering
@@ -182,8 +238,21 @@ def _stamps(image_size: int, grid: int) -> tuple[int, dict[tuple[int, int], np.n
   return h, stamps, jitter
 
 
-def render(objects: Mapping[str, np.ndarray], image_size: int, grid: int) -> np.ndarray:
-  """Draws objects (arrays 'shape', 'color', 'size', 'x', 'y' [n]) -> uint8 image [S, S, 3]."""
+@functools.lru_cache(maxsize=None)
+def _glyph_stamps(image_size: int, grid: int) -> tuple[np.ndarray, ...]:
+  """DIGIT_BITMAPS scaled (nearest neighbour) to ~70% of the cell height: one boolean mask [gh, gw] per digit."""
+  cell = image_size / grid
+  gh = max(7, int(round(0.7 * cell)))
+  gw = max(5, int(round(gh * 5 / 7)))
+  rows = (np.arange(gh) * 7 // gh)[:, None]
+  cols = (np.arange(gw) * 5 // gw)[None, :]
+  return tuple(np.array([[ch == '#' for ch in line] for line in bitmap])[rows, cols] for bitmap in DIGIT_BITMAPS)
+
+
+def render(objects: Mapping[str, np.ndarray], image_size: int, grid: int,
+           glyphs: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+  """Draws objects (arrays 'shape', 'color', 'size', 'x', 'y' [n]) and glyphs (arrays 'digit', 'row', 'col' [g],
+  each centred in its cell) -> uint8 image [S, S, 3]."""
   h, stamps, _ = _stamps(image_size, grid)
   img = np.empty((image_size, image_size, 3), np.uint8)
   img[:] = BACKGROUND_RGB
@@ -194,6 +263,14 @@ def render(objects: Mapping[str, np.ndarray], image_size: int, grid: int) -> np.
     sy, sx = max(0, -y0), max(0, -x0)
     ey, ex = min(mask.shape[0], image_size - y0), min(mask.shape[1], image_size - x0)
     img[y0 + sy:y0 + ey, x0 + sx:x0 + ex][mask[sy:ey, sx:ex]] = COLOR_RGB[c]
+  if glyphs is not None:
+    stamps = _glyph_stamps(image_size, grid)
+    cell = image_size / grid
+    for d, row, col in zip(glyphs['digit'], glyphs['row'], glyphs['col']):
+      mask = stamps[int(d)]                                                     # [gh, gw]
+      y0 = int((row + 0.5) * cell) - mask.shape[0] // 2
+      x0 = int((col + 0.5) * cell) - mask.shape[1] // 2
+      img[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]][mask] = GLYPH_RGB
   return img
 
 
@@ -216,6 +293,30 @@ def _sample_objects(rng: np.random.Generator, c: ShapesWorldConfig) -> dict[str,
   return {k: np.asarray(values[k], np.int32) for k in OBJECT_FIELDS}
 
 
+def _sample_glyphs(rng: np.random.Generator, c: ShapesWorldConfig, objects: Mapping[str, np.ndarray]
+                   ) -> dict[str, np.ndarray]:
+  """0..max_glyphs digits in cells no object occupies, in reading order (drawn after the objects, so a shapes
+  world's records do not depend on this)."""
+  taken = set((objects['row'] * c.grid + objects['col']).tolist())
+  free = np.array([i for i in range(c.grid * c.grid) if i not in taken], np.int64)
+  g = min(int(rng.integers(0, c.max_glyphs + 1)), len(free))
+  cells = np.sort(rng.choice(free, size=g, replace=False)) if g else np.zeros(0, np.int64)
+  digit = rng.integers(0, len(DIGIT_BITMAPS), g)
+  return {'digit': digit.astype(np.int32), 'row': (cells // c.grid).astype(np.int32),
+          'col': (cells % c.grid).astype(np.int32)}
+
+
+def scene_caption(objects: Mapping[str, np.ndarray], glyphs: Mapping[str, np.ndarray], grid: int) -> str:
+  """The scenes world's caption: each object as 'size colour shape <cell>' in reading order, then each glyph as
+  'number <digit> <cell>': 'large red circle top left number seven low right' (5 tokens per object, 4 per glyph)."""
+  where = lambda row, col: position_name(int(row), int(col), grid)
+  parts = [f'{SIZES[z]} {COLORS[c]} {SHAPES[s]} {where(r, k)}'
+           for s, c, z, r, k in zip(objects['shape'], objects['color'], objects['size'], objects['row'],
+                                    objects['col'])]
+  parts += [f'number {NUMBERS[d]} {where(r, k)}' for d, r, k in zip(glyphs['digit'], glyphs['row'], glyphs['col'])]
+  return ' '.join(parts)
+
+
 def caption(objects: Mapping[str, np.ndarray]) -> str:
   """'large red circle small blue square' in reading order (3 tokens per object, 18 for six): no separators,
   since every object is exactly size-colour-shape, and short captions keep the padded sequence short."""
@@ -223,8 +324,12 @@ def caption(objects: Mapping[str, np.ndarray]) -> str:
                     for s, c, z in zip(objects['shape'], objects['color'], objects['size']))
 
 
-def _questions(rng: np.random.Generator, o: Mapping[str, np.ndarray], grid: int) -> list[tuple[str, str, str]]:
-  """(family, question, answer) triples for one image; see the module docstring for the families."""
+def _questions(rng: np.random.Generator, o: Mapping[str, np.ndarray], grid: int,
+               glyphs: Mapping[str, np.ndarray] | None = None) -> list[tuple[str, str, str]]:
+  """(family, question, answer) triples for one image; see the module docstring for the families. glyphs (the
+  scenes world): counts go to twelve, and the nearest and text families are added."""
+  scenes = glyphs is not None
+  count_words = SCENE_NUMBERS if scenes else NUMBERS
   n = len(o['shape'])
   shape_ids, color_ids = [int(v) for v in o['shape']], [int(v) for v in o['color']]
   pairs = list(zip(color_ids, shape_ids))
@@ -250,12 +355,12 @@ def _questions(rng: np.random.Generator, o: Mapping[str, np.ndarray], grid: int)
     qa.append(('shape', f'what shape is the {COLORS[c]} object ?', SHAPES[shape_ids[color_ids.index(c)]]))
 
   # count: all objects, and one colour (present or absent with equal probability when both exist).
-  qa.append(('count', 'how many objects are there ?', NUMBERS[n]))
+  qa.append(('count', 'how many objects are there ?', count_words[n]))
   present = sorted(set(color_ids))
   missing = [c for c in range(len(COLORS)) if c not in present]
   pool = present if (not missing or rng.random() < 0.5) else missing
   c = pool[rng.integers(len(pool))]
-  qa.append(('count', f'how many {COLORS[c]} objects are there ?', NUMBERS[color_ids.count(c)]))
+  qa.append(('count', f'how many {COLORS[c]} objects are there ?', count_words[color_ids.count(c)]))
 
   # position / relation: objects whose colour+shape is unique, named "colour shape".
   named = [i for i in range(n) if pairs.count(pairs[i]) == 1]
@@ -278,6 +383,28 @@ def _questions(rng: np.random.Generator, o: Mapping[str, np.ndarray], grid: int)
       pool = cands[want] or cands[not want]
       a, rel, b = pool[rng.integers(len(pool))]
       qa.append(('relation', f'is the {name(a)} {rel} the {name(b)} ?', 'yes' if truth[rel](a, b) else 'no'))
+  if not scenes:
+    return qa
+
+  # nearest: a named object whose nearest other object (cell-centre distance) is unique and named.
+  cands = []
+  for i in named:
+    d2 = [(int(o['row'][i] - o['row'][j]) ** 2 + int(o['col'][i] - o['col'][j]) ** 2, j) for j in range(n) if j != i]
+    if d2:
+      best = min(d for d, _ in d2)
+      closest = [j for d, j in d2 if d == best]
+      if len(closest) == 1 and closest[0] in named:
+        cands.append((i, closest[0]))
+  if cands:
+    i, j = cands[rng.integers(len(cands))]
+    qa.append(('nearest', f'which object is nearest to the {name(i)} ?', name(j)))
+
+  # text: the digit in one glyph's cell.
+  g = len(glyphs['digit'])
+  if g:
+    k = int(rng.integers(g))
+    cell = position_name(int(glyphs['row'][k]), int(glyphs['col'][k]), grid)
+    qa.append(('text', f'what number is at {cell} ?', NUMBERS[int(glyphs['digit'][k])]))
   return qa
 
 
@@ -285,11 +412,12 @@ def generate_example(c: ShapesWorldConfig, split: str, index: int) -> dict[str, 
   """Record `index` of `split`: a pure function of (c.seed, split, index), independent of build order."""
   rng = np.random.default_rng([c.seed, SPLITS[split], index])
   objects = _sample_objects(rng, c)
-  qa = _questions(rng, objects, c.grid)
+  glyphs = _sample_glyphs(rng, c, objects) if c.world == 'scenes' else None
+  qa = _questions(rng, objects, c.grid, glyphs)
   return {
       'index': index,
-      'image': render(objects, c.image_size, c.grid),
-      'caption': caption(objects),
+      'image': render(objects, c.image_size, c.grid, glyphs),
+      'caption': caption(objects) if glyphs is None else scene_caption(objects, glyphs, c.grid),
       'families': [f for f, _, _ in qa],
       'questions': [q for _, q, _ in qa],
       'answers': [a for _, _, a in qa],
@@ -342,7 +470,7 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     # self.data_dir is the build's temporary directory here, so the tokenizer is renamed into place atomically
     # together with the data.
-    tokenizer_lib.save(make_tokenizer(), os.path.join(self.data_dir, tokenizer_lib.FILENAME))
+    tokenizer_lib.save(make_tokenizer(self.builder_config.world), os.path.join(self.data_dir, tokenizer_lib.FILENAME))
     c = self.builder_config
     return {'train': self._generate_examples('train', c.num_train),
             'test': self._generate_examples('test', c.num_test)}
@@ -395,18 +523,6 @@ def is_prepared(data_cfg: Any) -> bool:
   return b.data_path.exists() and (b.data_path / tokenizer_lib.FILENAME).exists()
 
 
-@contextlib.contextmanager
-def _lock(path: str):
-  """Exclusive inter-process file lock, so concurrent prepare() calls build once."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'a') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def prepare(data_cfg: Any) -> tuple[str, tokenizers.Tokenizer]:
   """Builds the world on first use under data.data_dir and returns (dataset dir, tokenizer).
 
@@ -417,14 +533,14 @@ def prepare(data_cfg: Any) -> tuple[str, tokenizers.Tokenizer]:
   path = b.data_path  # <data_dir>/shapes_world/<config name>/<version>
   tok_path = path / tokenizer_lib.FILENAME
   if not (path.exists() and tok_path.exists()):
-    with _lock(os.path.join(_root(data_cfg), f'.{b.name}.{b.builder_config.name}.lock')):
+    with file_lock(os.path.join(_root(data_cfg), f'.{b.name}.{b.builder_config.name}.lock')):
       if not path.exists():
         for stale in path.parent.glob(f'incomplete.*_{path.name}'):  # left by killed builds
           stale.rmtree(missing_ok=True)
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(
             download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
       if not tok_path.exists():  # dataset built by an older version of this file
-        tokenizer_lib.save(make_tokenizer(), tok_path)
+        tokenizer_lib.save(make_tokenizer(b.builder_config.world), tok_path)
   return os.fspath(path), tokenizer_lib.load(tok_path)
 
 
@@ -501,3 +617,20 @@ def decode_record(record: Mapping[str, Any]) -> dict[str, Any]:
       'objects': {k: np.asarray(record['objects'], np.int32).reshape(-1, len(OBJECT_FIELDS))[:, j]
                   for j, k in enumerate(OBJECT_FIELDS)},
   }
+
+
+def chance_levels(data_cfg: Any, split: str = 'test') -> dict[str, float]:
+  """Per family (and 'overall'): the exact-match accuracy on `split` of always giving the family's most frequent
+  answer in that split, what a model that ignores the image and the question's wording scores at best."""
+  import collections
+  source = data_source(data_cfg, split)
+  answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  for i in range(len(source)):
+    rec = decode_record(source[i])
+    for family, answer in zip(rec['families'], rec['answers']):
+      answers[family][answer] += 1
+  hits = {f: c.most_common(1)[0][1] for f, c in answers.items()}
+  total = {f: sum(c.values()) for f, c in answers.items()}
+  out = {'overall': sum(hits.values()) / max(sum(total.values()), 1)}
+  out.update({f: hits[f] / total[f] if f in total else float('nan') for f in families(data_cfg)})
+  return out

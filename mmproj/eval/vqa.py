@@ -49,7 +49,7 @@ def vqa_accuracy(setup, params, tokenizer, *, split: str = 'test', batch_size: i
         correct[family] += hit
         total[family] += 1
   result = {'overall': sum(correct.values()) / max(sum(total.values()), 1)}
-  for family in shapes.FAMILIES:
+  for family in shapes.families(cfg.data):
     result[family] = correct[family] / total[family] if total[family] else float('nan')
   return result
 
