@@ -2,6 +2,7 @@
 
   config = read_config(path)                 # dict from config.json
   tensors = read_safetensors(path)           # {key: float32/int numpy array}, single file or sharded index
+  write_dir(out_dir, config, tensors, json_files={'generation_config.json': {...}}, copies={'tokenizer.json': f})
 
 Only `*.safetensors` weights are read. A directory that holds only pickle-based weights (pytorch_model.bin,
 *.pt, *.pth, *.ckpt) fails with an error naming the file and how to convert it; nothing unpickles.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -75,3 +78,34 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
       tensors[key] = value
   return tensors
 
+
+
+def write_dir(out_dir: str, config: dict[str, Any], tensors: dict[str, np.ndarray], *,
+              json_files: dict[str, dict] | None = None, copies: dict[str, str] | None = None) -> str:
+  """Writes an HF directory (config.json, model.safetensors, more JSON files, copies of files) whole: into a
+  temporary sibling, renamed into place at the end, so a reader never sees half a directory and an existing
+  out_dir is never overwritten (FileExistsError). Returns out_dir."""
+  from safetensors.numpy import save_file
+
+  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  if os.path.exists(out_dir):
+    raise FileExistsError(f'{out_dir} exists: export into a new directory')
+  for name, src in (copies or {}).items():
+    if not os.path.isfile(src):
+      raise FileNotFoundError(f'{name}: {src} does not exist')
+  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=f'.{os.path.basename(out_dir)}-')
+  try:
+    for name, obj in {'config.json': config, **(json_files or {})}.items():
+      with open(os.path.join(tmp, name), 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write('\n')
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(tmp, SINGLE_FILE),
+              metadata={'format': 'pt'})
+    for name, src in (copies or {}).items():
+      shutil.copyfile(src, os.path.join(tmp, name))
+    os.rename(tmp, out_dir)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+  return out_dir

@@ -304,3 +304,22 @@ def lm_params_to_hf(params: Any, cfg_lm: Any, prefix: str = 'model.', head_prefi
     out[f'{head_prefix}weight'] = r.take('lm_head/kernel', (d, v)).T                               # [V, D]
   r.finish()
   return {key: np.ascontiguousarray(value, np.float32) for key, value in out.items()}
+
+
+def export_lm(cfg_lm: Any, params: Any, out_dir: str, *, tokenizer_file: str | None = None,
+              bos_token_id: int | None = None, eos_token_id: int | None = None,
+              pad_token_id: int | None = None) -> str:
+  """Writes Llama params as an HF directory that `AutoModelForCausalLM.from_pretrained(out_dir)` loads with no
+  missing or unexpected keys: config.json (+ the token ids), model.safetensors (float32), generation_config.json
+  when a token id is given, and tokenizer.json (a copy of `tokenizer_file`). Returns out_dir."""
+  from mmproj.convert import hf_dir
+
+  config = lm_config_to_hf(cfg_lm)
+  config['architectures'] = [{'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
+                              'qwen2': 'Qwen2ForCausalLM'}[config['model_type']]]
+  ids = {k: v for k, v in (('bos_token_id', bos_token_id), ('eos_token_id', eos_token_id),
+                           ('pad_token_id', pad_token_id)) if v is not None}
+  config.update(ids)
+  return hf_dir.write_dir(out_dir, config, lm_params_to_hf(params, cfg_lm),
+                          json_files={'generation_config.json': ids} if ids else None,
+                          copies={'tokenizer.json': tokenizer_file} if tokenizer_file else None)

@@ -70,8 +70,8 @@ DEFAULT_VISION_CONFIG = dict(model_type='clip_vision_model', intermediate_size=4
                              image_size=336, num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
 # The vision_feature_select_strategy whose output is exactly the patch tokens (what mmproj's ViT returns).
 PATCH_STRATEGY = {'clip': 'default', 'siglip': 'full'}
-IMAGE_PROCESSOR_TYPES = {'clip': 'CLIPImageProcessor', 'siglip': 'SiglipImageProcessor'}
-PREPROCESSOR_FILE = 'preprocessor_config.json'
+IMAGE_PROCESSOR_TYPES, PREPROCESSOR_FILE = vision.IMAGE_PROCESSOR_TYPES, vision.PREPROCESSOR_FILE
+image_processor_for = vision.image_processor_for
 PROCESSOR_FILE = 'processor_config.json'        # transformers 5 processors nest the image processor in here
 
 
@@ -342,20 +342,6 @@ def _check_exportable(cfg_model: Any) -> tuple[dict, dict, dict]:
     raise ValueError('model.encoder.final_norm=True: LLaVA feeds the projector hidden_states[k], which HF never '
                      'passes through post_layernorm')
   return enc, proj, lm
-
-
-def image_processor_for(cfg_encoder: Any):
-  """The CLIP / SigLIP ImageProcessor matching a ViT config: the family's resize (shortest edge + center crop for
-  CLIP, a square resize for SigLIP) to image_size, and its image_mean / image_std (0.5 when unset: x / 127.5 - 1)."""
-  from mmproj.data.preprocess import ImageProcessor
-
-  enc = encoder_fields(cfg_encoder)
-  size = int(enc['image_size'])
-  mean = enc['image_mean'] or (0.5, 0.5, 0.5)            # unset: the model's x / 127.5 - 1
-  std = enc['image_std'] or (0.5, 0.5, 0.5)
-  if vision.encoder_family(enc) == 'clip':
-    return ImageProcessor.clip(size=size, crop_size=(size, size), image_mean=mean, image_std=std)
-  return ImageProcessor.siglip(size=(size, size), image_mean=mean, image_std=std)
 
 
 def llava_config_to_hf(cfg_model: Any, *, bos_token_id: int | None = None, eos_token_id: Any = None,

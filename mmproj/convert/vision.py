@@ -6,6 +6,7 @@
   vit, params = mmproj.convert.from_transformers(clip_or_siglip_vision_model)   # live torch module
   tokens, grid = vit.apply({'params': params}, image)                  # image [B, H, W, 3] -> [B, N, D] (no CLS)
   hf_vision_config = encoder_config_to_hf(cfg_encoder)                 # export: the inverse mappings
+  export_vision_tower(cfg_encoder, params, out_dir)                     # a CLIPVisionModel / SiglipVisionModel dir
   tensors = encoder_params_to_hf(params, cfg_encoder, prefix='vision_tower.vision_model.')
 
 Configs accepted by `encoder_config_from_hf`: a vision config dict (model_type 'clip_vision_model' or
@@ -307,3 +308,37 @@ def encoder_params_to_hf(params: Any, cfg_encoder: Any, prefix: str = '') -> dic
     out[f'{prefix}post_layernorm.bias'] = np.zeros((d,), np.float32)
   r.finish()
   return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+VISION_ARCHITECTURES = {'clip': 'CLIPVisionModel', 'siglip': 'SiglipVisionModel'}
+IMAGE_PROCESSOR_TYPES = {'clip': 'CLIPImageProcessor', 'siglip': 'SiglipImageProcessor'}
+PREPROCESSOR_FILE = 'preprocessor_config.json'
+
+
+def image_processor_for(cfg_encoder: Any):
+  """The CLIP / SigLIP ImageProcessor matching a ViT config: the family's resize (shortest edge + center crop for
+  CLIP, a square resize for SigLIP) to image_size, and its image_mean / image_std (0.5 when unset: x / 127.5 - 1)."""
+  from mmproj.data.preprocess import ImageProcessor
+
+  enc = encoder_fields(cfg_encoder)
+  size = int(enc['image_size'])
+  mean = enc['image_mean'] or (0.5, 0.5, 0.5)            # unset: the model's x / 127.5 - 1
+  std = enc['image_std'] or (0.5, 0.5, 0.5)
+  if encoder_family(enc) == 'clip':
+    return ImageProcessor.clip(size=size, crop_size=(size, size), image_mean=mean, image_std=std)
+  return ImageProcessor.siglip(size=(size, size), image_mean=mean, image_std=std)
+
+
+
+
+def export_vision_tower(cfg_encoder: Any, params: Any, out_dir: str) -> str:
+  """Writes ViT params as an HF directory that `CLIPVisionModel` / `SiglipVisionModel.from_pretrained(out_dir)`
+  loads with no missing or unexpected keys: config.json, model.safetensors (float32) and preprocessor_config.json
+  (the family's resize to image_size, the encoder's image_mean / image_std). Returns out_dir."""
+  from mmproj.convert import hf_dir
+
+  family = encoder_family(cfg_encoder)
+  config = {**encoder_config_to_hf(cfg_encoder), 'architectures': [VISION_ARCHITECTURES[family]]}
+  return hf_dir.write_dir(out_dir, config, encoder_params_to_hf(params, cfg_encoder), json_files={
+      PREPROCESSOR_FILE: {'image_processor_type': IMAGE_PROCESSOR_TYPES[family],
+                          **image_processor_for(cfg_encoder).to_hf_config()}})
