@@ -1,11 +1,12 @@
-"""The projector zoo: every projector family, trained from scratch in the shapes world on one shared budget.
+"""The from-scratch zoo: every projector family, trained with its ViT and LM from scratch in the shapes world on
+one shared budget. (Connectors between pretrained towers, the way MLLMs use them: configs/scenes.py, whose sweep
+configs/sweeps/zoo.py makes the zoo table.)
 
   ./launch.sh configs/zoo.py:perceiver                                  # full budget + blind baseline
   ./launch.sh configs/zoo.py:perceiver,smoke --workdir /tmp/perceiver   # ~2 minutes
-  python experiments/projector_zoo.py --only perceiver                  # its row of the zoo table (all: no --only)
 
-The argument is NAME or NAME,smoke with NAME a key of ZOO below. The run is named proj_NAME, as the zoo table's
-runs are (default workdir runs/proj_NAME/).
+The argument is NAME or NAME,smoke with NAME a key of ZOO below. The run is named proj_NAME (default workdir
+runs/proj_NAME/).
 
 The shared budget (mmproj/config_lib.py shapes_experiment; entries differ only in the projector): 48 px images of
 a 3x3 grid of shapes, a 96-wide 3-block ViT with 8 px patches (a 6x6 grid, N = 36 visual tokens) and a 128-wide
@@ -61,12 +62,6 @@ VARIANTS = tuple(f'{name},{v}' if v else name for name in ZOO for v in config_li
 
 
 def get_config(arg: str = ''):
-  name, _, variant = arg.partition(',')
-  if name not in ZOO:
-    raise ValueError(f'{WHERE}: unknown projector {name!r}; use {WHERE}:NAME[,smoke] with NAME one of '
-                     f'{", ".join(ZOO)}')
-  if arg not in VARIANTS:
-    raise ValueError(f'{WHERE}: unknown variant {variant!r} in {arg!r}; use {name} or {name},smoke '
-                     f'(NAME one of {", ".join(ZOO)})')
+  name, variant = config_lib.zoo_argument(arg, ZOO, WHERE)
   patch_size, projector = ZOO[name]
   return config_lib.shapes_experiment(variant, name=f'proj_{name}', patch_size=patch_size, projector=projector)

@@ -57,6 +57,18 @@ def parse_variant(arg: str, where: str) -> bool:
   return arg == 'smoke'
 
 
+def zoo_argument(arg: str, zoo: dict, where: str) -> tuple[str, str]:
+  """A zoo config's argument 'NAME' or 'NAME,smoke' -> (NAME, variant); ValueError naming the file and the names."""
+  name, _, variant = arg.partition(',')
+  if name not in zoo:
+    raise ValueError(f'{where}: unknown projector {name!r}; use {where}:NAME[,smoke] with NAME one of '
+                     f'{", ".join(zoo)}')
+  if variant not in VARIANTS or arg.endswith(','):
+    raise ValueError(f'{where}: unknown variant {variant!r} in {arg!r}; use {name} or {name},smoke '
+                     f'(NAME one of {", ".join(zoo)})')
+  return name, variant
+
+
 def shapes_experiment(arg: str, *, name: str, projector: dict, patch_size: int = 16, steps: int = 800,
                       baseline: str = 'blind') -> mlc.ConfigDict:
   """A small ViT + projector + Llama-shaped LM trained from scratch in the shapes world.
@@ -101,6 +113,74 @@ def shapes_experiment(arg: str, *, name: str, projector: dict, patch_size: int =
   c.checkpoint = dict(every=20 if smoke else 200, keep=3, async_save=True)
   c.log_every = 10 if smoke else 50
   c.eval = dict(batch_size=64 if smoke else 250, max_new_tokens=6, max_examples=mlc.config_dict.placeholder(int))
+  return c
+
+
+# The pretrained-tower regime (configs/scenes.py, configs/stage0/scenes.py): the scenes world (mmproj/data/shapes.py) at
+# 96 px on a 6x6 grid, a SigLIP-shaped ViT with 12 px patches (an 8x8 grid, N = 64 tokens) and a Llama-shaped LM,
+# both pretrained in stage 0 (mmproj/stage0.py) and loaded through cfg.init.
+def scenes_data(smoke: bool) -> dict:
+  return dict(name='shapes', world='scenes', data_dir='~/.cache/mmproj/data', image_size=96, grid=6, jitter=1,
+              num_train=512 if smoke else 20_000, num_test=64 if smoke else 500, min_objects=1, max_objects=12,
+              max_glyphs=3, seed=0, text_len=96, turns=8, isolate_turns=True, caption_prob=1.0, worker_count=0,
+              read_threads=1, bad_records='error')
+
+
+def scenes_encoder(smoke: bool) -> dict:
+  return dict(name='vit', image_size=96, patch_size=12, width=32 if smoke else 128, depth=1 if smoke else 4,
+              num_heads=2 if smoke else 4, mlp_dim=64 if smoke else 512, output_layer=-1, cls_token=False,
+              pre_norm=False, final_norm=True, norm_eps=1e-6, act='gelu_tanh', image_mean=[0.5, 0.5, 0.5],
+              image_std=[0.5, 0.5, 0.5])
+
+
+def scenes_lm(smoke: bool) -> dict:
+  return dict(vocab_size=96, width=32 if smoke else 128, depth=1 if smoke else 4, num_heads=2 if smoke else 4,
+              num_kv_heads=1 if smoke else 2, head_dim=16 if smoke else 32, mlp_dim=64 if smoke else 384,
+              rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=False, max_len=256, qkv_bias=False,
+              rope_scaling=None, sliding_window=None)
+
+
+def _scenes_run(smoke: bool, *, name: str, use_image: bool, projector: dict | None, steps: int,
+                batch_size: int) -> mlc.ConfigDict:
+  c = shapes_experiment('smoke' if smoke else '', name=name, projector=projector or {}, steps=steps)
+  c.data = scenes_data(smoke)
+  c.model = model_config(image_token_id=3, use_image=use_image, projector=projector,
+                         encoder=scenes_encoder(smoke) if use_image else None, lm=scenes_lm(smoke))
+  c.train.batch_size = 32 if smoke else batch_size
+  return c
+
+
+def stage0_recipe(smoke: bool = False) -> mlc.ConfigDict:
+  """What stage 0 (mmproj/stage0.py) trains: a SigLIP-shaped ViT against a small text tower, and a text-only LM,
+  both in the scenes world. smoke: toy sizes and a few steps (tests)."""
+  r = mlc.ConfigDict()
+  r.cache_dir = '~/.cache/mmproj/stage0'
+  r.data = scenes_data(smoke)
+  text = dict(scenes_lm(smoke), depth=1 if smoke else 2, num_kv_heads=2 if not smoke else 1)
+  r.vision = dict(encoder=scenes_encoder(smoke), text=text, embed_dim=32 if smoke else 128, text_len=80,
+                  steps=20 if smoke else 1500, batch_size=16 if smoke else 128, learning_rate=1e-3,
+                  warmup_steps=5 if smoke else 100, end_lr_frac=0.05, weight_decay=0.01, grad_clip=1.0, b1=0.9,
+                  b2=0.98, seed=0, log_every=10 if smoke else 100, checkpoint_every=10 if smoke else 250)
+  lm = _scenes_run(smoke, name='stage0_lm', use_image=False, projector=None, steps=600, batch_size=64)
+  lm.baseline = 'none'
+  lm.data.isolate_turns = False        # the questions read the caption before them
+  lm.data.caption_prob = 1.0
+  if smoke:
+    lm.train.steps = 20
+  r.lm = lm
+  return r
+
+
+def scenes_experiment(arg: str, *, name: str, projector: dict, steps: int = 600, batch_size: int = 64,
+                      baseline: str = 'blind') -> mlc.ConfigDict:
+  """A connector between the stage-0 towers (frozen ViT, pretrained LM) trained in the scenes world; the blind
+  baseline starts from the same LM. arg: '' or 'smoke'."""
+  smoke = parse_variant(arg, f'configs/{name}.py')
+  c = _scenes_run(smoke, name=name, use_image=True, projector=projector, steps=steps, batch_size=batch_size)
+  c.baseline = baseline
+  c.stage0 = stage0_recipe(smoke)
+  c.init = dict(encoder='stage0', lm='stage0', projector=None)
+  c.train.frozen = ['encoder/.*']
   return c
 
 

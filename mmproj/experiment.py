@@ -13,14 +13,17 @@ import math
 import jax
 from etils import epath
 
+from mmproj import stage0
 from mmproj.data import shapes
 from mmproj.eval import vqa
 from mmproj.train import paths, trainer
 
 
 def blind_config(cfg):
+  """The same run without the image: no encoder or projector (nor their cfg.init), the LM's init kept."""
   blind = cfg.copy_and_resolve_references()
   blind.model.use_image = False
+  blind.init.encoder = blind.init.projector = None
   return blind
 
 
@@ -32,13 +35,16 @@ def _evaluate(result: trainer.TrainResult, cfg) -> tuple[dict, float]:
 
 
 def format_table(results: dict) -> str:
-  image, blind = results['vqa_accuracy'], results.get('blind_vqa_accuracy')
-  header = f'{"family":<10} {"image":>7}' + (f' {"blind":>7} {"gain":>7}' if blind else '')
+  image, blind, chance = results['vqa_accuracy'], results.get('blind_vqa_accuracy'), results.get('chance')
+  header = (f'{"family":<10} {"image":>7}' + (f' {"blind":>7} {"gain":>7}' if blind else '')
+            + (f' {"chance":>7}' if chance else ''))
   lines = [header, '-' * len(header)]
-  for family in ('overall',) + shapes.FAMILIES:
+  for family in image:
     line = f'{family:<10} {image[family]:>7.1%}'
     if blind:
       line += f' {blind[family]:>7.1%} {100 * (image[family] - blind[family]):>+6.1f}p'
+    if chance:
+      line += f' {chance[family]:>7.1%}'
     lines.append(line)
   lines.append(f'caption loss: {results["caption_loss"]:.3f}'
                + (f' (blind {results["blind_caption_loss"]:.3f})' if blind else ''))
@@ -62,6 +68,7 @@ def _write_results(workdir: str, results: dict) -> str:
 
 def run(cfg, workdir: str) -> dict:
   workdir = paths.resolve(workdir)          # a local directory or a URL (gs://bucket/run): mmproj/train/paths.py
+  cfg = stage0.resolve_init(cfg)            # cfg.init 'stage0' entries: the towers of cfg.stage0, built if missing
   baseline = str(cfg.baseline or '').lower()
   if baseline not in ('blind', '', 'none'):
     raise ValueError(f'baseline={cfg.baseline!r}: the only baseline is "blind" ("" or "none" for no baseline)')
@@ -79,7 +86,7 @@ def run(cfg, workdir: str) -> dict:
   main = trainer.train(cfg, workdir, name='[image] ' if baseline == 'blind' else '')
   accuracy, cap_loss = _evaluate(main, cfg)
   results = {'vqa_accuracy': accuracy, 'caption_loss': cap_loss, 'steps': int(cfg.train.steps),
-             'train_seconds': round(main.train_seconds, 1)}
+             'train_seconds': round(main.train_seconds, 1), 'chance': shapes.chance_levels(cfg.data)}
   if baseline == 'blind':
     blind = trainer.train(blind_config(cfg), paths.join(workdir, 'blind'), name='[blind] ')
     blind_accuracy, blind_loss = _evaluate(blind, cfg)

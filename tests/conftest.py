@@ -26,9 +26,9 @@ from mmproj import config_lib  # noqa: E402
 
 # The modules that take longest, first: with two workers (.ci/run: --dist loadscope --no-loadscope-reorder) each
 # module runs on one worker, and one started last would run alone at the end while the other worker idles.
-SLOW_FIRST = ('test_projector_configs', 'test_faults', 'test_scan_remat', 'test_train', 'test_multiprocess',
-              'test_cloud_workdir', 'test_sweep', 'test_bench', 'test_attention_maps', 'test_sharding',
-              'test_llava_training', 'test_no_pickle')
+SLOW_FIRST = ('test_projector_configs', 'test_stage0', 'test_faults', 'test_scan_remat', 'test_train',
+              'test_multiprocess', 'test_cloud_workdir', 'test_sweep', 'test_bench', 'test_attention_maps',
+              'test_sharding', 'test_llava_training', 'test_no_pickle')
 
 
 def pytest_collection_modifyitems(items):
@@ -75,3 +75,17 @@ def trained_workdir(shapes_data_dir, tmp_path_factory) -> str:
   workdir = str(tmp_path_factory.mktemp('trained') / 'run')
   trainer.train(tiny_experiment(shapes_data_dir), workdir)
   return workdir
+
+
+@pytest.fixture(scope='session')
+def stage0_smoke(tmp_path_factory):
+  """The stage-0 smoke towers (configs/stage0/scenes.py:smoke), built once per test session:
+  (recipe with tmp cache_dir and data_dir, directories(recipe))."""
+  from experiment_utils import load_config
+  from mmproj import stage0
+
+  root = tmp_path_factory.mktemp('stage0')
+  recipe = load_config('configs/stage0/scenes.py', 'smoke')
+  recipe.cache_dir = str(root / 'cache')
+  recipe.data.data_dir = recipe.lm.data.data_dir = str(root / 'data')
+  return recipe, stage0.build(recipe, log=lambda msg: None)

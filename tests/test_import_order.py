@@ -1,7 +1,7 @@
 """The library reads top to bottom: every import of an mmproj module (at module level or inside a function) runs
 down this order, never up it, and no modules import each other in a cycle.
 
-  layers, config_lib -> encoders / projectors / lm -> model -> data -> convert -> eval -> train
+  layers, config_lib -> encoders / projectors / lm -> model -> data -> convert -> eval -> train -> stage0
                      -> experiment / inference -> main / the package root
 
 A package may import its own modules; packages of one rank (encoders, projectors, lm) may not import each other.
@@ -24,6 +24,7 @@ ORDER = (
     ('convert',),
     ('eval',),
     ('train',),
+    ('stage0',),              # the pretrained towers: trained with train, read by experiment through cfg.init
     ('experiment', 'inference'),
     ('main', ''),             # '' = the package root, mmproj/__init__.py
 )

@@ -1,4 +1,5 @@
-"""Every projector zoo entry (configs/zoo.py:NAME) trains in the shapes world: its loss falls within a few steps."""
+"""Every projector has an entry in both zoos (configs/zoo.py from scratch, configs/scenes.py on the stage-0 towers),
+and every configs/scenes.py entry trains between the (smoke) pretrained towers: its loss falls within a few steps."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,29 +14,32 @@ from mmproj import projectors
 from mmproj.train import trainer
 
 
-def _zoo_names() -> list[str]:
-  """The zoo's entry names, read from its table (the configs themselves go through load_config)."""
-  spec = importlib.util.spec_from_file_location('zoo', os.path.join(REPO, 'configs', 'zoo.py'))
+def _zoo_names(config: str) -> list[str]:
+  """A zoo's entry names, read from its table (the configs themselves go through load_config)."""
+  spec = importlib.util.spec_from_file_location('zoo', os.path.join(REPO, config))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return list(module.ZOO)
 
 
-ZOO_NAMES = _zoo_names()
+ZOO_NAMES = _zoo_names('configs/scenes.py')
 
 
-def test_every_registered_projector_has_a_zoo_entry():
-  names = {load_config('configs/zoo.py', name).model.projector.name for name in ZOO_NAMES}
-  assert names == set(projectors.REGISTRY), f'projectors without a zoo entry: {set(projectors.REGISTRY) - names}'
+@pytest.mark.parametrize('config', ['configs/zoo.py', 'configs/scenes.py'])
+def test_every_registered_projector_has_a_zoo_entry(config):
+  names = {load_config(config, name).model.projector.name for name in _zoo_names(config)}
+  assert names == set(projectors.REGISTRY), f'projectors without a {config} entry: {set(projectors.REGISTRY) - names}'
 
 
 @pytest.mark.parametrize('name', ZOO_NAMES)
-def test_zoo_entry_trains(name, shapes_data_dir, tmp_path):
-  """The smoke variant with one-block encoder and LM, 12 steps at a high learning rate: loss must fall."""
-  cfg = load_config('configs/zoo.py', f'{name},smoke')
-  cfg.data.data_dir = shapes_data_dir
-  cfg.model.encoder.depth = 1
-  cfg.model.lm.depth = 1
+def test_zoo_entry_trains(name, stage0_smoke, tmp_path):
+  """The smoke variant (one-block towers from stage 0, the ViT frozen), 12 steps at a high learning rate: the
+  loss must fall."""
+  from mmproj import stage0
+  recipe, _ = stage0_smoke
+  cfg = load_config('configs/scenes.py', f'{name},smoke')
+  cfg.data.data_dir, cfg.stage0.cache_dir = recipe.data.data_dir, recipe.cache_dir
+  cfg = stage0.resolve_init(cfg, log=lambda msg: None)
   cfg.train.update(steps=12, batch_size=16, warmup_steps=2, learning_rate=3e-3)
   cfg.checkpoint.update(every=100, async_save=False)
   cfg.log_every = 1
@@ -44,4 +48,4 @@ def test_zoo_entry_trains(name, shapes_data_dir, tmp_path):
     losses = [r['loss'] for r in map(json.loads, f) if 'loss' in r]
   assert len(losses) == 12 and np.all(np.isfinite(losses)), losses
   first, last = np.mean(losses[:3]), np.mean(losses[-3:])
-  assert last < 0.8 * first, f'configs/zoo.py:{name}: loss did not fall: {losses}'
+  assert last < 0.8 * first, f'configs/scenes.py:{name}: loss did not fall: {losses}'

@@ -45,6 +45,9 @@ def _sources(cfg) -> dict[str, str]:
   out = {}
   for part in PARTS:
     path = init[part]
+    if path == 'stage0':
+      raise ValueError(f"init.{part}='stage0' is resolved by mmproj.experiment.run (or mmproj.stage0.resolve_init), "
+                       'which builds the stage-0 towers of cfg.stage0 and names their directories')
     if path:
       path = paths.resolve(str(path))                         # a projector's workdir may be a URL (gs://...)
       if not epath.Path(path).exists():
@@ -182,9 +185,14 @@ def load(cfg) -> dict[str, Any]:
   return loaded
 
 
+# Params a pretrained part does not have and that start from their fresh initialisation: the gated cross-attention
+# blocks an injecting projector (Flamingo's gated_xattn) puts between a pretrained LM's blocks.
+NEW_IN_PRETRAINED = {'lm': ('xattn_layers_',)}
+
+
 def place(params: dict, loaded: dict[str, Any], shardings: dict) -> dict:
-  """Replaces params[part] by loaded[part] on the same shardings; ValueError naming a param whose path or shape
-  differs from the model's."""
+  """Replaces params[part] by loaded[part] on the same shardings (NEW_IN_PRETRAINED params keep their fresh
+  values); ValueError naming a param whose path or shape differs from the model's."""
   import jax
   from mmproj.train.optimizer import path_str
 
@@ -192,6 +200,8 @@ def place(params: dict, loaded: dict[str, Any], shardings: dict) -> dict:
   for part, tree in loaded.items():
     want = jax.tree_util.tree_flatten_with_path(params[part])[0]
     got = dict((path_str(p), v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0])
+    fresh = NEW_IN_PRETRAINED.get(part, ())
+    got.update({path_str(p): v for p, v in want if path_str(p) not in got and path_str(p).startswith(fresh)})
     missing = [path_str(p) for p, _ in want if path_str(p) not in got]
     extra = sorted(set(got) - {path_str(p) for p, _ in want})
     if missing or extra:

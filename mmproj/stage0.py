@@ -1,0 +1,346 @@
+"""Stage 0: the pretrained towers that connector experiments start from, built once per recipe and reused.
+
+  python -m mmproj.stage0 configs/stage0/scenes.py          # builds (or finds) both towers and prints their report
+  python -m mmproj.stage0 configs/stage0/scenes.py:smoke    # the same at toy sizes, in about a minute
+
+Real MLLMs put the connector between a pretrained (usually frozen) vision encoder and a pretrained LM. Stage 0
+makes both for the world a recipe names (config_lib.stage0_recipe), as the released ones are made:
+
+  vision  a SigLIP-shaped ViT trained with SigLIP's sigmoid contrastive loss (Zhai et al. 2023) against a small
+          causal text tower on the world's captions, which name every object's attributes and cell. Image
+          embedding: the mean of the ViT's output tokens, projected; text embedding: the text tower's state at the
+          caption's <eos>, projected. Reported: zero-shot image -> text retrieval top-1 on the test split (the
+          right caption among all num_test of them; chance 1 / num_test).
+  lm      a Llama-shaped LM trained on text only, by the one trainer (mmproj/train/trainer.py) as a model with no
+          image: rows are a caption followed by questions about it and their answers, so it learns the language
+          and answers from a description, but has never seen an image. Reported: test caption perplexity.
+
+Both are written as HF directories (mmproj/convert: a SiglipVisionModel dir with preprocessor_config.json, a
+LlamaForCausalLM dir with tokenizer.json) under stage0.cache_dir/<key>/, key = a hash of the recipe, and read
+back through cfg.init, the path a LLaVA run from released weights takes. `resolve_init(cfg)` builds what is
+missing (training resumes from its checkpoints in <key>/work/ after an interruption; the towers' world is built
+under the experiment's data.data_dir) and points cfg.init's 'stage0' entries at the directories. report.json
+beside them holds the figures.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from mmproj import config_lib
+from mmproj.data import shapes
+from mmproj.data.file_lock import file_lock
+from mmproj.data import tokenizer as tokenizer_lib
+from mmproj.encoders import build_encoder
+from mmproj.layers.norms import RMSNorm
+from mmproj.lm import build_lm
+from mmproj.train import optimizer as opt_lib
+
+
+def _print(msg: str) -> None:
+  print(msg, flush=True)
+
+
+STAGE0 = 'stage0'             # the cfg.init value that means "the stage-0 tower of cfg.stage0"
+PARTS = {'encoder': 'vision', 'lm': 'lm'}   # cfg.init part -> stage-0 directory
+
+
+# ----------------------------------------------------------------------------------------------- the recipe key
+
+
+def key(recipe: Any) -> str:
+  """12 hex digits naming the recipe's towers: every field but where things are stored."""
+  r = recipe.to_dict() if hasattr(recipe, 'to_dict') else dict(recipe)
+  r.pop('cache_dir', None)
+  r['data'] = {k: v for k, v in r['data'].items() if k != 'data_dir'}
+  r['lm'] = {**r['lm'], 'data': {k: v for k, v in r['lm']['data'].items() if k != 'data_dir'}}
+  return hashlib.sha256(json.dumps(r, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def directories(recipe: Any) -> dict[str, str]:
+  root = os.path.join(shapes.local_dir('stage0.cache_dir', recipe.cache_dir), key(recipe))
+  return {'root': root, 'vision': os.path.join(root, 'vision'), 'lm': os.path.join(root, 'lm'),
+          'report': os.path.join(root, 'report.json'), 'work': os.path.join(root, 'work')}
+
+
+# ----------------------------------------------------------------------------------------------- vision tower
+
+
+class SigLIPPair(nn.Module):
+  """ViT + causal text tower with SigLIP's learnable temperature t and bias b.
+    image [B, S, S, 3] uint8 -> ViT [B, N, Dv] -> mean over N -> Dense -> l2-normalised [B, E]
+    caption tokens [B, T] -> text tower [B, T, Dt] -> the <eos> position -> RMSNorm -> Dense -> l2-normalised [B, E]
+  """
+  encoder: Any
+  text: Any
+  embed_dim: int
+
+  def setup(self):
+    self.vit = build_encoder(self.encoder)
+    self.text_tower = build_lm(self.text)
+    self.text_norm = RMSNorm(1e-6)
+    self.image_proj = nn.Dense(self.embed_dim, name='image_proj')
+    self.text_proj = nn.Dense(self.embed_dim, name='text_proj')
+    self.log_t = self.param('log_t', lambda _: jnp.log(10.0))     # SigLIP's initialisation: t = 10, b = -10
+    self.bias = self.param('bias', lambda _: jnp.full((), -10.0))
+
+  def embed_images(self, image):
+    tokens, _ = self.vit(image)                                            # [B, N, Dv]
+    z = self.image_proj(tokens.mean(axis=1))                               # [B, E]
+    return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+
+  def embed_texts(self, tokens, input_mask):
+    positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0)
+    hidden, _ = self.text_tower(self.text_tower.embed(tokens), positions, input_mask, return_hidden=True)  # [B, T, D]
+    last = input_mask.sum(axis=1) - 1                                      # the <eos> of each caption
+    pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+    z = self.text_proj(self.text_norm(pooled))                             # [B, E]
+    return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+
+  def __call__(self, image, tokens, input_mask):
+    return self.embed_images(image), self.embed_texts(tokens, input_mask), jnp.exp(self.log_t), self.bias
+
+
+def sigmoid_loss(zimg, ztxt, t, b):
+  """SigLIP: every (image, caption) pair of the batch is a binary problem, positive on the diagonal."""
+  logits = zimg @ ztxt.T * t + b                                           # [B, B]
+  labels = 2 * jnp.eye(logits.shape[0]) - 1
+  return -jax.nn.log_sigmoid(labels * logits).sum() / logits.shape[0]
+
+
+def _caption_tokens(tok, captions: list[str], length: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+  ids = np.zeros((len(captions), length), np.int32)
+  for i, text in enumerate(captions):
+    row = [tokenizer_lib.BOS_ID] + tokenizer_lib.encode(tok, text) + [tokenizer_lib.EOS_ID]
+    if len(row) > length:
+      raise ValueError(f'stage0.vision.text_len={length}: a {where} caption needs {len(row)} tokens')
+    ids[i, :len(row)] = row
+  return ids, (ids != tokenizer_lib.PAD_ID).astype(np.int32)
+
+
+class _Split:
+  """A split's images and caption tokens, read once (a few hundred MB at most for the recipes here)."""
+
+  def __init__(self, data_cfg, tok, split: str, text_len: int, limit: int | None = None):
+    source = shapes.data_source(data_cfg, split)
+    n = len(source) if limit is None else min(limit, len(source))
+    records = [shapes.decode_record(source[i]) for i in range(n)]
+    self.images = np.stack([r['image'] for r in records])
+    self.tokens, self.mask = _caption_tokens(tok, [r['caption'] for r in records], text_len, split)
+
+  def batch(self, index: np.ndarray) -> tuple[np.ndarray, ...]:
+    return self.images[index], self.tokens[index], self.mask[index]
+
+
+def _train_cfg(v) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(steps=v.steps, warmup_steps=v.warmup_steps, learning_rate=v.learning_rate,
+                                        end_lr_frac=v.end_lr_frac, b1=v.b1, b2=v.b2, weight_decay=v.weight_decay,
+                                        grad_clip=v.grad_clip))
+
+
+def retrieval_accuracy(model, params, split: _Split, batch_size: int = 250) -> dict[str, float]:
+  """Zero-shot retrieval top-1 over the whole split: each image's own caption among all the split's captions
+  (image -> text), and each caption's image among all images (text -> image)."""
+  embed_i = jax.jit(lambda p, x: model.apply({'params': p}, x, method='embed_images'))
+  embed_t = jax.jit(lambda p, t, m: model.apply({'params': p}, t, m, method='embed_texts'))
+  n = len(split.images)
+  zi = np.concatenate([embed_i(params, split.images[i:i + batch_size]) for i in range(0, n, batch_size)])
+  zt = np.concatenate([embed_t(params, split.tokens[i:i + batch_size], split.mask[i:i + batch_size])
+                       for i in range(0, n, batch_size)])
+  sim = zi @ zt.T                                                          # [N, N]
+  return {'image_to_text': float(np.mean(sim.argmax(1) == np.arange(n))),
+          'text_to_image': float(np.mean(sim.argmax(0) == np.arange(n))), 'chance': 1.0 / n, 'candidates': n}
+
+
+def train_vision(recipe, workdir: str, tok, log=_print) -> tuple[dict, dict]:
+  """Trains the SigLIP pair (resuming from workdir's newest checkpoint) -> (ViT params, report)."""
+  v = recipe.vision
+  model = SigLIPPair(encoder=v.encoder.to_dict(), text=v.text.to_dict(), embed_dim=int(v.embed_dim))
+  train = _Split(recipe.data, tok, 'train', int(v.text_len))
+  test = _Split(recipe.data, tok, 'test', int(v.text_len))
+  b = int(v.batch_size)
+  sample = train.batch(np.arange(b))
+  params = model.init(jax.random.key(int(v.seed)), *sample)['params']
+  labels = jax.tree.map(lambda _: 'train', params)
+  tx = opt_lib.make_optimizer(_train_cfg(v), labels)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step_fn(state, image, tokens, mask):
+    def loss_fn(p):
+      return sigmoid_loss(*model.apply({'params': p}, image, tokens, mask))
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    return {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
+            'opt_state': opt_state}, loss
+
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  # Training seconds up to each checkpoint, so that a resumed build reports the time of the whole training.
+  seconds_file = os.path.join(workdir, 'train_seconds.json')
+  seconds = json.load(open(seconds_file)) if os.path.isfile(seconds_file) else {}
+  latest = manager.latest_step()
+  if latest is not None:
+    state = manager.restore(latest, args=ocp.args.StandardRestore(state))
+    log(f'[stage0 vision] resuming from step {latest}')
+  steps, every = int(v.steps), int(v.checkpoint_every)
+  before = float(seconds.get(str(latest), 0.0))
+  losses, t0 = [], time.time()
+  try:             # on an error too: a pending save finishes, so the next run resumes from it
+    for step in range(int(state['step']) + 1, steps + 1):
+      # The batch is a pure function of (seed, step): a resumed run sees the batches it would have seen.
+      index = np.random.default_rng([int(v.seed), step]).choice(len(train.images), b, replace=False)
+      state, loss = step_fn(state, *train.batch(index))
+      losses.append(float(loss))
+      if step % every == 0 or step == steps:
+        manager.save(step, args=ocp.args.StandardSave(state))
+        seconds[str(step)] = round(before + time.time() - t0, 1)
+        with open(seconds_file + '.tmp', 'w') as f:
+          json.dump(seconds, f)
+        os.replace(seconds_file + '.tmp', seconds_file)
+      if step % int(v.log_every) == 0 or step == steps:
+        log(f'[stage0 vision] step {step}/{steps} loss {np.mean(losses):.4f} ({before + time.time() - t0:.0f}s)')
+        losses = []
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+  params = state['params']
+  report = {'retrieval': retrieval_accuracy(model, params, test), 'steps': steps, 'batch_size': b,
+            'train_seconds': float(seconds.get(str(steps), round(before + time.time() - t0, 1)))}
+  return jax.device_get(params['vit']), report
+
+
+# ----------------------------------------------------------------------------------------------- LM
+
+
+def train_lm(recipe, workdir: str, log=_print) -> tuple[dict, dict, Any]:
+  """Trains the text-only LM with the one trainer -> (LM params, report, tokenizer)."""
+  from mmproj.eval import vqa
+  from mmproj.train import trainer
+
+  result = trainer.train(recipe.lm, workdir, name='[stage0 lm] ')
+  loss = vqa.caption_loss(result.setup, result.state.params, result.tokenizer,
+                          batch_size=int(recipe.lm.eval.batch_size))
+  report = {'caption_loss': loss, 'caption_perplexity': math.exp(loss), 'steps': int(recipe.lm.train.steps),
+            'train_seconds': round(result.train_seconds, 1),
+            'uniform_perplexity': float(tokenizer_lib.vocab_size(result.tokenizer))}
+  log(f'[stage0 lm] test caption perplexity {math.exp(loss):.3f}')
+  return jax.device_get(result.state.params['lm']), report, result.tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- build / resolve
+
+
+def is_built(recipe) -> bool:
+  d = directories(recipe)
+  if not (os.path.isfile(d['report']) and all(os.path.isfile(os.path.join(d[p], 'model.safetensors'))
+                                               for p in ('vision', 'lm'))):
+    return False
+  with open(d['report']) as f:
+    return {'vision', 'lm'} <= set(json.load(f))
+
+
+def build(recipe, log=_print) -> dict[str, str]:
+  """Builds whatever of the recipe's towers is missing (one process at a time) -> directories(recipe)."""
+  from mmproj.convert import llama, vision
+
+  d = directories(recipe)
+  with file_lock(d['root'] + '.lock'):
+    if is_built(recipe):
+      return d
+    _, tok = shapes.prepare(recipe.data)
+    report = json.load(open(d['report'])) if os.path.isfile(d['report']) else {}
+    report.update(key=key(recipe), recipe=recipe.to_dict())
+
+    def save_report():  # after each tower: a build cut off in the LM keeps the vision figures
+      with open(d['report'] + '.tmp', 'w') as f:
+        json.dump(report, f, indent=2, default=str)
+      os.replace(d['report'] + '.tmp', d['report'])
+
+    if 'vision' not in report or not os.path.isfile(os.path.join(d['vision'], 'model.safetensors')):
+      vit_params, report['vision'] = train_vision(recipe, os.path.join(d['work'], 'vision'), tok, log)
+      if not os.path.isfile(os.path.join(d['vision'], 'model.safetensors')):
+        vision.export_vision_tower(recipe.vision.encoder.to_dict(), vit_params, d['vision'])
+      save_report()
+    if 'lm' not in report or not os.path.isfile(os.path.join(d['lm'], 'model.safetensors')):
+      lm_params, report['lm'], tok = train_lm(recipe, os.path.join(d['work'], 'lm'), log)
+      tok_file = os.path.join(d['work'], 'lm', tokenizer_lib.FILENAME)
+      tokenizer_lib.save(tok, tok_file)
+      if not os.path.isfile(os.path.join(d['lm'], 'model.safetensors')):
+        llama.export_lm(recipe.lm.model.lm.to_dict(), lm_params, d['lm'], tokenizer_file=tok_file,
+                        bos_token_id=tokenizer_lib.BOS_ID, eos_token_id=tokenizer_lib.EOS_ID,
+                        pad_token_id=tokenizer_lib.PAD_ID)
+      save_report()
+  return d
+
+
+def resolve_init(cfg, log=_print) -> ml_collections.ConfigDict:
+  """cfg with each cfg.init entry equal to 'stage0' replaced by the directory of that stage-0 tower (built
+  first when missing); cfg unchanged when none is."""
+  wanted = [part for part in PARTS if cfg.init.get(part) == STAGE0]
+  if not wanted:
+    return cfg
+  if not cfg.model.use_image and 'encoder' in wanted:   # a blind run (the sweep's 'blind' cell) takes the LM only
+    cfg = cfg.copy_and_resolve_references()
+    cfg.init.encoder = None
+    wanted.remove('encoder')
+    if not wanted:
+      return cfg
+  if cfg.get('stage0') is None:
+    raise ValueError(f"init.{wanted[0]}='stage0' but the config has no stage0 recipe (config_lib.stage0_recipe)")
+  cfg = cfg.copy_and_resolve_references()
+  # The towers' world is built where the experiment's is (the key leaves data_dir out).
+  cfg.stage0.data.data_dir = cfg.stage0.lm.data.data_dir = cfg.data.data_dir
+  dirs = build(cfg.stage0, log)
+  for part in wanted:
+    cfg.init[part] = dirs[PARTS[part]]
+  return cfg
+
+
+def report(recipe) -> dict:
+  with open(directories(recipe)['report']) as f:
+    return json.load(f)
+
+
+def format_report(r: dict) -> str:
+  ret, lm = r['vision']['retrieval'], r['lm']
+  return (f"stage0 {r['key']}\n"
+          f"  vision: zero-shot image->text top-1 {ret['image_to_text']:.1%} (text->image {ret['text_to_image']:.1%})"
+          f" among {ret['candidates']} test captions, chance {ret['chance']:.2%}; {r['vision']['steps']} steps in "
+          f"{r['vision']['train_seconds']:.0f}s\n"
+          f"  lm: test caption perplexity {lm['caption_perplexity']:.3f} (uniform over the vocabulary: "
+          f"{lm['uniform_perplexity']:.0f}); {lm['steps']} steps in {lm['train_seconds']:.0f}s")
+
+
+def main(argv=None) -> int:
+  import argparse
+  parser = argparse.ArgumentParser(prog='python -m mmproj.stage0', description=__doc__.split('\n\n')[0])
+  parser.add_argument('config', help='a stage-0 recipe config file, e.g. configs/stage0/scenes.py[:smoke]')
+  parser.add_argument('overrides', nargs='*', help='FIELD=VALUE settings of the recipe')
+  args = parser.parse_args(argv)
+  recipe = config_lib.load_config_file(args.config, args.overrides)
+  if jax.default_backend() == 'cpu' and 'GLIBC_TUNABLES' not in os.environ:
+    _print('note: GLIBC_TUNABLES is unset; on a CPU host XLA steps run faster under launch.sh\'s setting: '
+           'GLIBC_TUNABLES=$(python benchmarks/host_malloc.py) python -m mmproj.stage0 ...')
+  d = build(recipe)
+  print(format_report(report(recipe)))
+  print(f"  vision: {d['vision']}\n  lm: {d['lm']}")
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

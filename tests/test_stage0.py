@@ -1,0 +1,135 @@
+"""Stage 0 (mmproj/stage0.py) at its smoke recipe: the towers are trained, reported, written as HF directories that
+transformers and mmproj.load read back to the same outputs, resumed exactly after an interruption, and read by a
+connector experiment through cfg.init."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiment_utils import load_config
+from mmproj import stage0
+from mmproj.data import shapes
+
+
+def test_report_has_the_figures(stage0_smoke):
+  recipe, dirs = stage0_smoke
+  report = stage0.report(recipe)
+  ret = report['vision']['retrieval']
+  assert ret['candidates'] == recipe.data.num_test and ret['chance'] == pytest.approx(1 / recipe.data.num_test)
+  assert 0 <= ret['image_to_text'] <= 1 and 0 <= ret['text_to_image'] <= 1
+  lm = report['lm']
+  assert math.isfinite(lm['caption_perplexity']) and lm['caption_perplexity'] < lm['uniform_perplexity']
+  assert report['key'] == stage0.key(recipe) and os.path.basename(dirs['root']) == report['key']
+  text = stage0.format_report(report)
+  assert 'zero-shot image->text' in text and 'perplexity' in text
+
+
+def test_key_ignores_where_things_are_stored_but_not_the_recipe(stage0_smoke):
+  recipe, _ = stage0_smoke
+  moved = recipe.copy_and_resolve_references()
+  moved.cache_dir, moved.data.data_dir, moved.lm.data.data_dir = '/elsewhere', '/x', '/y'
+  assert stage0.key(moved) == stage0.key(recipe)
+  longer = recipe.copy_and_resolve_references()
+  longer.vision.steps += 1
+  assert stage0.key(longer) != stage0.key(recipe)
+
+
+def test_hf_directories_load_in_transformers_and_mmproj_with_equal_outputs(stage0_smoke):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  import mmproj
+  recipe, dirs = stage0_smoke
+
+  image = shapes.generate_example(shapes.config_from(recipe.data), 'test', 0)['image'][None]   # [1, 96, 96, 3]
+  vit = mmproj.load(dirs['vision'])
+  ours = np.asarray(vit.model.apply({'params': vit.params}, image)[0])                        # [1, 64, D]
+  hf_vit = transformers.SiglipVisionModel.from_pretrained(dirs['vision']).eval()
+  assert tuple(vit.image_processor.image_mean) == tuple(vit.image_processor.image_std) == (0.5, 0.5, 0.5)
+  pixels = torch.from_numpy(image.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)  # mean = std = 0.5
+  with torch.no_grad():
+    theirs = hf_vit(pixel_values=pixels).last_hidden_state.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+  lm = mmproj.load(dirs['lm'])
+  assert lm.tokenizer is not None and lm.tokenizer.token_to_id('<image>') == 3
+  tokens = np.array([[1] + lm.tokenizer.encode('large red circle top left').ids + [2]], np.int32)
+  batch = dict(tokens=tokens, positions=np.arange(tokens.shape[1])[None].astype(np.int32),
+               input_mask=np.ones_like(tokens))
+  ours = np.asarray(lm.model.apply({'params': lm.params}, batch))
+  hf_lm = transformers.LlamaForCausalLM.from_pretrained(dirs['lm']).eval()
+  with torch.no_grad():
+    theirs = hf_lm(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_vision_training_resumes_exactly_after_an_interruption(stage0_smoke, tmp_path):
+  recipe, _ = stage0_smoke
+  recipe = recipe.copy_and_resolve_references()
+  recipe.vision.update(steps=6, checkpoint_every=2, log_every=3)
+  _, tok = shapes.prepare(recipe.data)
+  whole, _ = stage0.train_vision(recipe, str(tmp_path / 'whole'), tok, log=lambda msg: None)
+
+  class Stop(Exception):
+    pass
+
+  def stop_at_step_3(msg):
+    if 'step 3/' in msg:
+      raise Stop
+  with pytest.raises(Stop):
+    stage0.train_vision(recipe, str(tmp_path / 'cut'), tok, log=stop_at_step_3)
+  assert sorted(os.listdir(tmp_path / 'cut' / 'checkpoints')) == ['2']
+  messages = []
+  resumed, report = stage0.train_vision(recipe, str(tmp_path / 'cut'), tok, log=messages.append)
+  assert '[stage0 vision] resuming from step 2' in messages
+  seconds = json.loads((tmp_path / 'cut' / 'train_seconds.json').read_text())    # both runs' training time
+  assert sorted(seconds) == ['2', '4', '6'] and report['train_seconds'] == seconds['6'] > seconds['2'] > 0
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resolve_init_points_at_the_towers_and_refuses_an_unresolved_entry(stage0_smoke):
+  from mmproj.train import pretrained
+  recipe, dirs = stage0_smoke
+  cfg = load_config('configs/scenes.py', 'mlp,smoke')
+  cfg.stage0.cache_dir = recipe.cache_dir
+  cfg.data.data_dir = recipe.data.data_dir
+  with pytest.raises(ValueError, match=r"init.encoder='stage0' is resolved by mmproj.experiment.run"):
+    pretrained.check(cfg)
+  resolved = stage0.resolve_init(cfg)
+  assert (resolved.init.encoder, resolved.init.lm) == (dirs['vision'], dirs['lm'])
+  pretrained.check(resolved)                                  # the towers fit cfg.model
+  blind = cfg.copy_and_resolve_references()
+  blind.model.use_image = False
+  blind = stage0.resolve_init(blind)
+  assert blind.init.encoder is None and blind.init.lm == dirs['lm']
+  no_recipe = cfg.copy_and_resolve_references()
+  del no_recipe['stage0']
+  with pytest.raises(ValueError, match='no stage0 recipe'):
+    stage0.resolve_init(no_recipe)
+
+
+def test_a_connector_experiment_starts_from_the_towers_and_keeps_the_encoder_frozen(stage0_smoke, tmp_path):
+  import mmproj
+  from mmproj import experiment
+  recipe, dirs = stage0_smoke
+  cfg = load_config('configs/scenes.py', 'mlp,smoke')
+  cfg.stage0.cache_dir = recipe.cache_dir
+  cfg.data.data_dir = recipe.data.data_dir
+  cfg.train.update(steps=6, warmup_steps=2)
+  cfg.checkpoint.every, cfg.log_every = 3, 3
+  cfg.eval.update(batch_size=16, max_examples=16)
+  results = experiment.run(cfg, str(tmp_path / 'run'))
+  assert set(results['vqa_accuracy']) == {'overall', *shapes.SCENE_FAMILIES}
+  assert set(results['chance']) == {'overall', *shapes.SCENE_FAMILIES}
+  assert 'blind_vqa_accuracy' in results
+  saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert (saved['init']['encoder'], saved['init']['lm']) == (dirs['vision'], dirs['lm'])
+  trained = mmproj.load(str(tmp_path / 'run'))
+  tower = mmproj.load(dirs['vision'])
+  for a, b in zip(jax.tree.leaves(tower.params), jax.tree.leaves(trained.params['encoder'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))     # loaded, and frozen through training
