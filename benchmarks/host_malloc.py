@@ -15,18 +15,24 @@ LLaVA stage-1 step under whatever GLIBC_TUNABLES it is given (empty for glibc's 
 its peak resident memory, which a training process reaches in its first step anyway.
 
 glibc reads GLIBC_TUNABLES once, at process start, so whoever starts the process sets it: launch.sh (on hosts without
-a GPU or TPU; it runs this file, which prints REUSE) and the benchmark's re-exec (benchmarks/__main__.py, for both
-frameworks' processes). A GLIBC_TUNABLES already in the environment,
+a GPU or TPU; it runs this file, which prints REUSE), the benchmark's re-exec (benchmarks/__main__.py, for both
+frameworks' processes) and experiments/sweep.py (for each run's process, on the same hosts as launch.sh). A GLIBC_TUNABLES already in the environment,
 empty included, is left alone. Other C libraries (musl, macOS) ignore the variable.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from typing import MutableMapping
 
 ENV = 'GLIBC_TUNABLES'
 REUSE = 'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736'
+
+
+def accelerator_host() -> bool:
+  """True on a host with a GPU or TPU device node (launch.sh's test): the setting is for CPU hosts only."""
+  return any(glob.glob(p) for p in ('/dev/nvidia[0-9]*', '/dev/accel[0-9]*', '/dev/vfio/[0-9]*'))
 
 
 def with_reuse(env: MutableMapping[str, str]) -> MutableMapping[str, str]:

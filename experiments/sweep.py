@@ -13,6 +13,9 @@ of them). Run r = (cell, seed) trains in WORKDIR/<cell>/seed<seed>/ as `python -
 interrupted one resumes from its own checkpoint (the trainer's resume), so re-running the sweep command continues
 it. Progress is printed before each run: runs done / left and the ETA from this invocation's mean run time. A run
 that fails is reported and the sweep goes on; the command then exits with status 1, naming the failures.
+--jobs N runs N at once on a CPU host, each pinned to its own share of the cores (its output then goes to
+<workdir>/run.log): small models use two cores poorly, so two one-core runs finish sooner than two two-core runs
+in turn (python -m benchmarks.sweep_jobs measures the ratio).
 
 --print-commands prints one `./launch.sh` line per run not yet finished (a SLURM array or any queue can run them;
 `--collect` afterwards is the same). --collect reads every finished run's results.json and metrics.jsonl, copies
@@ -37,6 +40,8 @@ from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from benchmarks import host_malloc  # noqa: E402  (after the path: the sweep runs as a script)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,22 +93,59 @@ def _duration(seconds: float) -> str:
   return f'{s // 3600}h{s // 60 % 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
 
 
-def run_all(runs: list[Run], log=print) -> list[str]:
-  """Runs every unfinished run in turn (its own process) -> the names of those that failed."""
+def core_groups(jobs: int, cores: list[int]) -> list[list[int]]:
+  """The host's cores split into `jobs` disjoint groups, one per concurrent run (their sizes differ by one at most)."""
+  if not 1 <= jobs <= len(cores):
+    raise ValueError(f'--jobs {jobs}: between 1 and the {len(cores)} cores this process may use')
+  return [cores[i::jobs] for i in range(jobs)]
+
+
+def _start(r: Run, cores: list[int] | None) -> subprocess.Popen:
+  """Starts one run in its own process; with `cores` (--jobs > 1) pinned to them, its output to <workdir>/run.log."""
+  cmd = [sys.executable, '-m', 'mmproj.main', '--config', r.config] + r.args()
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  if not host_malloc.accelerator_host():     # as ./launch.sh does: XLA CPU steps reuse freed memory
+    host_malloc.with_reuse(env)
+  if cores is None:
+    return subprocess.Popen(cmd, cwd=REPO, env=env)
+  os.makedirs(r.workdir, exist_ok=True)
+  with open(os.path.join(r.workdir, 'run.log'), 'a') as out:   # XLA sizes its thread pool from the affinity
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cores))
+
+
+def run_all(runs: list[Run], jobs: int = 1, log=print) -> list[str]:
+  """Runs every unfinished run (each its own process), `jobs` at a time -> the names of those that failed."""
+  if jobs > 1 and host_malloc.accelerator_host():
+    raise ValueError(f'--jobs {jobs} splits CPU cores between runs; on a GPU/TPU host run one at a time, or give '
+                     '--print-commands lines to a scheduler')
+  groups = core_groups(jobs, sorted(os.sched_getaffinity(0))) if jobs > 1 else [None]
   pending = [r for r in runs if not r.done]
-  log(f'sweep: {len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run')
-  failures, spent = [], []
-  for i, r in enumerate(pending):
-    eta = f', ETA {_duration(sum(spent) / len(spent) * (len(pending) - i))}' if spent else ''
-    log(f'[{len(runs) - len(pending) + i + 1}/{len(runs)}] {r.cell} seed {r.seed} ({i} done, '
-        f'{len(pending) - i} left{eta})')
-    start = time.time()
-    cmd = [sys.executable, '-m', 'mmproj.main', '--config', r.config] + r.args()
-    out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
-    spent.append(time.time() - start)
-    if out.returncode or not r.done:
-      failures.append(f'{r.cell}/seed{r.seed} (exit status {out.returncode})')
-      log(f'sweep: {r.cell} seed {r.seed} FAILED (exit status {out.returncode}); going on')
+  log(f'sweep: {len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run'
+      + (f', {jobs} at a time (cores {" | ".join(",".join(map(str, g)) for g in groups)}; output in each run\'s '
+         'run.log)' if jobs > 1 else ''))
+  failures, running, finished, start = [], {}, 0, time.time()    # running: slot -> (run, process)
+  queue = list(pending)
+  while queue or running:
+    for slot in range(len(groups)):
+      if slot not in running and queue:
+        r = queue.pop(0)
+        i = len(pending) - len(queue) - 1
+        # ETA from this invocation's throughput: wall time per finished run times the runs not finished.
+        eta = f', ETA {_duration((time.time() - start) / finished * (len(pending) - finished))}' if finished else ''
+        log(f'[{len(runs) - len(pending) + i + 1}/{len(runs)}] {r.cell} seed {r.seed} ({finished} done, '
+            f'{len(pending) - finished} left{eta})')
+        running[slot] = (r, _start(r, groups[slot]))
+    for slot, (r, process) in list(running.items()):
+      if process.poll() is None:
+        continue
+      del running[slot]
+      finished += 1
+      if process.returncode or not r.done:
+        failures.append(f'{r.cell}/seed{r.seed} (exit status {process.returncode})')
+        log(f'sweep: {r.cell} seed {r.seed} FAILED (exit status {process.returncode}); going on')
+    if running:
+      time.sleep(0.5)
   return failures
 
 
@@ -131,15 +173,16 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def _visual_tokens(workdir: str) -> int | None:
+def _model_facts(workdir: str) -> tuple[int | None, int | None]:
+  """(visual tokens M, projector parameters) of a run, from its config.json."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    return None
+    return None, None
   import ml_collections
 
   from mmproj import config_lib, model as model_lib
-  cfg = ml_collections.ConfigDict(_read_json(path))
-  return model_lib.num_image_tokens(config_lib.model_config(**cfg.model.to_dict()))
+  cfg_model = config_lib.model_config(**ml_collections.ConfigDict(_read_json(path)).model.to_dict())
+  return model_lib.num_image_tokens(cfg_model), model_lib.projector_param_count(cfg_model)
 
 
 def _losses(workdir: str) -> dict[int, float]:
@@ -152,19 +195,22 @@ def _losses(workdir: str) -> dict[int, float]:
 
 
 def gather(sweep, runs: list[Run], copy_to: str | None = None) -> list[dict]:
-  """One row per cell: {cell, seeds, accuracy: {family: [per seed]}, tokens, curve: {step: mean loss}}; each
-  finished run's results.json, config.json and metrics.jsonl copied under copy_to/<cell>/seed<seed>/."""
+  """One row per cell: {cell, seeds, accuracy: {family: [per seed]}, tokens, params, chance: {family: level},
+  curve: {step: mean loss}}; each finished run's results.json, config.json and metrics.jsonl copied under
+  copy_to/<cell>/seed<seed>/."""
   rows = []
   for cell in sweep.cells:
     mine = [r for r in runs if r.cell == cell['name'] and r.done]
     accuracy: dict[str, list[float]] = {}
-    curves, tokens = [], None
+    curves, tokens, params, chance = [], None, None, {}
     for r in mine:
       results = _read_json(os.path.join(r.workdir, 'results.json'))
       for family, value in results.get('vqa_accuracy', {}).items():
         accuracy.setdefault(family, []).append(float(value))
+      chance = chance or results.get('chance') or {}
       curves.append(_losses(r.workdir))
-      tokens = tokens if tokens is not None else _visual_tokens(r.workdir)
+      if tokens is None:
+        tokens, params = _model_facts(r.workdir)
       if copy_to:
         dst = os.path.join(copy_to, r.cell, f'seed{r.seed}')
         if os.path.abspath(dst) != os.path.abspath(r.workdir):
@@ -175,27 +221,57 @@ def gather(sweep, runs: list[Run], copy_to: str | None = None) -> list[dict]:
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
     curve = {s: sum(c[s] for c in curves) / len(curves) for s in steps}
     rows.append(dict(cell=cell['name'], seeds=[r.seed for r in mine], accuracy=accuracy, tokens=tokens,
-                     curve=curve))
+                     params=params, chance=chance, curve=curve))
   return rows
+
+
+BASELINE_CELL = 'blind'   # a cell of this name is the baseline the other cells are compared with, seed by seed
+
+
+def _cell_text(values: list[float]) -> str:
+  if not values:
+    return ''
+  mean, half = interval(values)
+  return f'{mean:.1f} ± {half:.1f}' if len(values) > 1 else f'{mean:.1f}'
+
+
+def paired_differences(row: dict, base: dict, family: str) -> list[float]:
+  """Percentage points row - base on `family`, one per seed both finished."""
+  a = dict(zip(row['seeds'], row['accuracy'].get(family, [])))
+  b = dict(zip(base['seeds'], base['accuracy'].get(family, [])))
+  return [100 * (a[s] - b[s]) for s in sorted(set(a) & set(b))]
 
 
 def markdown(sweep, rows: list[dict], command: str) -> str:
   families = list(dict.fromkeys(f for r in rows for f in r['accuracy']))
   lines = [f'# Sweep: {sweep.name}', '', f'Command: `{command}`  ',
            f'Seeds: {", ".join(map(str, sweep.seeds))}. Exact-match accuracy (%) on the test split, mean ± 95% '
-           't-interval over the seeds finished (one seed: no interval); M = visual tokens the LM reads.', '',
-           '| cell | M | seeds | ' + ' | '.join(families) + ' |', '|' + '---|' * (len(families) + 3)]
+           't-interval over the seeds finished (one seed: no interval); M = visual tokens the LM reads; params = '
+           'the projector\'s parameters.', '',
+           '| cell | M | params | seeds | ' + ' | '.join(families) + ' |', '|' + '---|' * (len(families) + 4)]
   for r in rows:
-    cells = []
-    for family in families:
-      values = r['accuracy'].get(family, [])
-      if not values:
-        cells.append('')
-        continue
-      mean, half = interval([100 * v for v in values])
-      cells.append(f'{mean:.1f} ± {half:.1f}' if len(values) > 1 else f'{mean:.1f}')
-    lines.append(f'| {r["cell"]} | {"" if r["tokens"] is None else r["tokens"]} | {len(r["seeds"])} | '
+    cells = [_cell_text([100 * v for v in r['accuracy'].get(family, [])]) for family in families]
+    lines.append(f'| {r["cell"]} | {"" if r["tokens"] is None else r["tokens"]} | '
+                 f'{"" if r["params"] is None else format(r["params"], ",")} | {len(r["seeds"])} | '
                  + ' | '.join(cells) + ' |')
+  chance = next((r['chance'] for r in rows if r['chance']), None)
+  if chance:
+    lines.append('| chance (most frequent answer) | | | | '
+                 + ' | '.join(f'{100 * chance[f]:.1f}' if f in chance else '' for f in families) + ' |')
+  base = next((r for r in rows if r['cell'] == BASELINE_CELL and r['seeds']), None)
+  if base is not None:
+    lines += ['', f'Difference from the {BASELINE_CELL} baseline (percentage points, paired by seed, mean ± 95% '
+              't-interval; * = the interval excludes 0):', '',
+              '| cell | ' + ' | '.join(families) + ' |', '|' + '---|' * (len(families) + 1)]
+    for r in rows:
+      if r is base or not r['seeds']:
+        continue
+      cells = []
+      for family in families:
+        diffs = paired_differences(r, base, family)
+        mark = '*' if len(diffs) > 1 and abs(interval(diffs)[0]) > interval(diffs)[1] else ''
+        cells.append(_cell_text(diffs) + mark)
+      lines.append(f'| {r["cell"]} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -274,6 +350,8 @@ def main(argv=None) -> int:
   p.add_argument('--print-commands', action='store_true', help='print a launch.sh line per unfinished run')
   p.add_argument('--collect', action='store_true', help='tables and plots from the finished runs')
   p.add_argument('--out', default=os.path.join(REPO, 'experiments', 'results'), help='where --collect writes')
+  p.add_argument('--jobs', type=int, default=1,
+                 help='runs at once on a CPU host, each pinned to its share of the cores (default 1)')
   p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                  help='an override for every run (e.g. data.data_dir=/fast/disk); repeatable')
   args = p.parse_args(argv)
@@ -289,7 +367,7 @@ def main(argv=None) -> int:
     print_commands(runs)
     return 0
   if not args.collect:
-    failures = run_all(runs)
+    failures = run_all(runs, args.jobs)
     if failures:
       print(f'sweep: {len(failures)} run(s) failed: {", ".join(failures)}', file=sys.stderr)
       return 1

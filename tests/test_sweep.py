@@ -27,14 +27,16 @@ def _sweep(*args, timeout=300):
   return out.stdout
 
 
-def test_smoke_sweep_runs_resumes_skips_finished_runs_and_collects(shapes_data_dir, tmp_path, capsys):
+def test_smoke_sweep_runs_resumes_skips_finished_runs_and_collects(stage0_smoke, tmp_path, capsys):
+  recipe, _ = stage0_smoke
   work, out = tmp_path / 'sweep', tmp_path / 'results'
-  common = ['--workdir', str(work), '--set', f'data.data_dir={shapes_data_dir}', *FAST]
+  common = ['--workdir', str(work), '--set', f'data.data_dir={recipe.data.data_dir}', '--set',
+            f'stage0.cache_dir={recipe.cache_dir}', *FAST]
   first = _sweep(*common, '--out', str(out))
   assert 'sweep: 1 runs, 0 finished, 1 to run' in first and '[1/1] mlp seed 0 (0 done, 1 left)' in first
   assert (work / 'mlp' / 'seed0' / 'results.json').exists()
   table = (out / 'zoo_smoke.md').read_text()
-  assert '| mlp | 36 | 1 |' in table
+  assert '| mlp | 64 | ' in table and ' | 1 | ' in table
   assert all((out / f'zoo_smoke_{kind}.png').stat().st_size > 0 for kind in ('accuracy', 'tokens', 'curves'))
   assert (out / 'zoo_smoke' / 'mlp' / 'seed0' / 'results.json').exists()          # the copies --collect reads
 
@@ -43,12 +45,21 @@ def test_smoke_sweep_runs_resumes_skips_finished_runs_and_collects(shapes_data_d
   assert sweep_tool.main(['configs/sweeps/zoo.py:smoke', *common[:2], '--print-commands', '--set',
                           'data.data_dir=/a dir']) == 0
   assert capsys.readouterr().out.splitlines() == [
-      f"./launch.sh configs/zoo.py:mlp,smoke --workdir {work}/mlp/seed0 --config.seed=0 --config.baseline=none "
+      f"./launch.sh configs/scenes.py:mlp,smoke --workdir {work}/mlp/seed0 --config.seed=0 --config.baseline=none "
       "'--config.data.data_dir=/a dir'"]
 
-  # The unfinished run goes again, resuming from its checkpoint; a finished one is skipped.
-  second = _sweep(*common, '--out', str(out))
-  assert 'sweep: 1 runs, 0 finished, 1 to run' in second and 'Resuming from checkpoint step 6' in second
+  # The unfinished run goes again, resuming from its checkpoint; a finished one is skipped. With two cores or more,
+  # at --jobs 2: the run is pinned to half of them, its output in its run.log.
+  cores = sorted(os.sched_getaffinity(0))
+  if len(cores) >= 2:
+    groups = sweep_tool.core_groups(2, cores)
+    second = _sweep(*common, '--out', str(out), '--jobs', '2')
+    assert (f'sweep: 1 runs, 0 finished, 1 to run, 2 at a time (cores {",".join(map(str, groups[0]))} | '
+            f'{",".join(map(str, groups[1]))};') in second
+    assert 'Resuming from checkpoint step 6' in (work / 'mlp' / 'seed0' / 'run.log').read_text()
+  else:
+    second = _sweep(*common, '--out', str(out))
+    assert 'sweep: 1 runs, 0 finished, 1 to run' in second and 'Resuming from checkpoint step 6' in second
   third = _sweep(*common, '--out', str(out))
   assert 'sweep: 1 runs, 1 finished, 0 to run' in third and 'workdir:' not in third   # nothing trained
 
@@ -59,6 +70,13 @@ def test_smoke_sweep_runs_resumes_skips_finished_runs_and_collects(shapes_data_d
   assert (tmp_path / 'again' / 'zoo_smoke.md').read_text().split('\n', 3)[3] == table.split('\n', 3)[3]
 
 
+def test_core_groups_split_the_cores_between_concurrent_runs():
+  assert sweep_tool.core_groups(2, [0, 1, 2, 3, 4]) == [[0, 2, 4], [1, 3]]
+  assert sweep_tool.core_groups(1, [3, 5]) == [[3, 5]]
+  with pytest.raises(ValueError, match='--jobs 3: between 1 and the 2 cores'):
+    sweep_tool.core_groups(3, [0, 1])
+
+
 def test_print_commands_covers_every_cell_and_seed(tmp_path, capsys):
   assert sweep_tool.main(['configs/sweeps/zoo.py', '--workdir', str(tmp_path), '--print-commands']) == 0
   lines = capsys.readouterr().out.splitlines()
@@ -67,20 +85,26 @@ def test_print_commands_covers_every_cell_and_seed(tmp_path, capsys):
 
 
 def test_collection_gives_means_and_intervals(tmp_path):
-  """Hand-made results: cell a at 80/70/90% (mean 80, sd 10, t(2) = 4.303: ± 24.8), cell b one seed."""
+  """Hand-made results: cell a at 80/70/90% (mean 80, sd 10, t(2) = 4.303: ± 24.8), cell b one seed, the blind
+  baseline at 50/50/60%: a - blind = 30/20/30 (mean 26.7, sd 5.77: ± 14.3, above 0)."""
   sweep = sweep_tool.load_sweep('configs/sweeps/zoo.py')
   sweep.name, sweep.seeds = 'handmade', [0, 1, 2]
-  sweep.cells = [dict(name='a', config='configs/zoo.py:mlp'), dict(name='b', config='configs/zoo.py:mlp')]
+  sweep.cells = [dict(name=n, config='configs/zoo.py:mlp') for n in ('a', 'b', 'blind')]
   runs = sweep_tool.runs_of(sweep, str(tmp_path / 'w'))
-  values = {('a', 0): 0.8, ('a', 1): 0.7, ('a', 2): 0.9, ('b', 0): 0.5}
+  values = {('a', 0): 0.8, ('a', 1): 0.7, ('a', 2): 0.9, ('b', 0): 0.5, ('blind', 0): 0.5, ('blind', 1): 0.5,
+            ('blind', 2): 0.6}
   for r in runs:
     if (r.cell, r.seed) in values:
       os.makedirs(r.workdir)
       with open(os.path.join(r.workdir, 'results.json'), 'w') as f:
-        json.dump({'vqa_accuracy': {'overall': values[r.cell, r.seed], 'color': 1.0}}, f)
+        json.dump({'vqa_accuracy': {'overall': values[r.cell, r.seed], 'color': 1.0},
+                   'chance': {'overall': 0.25, 'color': 0.2}}, f)
   text = sweep_tool.collect(sweep, runs, str(tmp_path / 'out'), 'cmd')
-  assert '| a |  | 3 | 80.0 ± 24.8 | 100.0 ± 0.0 |' in text
-  assert '| b |  | 1 | 50.0 | 100.0 |' in text
+  assert '| a |  |  | 3 | 80.0 ± 24.8 | 100.0 ± 0.0 |' in text
+  assert '| b |  |  | 1 | 50.0 | 100.0 |' in text
+  assert '| chance (most frequent answer) | | | | 25.0 | 20.0 |' in text
+  assert '| a | 26.7 ± 14.3* | 0.0 ± 0.0 |' in text            # equal on colour: no mark
+  assert '| b | 0.0 |' in text                                 # one seed: no interval, no mark
   assert sweep_tool.interval([1.0]) == (1.0, 0.0)
   mean, half = sweep_tool.interval([80.0, 70.0, 90.0])
   assert mean == pytest.approx(80.0) and half == pytest.approx(24.84, abs=0.01)
