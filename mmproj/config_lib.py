@@ -160,7 +160,8 @@ def stage0_recipe(smoke: bool = False) -> mlc.ConfigDict:
   r.vision = dict(encoder=scenes_encoder(smoke), text=text, embed_dim=32 if smoke else 128, text_len=80,
                   steps=20 if smoke else 1500, batch_size=16 if smoke else 128, learning_rate=1e-3,
                   warmup_steps=5 if smoke else 100, end_lr_frac=0.05, weight_decay=0.01, grad_clip=1.0, b1=0.9,
-                  b2=0.98, seed=0, log_every=10 if smoke else 100, checkpoint_every=10 if smoke else 250)
+                  b2=0.98, seed=0, log_every=10 if smoke else 100, checkpoint_every=10 if smoke else 250,
+                  hard_negatives=True)
   lm = _scenes_run(smoke, name='stage0_lm', use_image=False, projector=None, steps=600, batch_size=64)
   lm.baseline = 'none'
   lm.data.isolate_turns = False        # the questions read the caption before them

@@ -9,8 +9,12 @@ makes both for the world a recipe names (config_lib.stage0_recipe), as the relea
   vision  a SigLIP-shaped ViT trained with SigLIP's sigmoid contrastive loss (Zhai et al. 2023) against a small
           causal text tower on the world's captions, which name every object's attributes and cell. Image
           embedding: the mean of the ViT's output tokens, projected; text embedding: the text tower's state at the
-          caption's <eos>, projected. Reported: zero-shot image -> text retrieval top-1 on the test split (the
-          right caption among all num_test of them; chance 1 / num_test).
+          caption's <eos>, projected. vision.hard_negatives: each image also meets its caption with one thing
+          changed (an object's shape, colour, size or cell, two shapes swapped, a digit; shapes.
+          hard_negative_caption) as an extra negative, so that shapes, cells and digits must be encoded; random
+          captions can be told apart by colours alone. Reported: zero-shot image -> text retrieval top-1 on the
+          test split (the right caption among all num_test of them; chance 1 / num_test), and per kind of change
+          how often the image is closer to its own caption than to the changed one (chance 50%).
   lm      a Llama-shaped LM trained on text only, by the one trainer (mmproj/train/trainer.py) as a model with no
           image: rows are a caption followed by questions about it and their answers, so it learns the language
           and answers from a description, but has never seen an image. Reported: test caption perplexity.
@@ -116,9 +120,10 @@ class SigLIPPair(nn.Module):
 
 
 def sigmoid_loss(zimg, ztxt, t, b):
-  """SigLIP: every (image, caption) pair of the batch is a binary problem, positive on the diagonal."""
-  logits = zimg @ ztxt.T * t + b                                           # [B, B]
-  labels = 2 * jnp.eye(logits.shape[0]) - 1
+  """SigLIP: every (image, caption) pair of the batch is a binary problem, positive on the diagonal. ztxt may
+  hold more captions than there are images (rows B.. are extra negatives: hard negatives)."""
+  logits = zimg @ ztxt.T * t + b                                           # [B, B + extra]
+  labels = 2 * jnp.eye(*logits.shape) - 1
   return -jax.nn.log_sigmoid(labels * logits).sum() / logits.shape[0]
 
 
@@ -133,17 +138,38 @@ def _caption_tokens(tok, captions: list[str], length: int, where: str) -> tuple[
 
 
 class _Split:
-  """A split's images and caption tokens, read once (a few hundred MB at most for the recipes here)."""
+  """A split's images, caption tokens and scene contents, read once (a few hundred MB at most for the recipes
+  here)."""
 
   def __init__(self, data_cfg, tok, split: str, text_len: int, limit: int | None = None):
     source = shapes.data_source(data_cfg, split)
     n = len(source) if limit is None else min(limit, len(source))
     records = [shapes.decode_record(source[i]) for i in range(n)]
+    self.tok, self.split, self.text_len, self.grid = tok, split, text_len, int(data_cfg.grid)
     self.images = np.stack([r['image'] for r in records])
     self.tokens, self.mask = _caption_tokens(tok, [r['caption'] for r in records], text_len, split)
+    self.objects = [r['objects'] for r in records]
+    self.glyphs = [shapes.scene_glyphs(r['caption'], self.grid) for r in records]
 
   def batch(self, index: np.ndarray) -> tuple[np.ndarray, ...]:
     return self.images[index], self.tokens[index], self.mask[index]
+
+  def negative(self, i: int, kind: str, rng: np.random.Generator) -> str | None:
+    return shapes.hard_negative_caption(self.objects[i], self.glyphs[i], self.grid, kind, rng)
+
+  def hard_negatives(self, index: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One hard negative caption per image of `index`, of a kind drawn uniformly among those that apply to it ->
+    (tokens, mask) [len(index), text_len]."""
+    captions = []
+    for i in index:
+      kinds = list(shapes.HARD_NEGATIVE_KINDS)
+      while True:
+        kind = kinds.pop(int(rng.integers(len(kinds))))
+        caption = self.negative(int(i), kind, rng)
+        if caption is not None:
+          break
+      captions.append(caption)
+    return _caption_tokens(self.tok, captions, self.text_len, f'{self.split} hard negative')
 
 
 def _train_cfg(v) -> ml_collections.ConfigDict:
@@ -163,7 +189,30 @@ def retrieval_accuracy(model, params, split: _Split, batch_size: int = 250) -> d
                        for i in range(0, n, batch_size)])
   sim = zi @ zt.T                                                          # [N, N]
   return {'image_to_text': float(np.mean(sim.argmax(1) == np.arange(n))),
-          'text_to_image': float(np.mean(sim.argmax(0) == np.arange(n))), 'chance': 1.0 / n, 'candidates': n}
+          'text_to_image': float(np.mean(sim.argmax(0) == np.arange(n))), 'chance': 1.0 / n, 'candidates': n,
+          'hard_negatives': hard_negative_accuracy(model, params, split, zi, embed_t, batch_size)}
+
+
+def hard_negative_accuracy(model, params, split: _Split, zi: np.ndarray, embed_t, batch_size: int
+                           ) -> dict[str, float]:
+  """Per hard-negative kind (shapes.hard_negative_caption): how often an image is closer to its own caption than
+  to that caption with one thing changed (chance 50%), over the split's images the kind applies to. The finer
+  test: retrieval among random captions can succeed on colours alone."""
+  own = (zi * np.concatenate([embed_t(params, split.tokens[i:i + batch_size], split.mask[i:i + batch_size])
+                              for i in range(0, len(zi), batch_size)])).sum(-1)                # [N]
+  out = {}
+  for k, kind in enumerate(shapes.HARD_NEGATIVE_KINDS):
+    rng = np.random.default_rng([k])
+    pairs = [(i, c) for i in range(len(zi)) if (c := split.negative(i, kind, rng)) is not None]
+    if not pairs:
+      continue
+    tokens, mask = _caption_tokens(split.tok, [c for _, c in pairs], split.text_len, f'{split.split} {kind}')
+    zn = np.concatenate([embed_t(params, tokens[i:i + batch_size], mask[i:i + batch_size])
+                         for i in range(0, len(tokens), batch_size)])                          # [P, E]
+    rows = np.array([i for i, _ in pairs])
+    out[kind] = float(np.mean(own[rows] > (zi[rows] * zn).sum(-1)))
+  out['mean'] = float(np.mean(list(out.values()))) if out else float('nan')
+  return out
 
 
 def train_vision(recipe, workdir: str, tok, log=_print) -> tuple[dict, dict]:
@@ -173,6 +222,7 @@ def train_vision(recipe, workdir: str, tok, log=_print) -> tuple[dict, dict]:
   train = _Split(recipe.data, tok, 'train', int(v.text_len))
   test = _Split(recipe.data, tok, 'test', int(v.text_len))
   b = int(v.batch_size)
+  hard = bool(v.get('hard_negatives', False))  # one hard negative caption per image, besides the batch's others
   sample = train.batch(np.arange(b))
   params = model.init(jax.random.key(int(v.seed)), *sample)['params']
   labels = jax.tree.map(lambda _: 'train', params)
@@ -203,8 +253,13 @@ def train_vision(recipe, workdir: str, tok, log=_print) -> tuple[dict, dict]:
   try:             # on an error too: a pending save finishes, so the next run resumes from it
     for step in range(int(state['step']) + 1, steps + 1):
       # The batch is a pure function of (seed, step): a resumed run sees the batches it would have seen.
-      index = np.random.default_rng([int(v.seed), step]).choice(len(train.images), b, replace=False)
-      state, loss = step_fn(state, *train.batch(index))
+      rng = np.random.default_rng([int(v.seed), step])
+      index = rng.choice(len(train.images), b, replace=False)
+      image, tokens, mask = train.batch(index)
+      if hard:
+        neg_tokens, neg_mask = train.hard_negatives(index, rng)
+        tokens, mask = np.concatenate([tokens, neg_tokens]), np.concatenate([mask, neg_mask])
+      state, loss = step_fn(state, image, tokens, mask)
       losses.append(float(loss))
       if step % every == 0 or step == steps:
         manager.save(step, args=ocp.args.StandardSave(state))
@@ -318,12 +373,16 @@ def report(recipe) -> dict:
 
 def format_report(r: dict) -> str:
   ret, lm = r['vision']['retrieval'], r['lm']
-  return (f"stage0 {r['key']}\n"
-          f"  vision: zero-shot image->text top-1 {ret['image_to_text']:.1%} (text->image {ret['text_to_image']:.1%})"
-          f" among {ret['candidates']} test captions, chance {ret['chance']:.2%}; {r['vision']['steps']} steps in "
-          f"{r['vision']['train_seconds']:.0f}s\n"
-          f"  lm: test caption perplexity {lm['caption_perplexity']:.3f} (uniform over the vocabulary: "
-          f"{lm['uniform_perplexity']:.0f}); {lm['steps']} steps in {lm['train_seconds']:.0f}s")
+  lines = [f"stage0 {r['key']}",
+           f"  vision: zero-shot image->text top-1 {ret['image_to_text']:.1%} (text->image {ret['text_to_image']:.1%})"
+           f" among {ret['candidates']} test captions, chance {ret['chance']:.2%}; {r['vision']['steps']} steps in "
+           f"{r['vision']['train_seconds']:.0f}s"]
+  if 'hard_negatives' in ret:
+    lines.append('  vision: image closer to its caption than to it with one thing changed (chance 50%): '
+                 + ', '.join(f'{k} {v:.1%}' for k, v in ret['hard_negatives'].items()))
+  lines.append(f"  lm: test caption perplexity {lm['caption_perplexity']:.3f} (uniform over the vocabulary: "
+               f"{lm['uniform_perplexity']:.0f}); {lm['steps']} steps in {lm['train_seconds']:.0f}s")
+  return '\n'.join(lines)
 
 
 def main(argv=None) -> int:

@@ -125,3 +125,52 @@ def test_chance_levels_are_the_majority_answer_rates(tmp_path):
     assert chance[f] == pytest.approx(collections.Counter(answers[f]).most_common(1)[0][1] / len(answers[f]))
   assert chance['existence'] == pytest.approx(0.5)                        # one yes and one no per image
   assert set(chance) == {'overall', *shapes.SCENE_FAMILIES}
+
+
+def _items(caption):
+  """A scenes caption -> its objects ('size colour shape row col') and glyphs ('number digit row col') as tuples."""
+  words = caption.split()
+  split = words.index('number') if 'number' in words else len(words)
+  objects = [tuple(words[i:i + 5]) for i in range(0, split, 5)]
+  glyphs = [tuple(words[i:i + 4]) for i in range(split, len(words), 4)]
+  return objects, glyphs
+
+
+def test_glyphs_read_back_from_the_caption_rebuild_it():
+  for ex in _records(100):
+    glyphs = shapes.scene_glyphs(ex['caption'], 6)
+    assert shapes.scene_caption(ex['objects'], glyphs, 6) == ex['caption']
+
+
+def test_each_hard_negative_changes_one_thing_and_stays_a_well_formed_caption():
+  tok = shapes.make_tokenizer('scenes')
+  applied = collections.Counter()
+  for ex in _records(150):
+    objects, glyphs = _items(ex['caption'])
+    g = shapes.scene_glyphs(ex['caption'], 6)
+    for kind in shapes.HARD_NEGATIVE_KINDS:
+      neg = shapes.hard_negative_caption(ex['objects'], g, 6, kind, np.random.default_rng(0))
+      if neg is None:
+        continue
+      applied[kind] += 1
+      tokenizer_lib.encode(tok, neg)
+      n_objects, n_glyphs = _items(neg)
+      assert neg != ex['caption'] and len(n_objects) == len(objects) and len(n_glyphs) == len(glyphs)
+      cells = [o[3:] for o in n_objects] + [gl[2:] for gl in n_glyphs]
+      assert len(set(cells)) == len(cells)                            # still at most one thing per cell
+      changed = [(a, b) for a, b in zip(objects, n_objects) if a != b]
+      if kind in ('shape', 'color', 'size'):
+        slot = {'size': 0, 'color': 1, 'shape': 2}[kind]
+        assert len(changed) == 1 and [i for i in range(5) if changed[0][0][i] != changed[0][1][i]] == [slot]
+      elif kind == 'binding':                 # the same words, two shapes exchanged
+        assert len(changed) == 2 and sorted(o[2] for o in objects) == sorted(o[2] for o in n_objects)
+      elif kind == 'position':                # the same objects, one in another cell, still in reading order
+        assert sorted(o[:3] for o in objects) == sorted(o[:3] for o in n_objects)
+        assert len(set(objects) - set(n_objects)) == 1
+        order = [shapes.ROW_WORDS[6].index(o[3]) * 6 + shapes.COL_WORDS[6].index(o[4]) for o in n_objects]
+        assert order == sorted(order)
+      else:                                   # digit: the objects untouched, one glyph's digit changed
+        assert not changed and sum(a != b for a, b in zip(glyphs, n_glyphs)) == 1
+  assert set(applied) == set(shapes.HARD_NEGATIVE_KINDS)
+  with pytest.raises(ValueError, match='hard negative kind'):
+    shapes.hard_negative_caption(ex['objects'], g, 6, 'texture', np.random.default_rng(0))

@@ -22,11 +22,13 @@ def test_report_has_the_figures(stage0_smoke):
   ret = report['vision']['retrieval']
   assert ret['candidates'] == recipe.data.num_test and ret['chance'] == pytest.approx(1 / recipe.data.num_test)
   assert 0 <= ret['image_to_text'] <= 1 and 0 <= ret['text_to_image'] <= 1
+  assert set(ret['hard_negatives']) == set(shapes.HARD_NEGATIVE_KINDS) | {'mean'}
+  assert all(0 <= v <= 1 for v in ret['hard_negatives'].values())
   lm = report['lm']
   assert math.isfinite(lm['caption_perplexity']) and lm['caption_perplexity'] < lm['uniform_perplexity']
   assert report['key'] == stage0.key(recipe) and os.path.basename(dirs['root']) == report['key']
   text = stage0.format_report(report)
-  assert 'zero-shot image->text' in text and 'perplexity' in text
+  assert 'zero-shot image->text' in text and 'perplexity' in text and 'one thing changed' in text
 
 
 def test_key_ignores_where_things_are_stored_but_not_the_recipe(stage0_smoke):
@@ -133,3 +135,26 @@ def test_a_connector_experiment_starts_from_the_towers_and_keeps_the_encoder_fro
   tower = mmproj.load(dirs['vision'])
   for a, b in zip(jax.tree.leaves(tower.params), jax.tree.leaves(trained.params['encoder'])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))     # loaded, and frozen through training
+
+
+def test_sigmoid_loss_counts_extra_captions_as_negatives_only():
+  import jax
+  import numpy as np
+  rng = np.random.default_rng(0)
+  zimg, ztxt, extra = (rng.normal(size=(n, 8)).astype(np.float32) for n in (4, 4, 3))
+  t, b = 10.0, -3.0
+  base = float(stage0.sigmoid_loss(zimg, ztxt, t, b))
+  with_extra = float(stage0.sigmoid_loss(zimg, np.concatenate([ztxt, extra]), t, b))
+  expected = base - float(jax.nn.log_sigmoid(-(zimg @ extra.T * t + b)).sum()) / 4
+  assert with_extra == pytest.approx(expected, rel=1e-5)
+
+
+def test_tower_probe_reads_cells_from_the_frozen_tower(stage0_smoke):
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
+  import tower_probe
+  recipe, dirs = stage0_smoke
+  out = tower_probe.main([dirs['vision'], '--field', 'color', '--recipe', 'configs/stage0/scenes.py:smoke',
+                          '--data_dir', recipe.data.data_dir, '--train', '48', '--steps', '3'])
+  assert out['field'] == 'color' and out['occupied_chance'] == pytest.approx(1 / len(shapes.COLORS))
+  assert all(0 <= out[k] <= 1 for k in ('cell_accuracy', 'occupancy_accuracy', 'occupied_cell_accuracy'))

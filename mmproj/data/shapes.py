@@ -317,6 +317,67 @@ def scene_caption(objects: Mapping[str, np.ndarray], glyphs: Mapping[str, np.nda
   return ' '.join(parts)
 
 
+def scene_glyphs(caption: str, grid: int) -> dict[str, np.ndarray]:
+  """The glyphs ('digit', 'row', 'col' [g]) a scenes caption names, read back from its 'number <digit> <cell>'
+  items (records store objects, not glyphs)."""
+  cell_of = {position_name(r, c, grid): (r, c) for r in range(grid) for c in range(grid)}
+  items = caption.split('number ')[1:]
+  digit, row, col = [], [], []
+  for item in items:
+    word, _, where = item.strip().partition(' ')
+    digit.append(NUMBERS.index(word))
+    r, c = cell_of[where]
+    row.append(r)
+    col.append(c)
+  return {'digit': np.array(digit, np.int32), 'row': np.array(row, np.int32), 'col': np.array(col, np.int32)}
+
+
+HARD_NEGATIVE_KINDS = ('shape', 'color', 'size', 'position', 'binding', 'digit')
+
+
+def hard_negative_caption(objects: Mapping[str, np.ndarray], glyphs: Mapping[str, np.ndarray], grid: int,
+                          kind: str, rng: np.random.Generator) -> str | None:
+  """A scenes caption that differs from the true one (`scene_caption(objects, glyphs, grid)`) in one thing, for
+  contrastive training with hard negatives; None when `kind` does not apply to the scene.
+
+    shape / color / size   one object's attribute changed to another value
+    position               one object moved to an empty cell (the caption stays in reading order)
+    binding                two objects of different shapes swap them (the same words, bound differently)
+    digit                  one glyph's digit changed
+  Every negative is a well-formed caption of some other scene, so the text alone cannot tell it apart.
+  """
+  o = {k: np.array(v) for k, v in objects.items()}
+  g = {k: np.array(v) for k, v in glyphs.items()}
+  n = len(o['shape'])
+  if kind in ('shape', 'color', 'size'):
+    field, values = {'shape': ('shape', SHAPES), 'color': ('color', COLORS), 'size': ('size', SIZES)}[kind]
+    i = int(rng.integers(n))
+    o[field][i] = (o[field][i] + rng.integers(1, len(values))) % len(values)
+  elif kind == 'position':
+    taken = set((o['row'] * grid + o['col']).tolist()) | set((g['row'] * grid + g['col']).tolist())
+    free = [cell for cell in range(grid * grid) if cell not in taken]
+    if not free:
+      return None
+    i, cell = int(rng.integers(n)), free[int(rng.integers(len(free)))]
+    o['row'][i], o['col'][i] = cell // grid, cell % grid
+    order = np.argsort(o['row'] * grid + o['col'], kind='stable')
+    o = {k: v[order] for k, v in o.items()}
+  elif kind == 'binding':
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if o['shape'][i] != o['shape'][j]]
+    if not pairs:
+      return None
+    i, j = pairs[int(rng.integers(len(pairs)))]
+    o['shape'][i], o['shape'][j] = o['shape'][j], o['shape'][i]
+  elif kind == 'digit':
+    if not len(g['digit']):
+      return None
+    k = int(rng.integers(len(g['digit'])))
+    g['digit'][k] = (g['digit'][k] + rng.integers(1, len(NUMBERS))) % len(NUMBERS)
+  else:
+    raise ValueError(f'hard negative kind {kind!r}: expected one of {HARD_NEGATIVE_KINDS}')
+  return scene_caption(o, g, grid)
+
+
 def caption(objects: Mapping[str, np.ndarray]) -> str:
   """'large red circle small blue square' in reading order (3 tokens per object, 18 for six): no separators,
   since every object is exactly size-colour-shape, and short captions keep the padded sequence short."""
