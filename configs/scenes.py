@@ -7,38 +7,38 @@ stage-0 text-pretrained LM (trained), in the scenes world, each next to a blind 
 
 The argument is NAME or NAME,smoke with NAME a key of ZOO below. The world: 96 px images of a 6x6 grid, 1-12
 objects and up to 3 digit glyphs, eight question families (mmproj/data/shapes.py). The towers (configs/stage0/scenes.py,
-mmproj/stage0.py): a 4-block, 128-wide ViT with 12 px patches (an 8x8 grid, N = 64 tokens) trained with SigLIP's
+mmproj/stage0.py): a 4-block, 128-wide ViT with 16 px patches (one per cell: a 6x6 grid, N = 36 tokens) trained with SigLIP's
 loss on the captions, and a 4-block, 128-wide LM trained on captions and questions as text. The budget
 (config_lib.scenes_experiment): 600 steps at batch 64 on 20,000 images, AdamW at 1e-3, the ViT frozen, evaluated
-on the 500 test images. The compressing connectors are set to M = 16 visual tokens (a 4x4 grid where they keep
-one), linear and mlp keep all 64.
+on the 500 test images. The compressing connectors are set to M = 9 visual tokens (a 3x3 grid where they keep
+one: each token covers 2x2 cells), linear and mlp keep all 36.
 """
 from mmproj import config_lib
 
 WHERE = 'configs/scenes.py'
 
-# NAME -> projector, for N = 64 ViT tokens on an 8x8 grid. M = visual tokens the LM reads.
+# NAME -> projector, for N = 36 ViT tokens on a 6x6 grid. M = visual tokens the LM reads.
 ZOO = {
-    'avg_pool': dict(name='avg_pool', output_grid=4),  # DeCo: 2-D avg pool to 4x4 + GELU MLP, M = 16
-    'c_abstractor': dict(name='c_abstractor', num_queries=16, depth=2, pos_emb_grid=(8, 8)),  # Honeybee, M = 16
-    'cross_attention': dict(name='cross_attention', num_queries=16, depth=1, num_heads=4, num_kv_heads=2),  # M = 16
-    'd_abstractor': dict(name='d_abstractor', num_queries=16, depth=2, num_heads=4, num_points=4,
-                         pos_emb_grid=(8, 8)),  # Honeybee: deformable attention, M = 16
+    'avg_pool': dict(name='avg_pool', output_grid=3),  # DeCo: 2-D avg pool to 3x3 + GELU MLP, M = 9
+    'c_abstractor': dict(name='c_abstractor', num_queries=9, depth=2, pos_emb_grid=(6, 6)),  # Honeybee, M = 9
+    'cross_attention': dict(name='cross_attention', num_queries=9, depth=1, num_heads=4, num_kv_heads=2),  # M = 9
+    'd_abstractor': dict(name='d_abstractor', num_queries=9, depth=2, num_heads=4, num_points=4,
+                         pos_emb_grid=(6, 6)),  # Honeybee: deformable attention, M = 9
     'gated_xattn': dict(name='gated_xattn', every=1, heads=4, ff_mult=2),  # Flamingo: the LM cross-attends, M = 1
-    'ldp': dict(name='ldp'),  # MobileVLM: token MLP + depthwise-conv blocks (stride 2), M = 16
-    'ldpv2': dict(name='ldpv2'),  # MobileVLM V2: token MLP, 2x2 avg pool, positional conv, M = 16
-    'linear': dict(name='linear'),  # LLaVA: one affine map per patch, M = 64
-    'mlp': dict(name='mlp', depth=2),  # LLaVA-1.5 mlp2x_gelu, M = 64
-    'patch_merger': dict(name='patch_merger', spatial_merge_size=2),  # Qwen2-VL: 2x2 merge + MLP, M = 16
-    'perceiver': dict(name='perceiver', num_latents=16, depth=2, num_heads=4, head_dim=32),  # Flamingo, M = 16
-    'perceiver_idefics2': dict(name='perceiver', variant='idefics2', num_latents=16, depth=2, num_heads=4,
-                               num_kv_heads=2, head_dim=32),  # Idefics2: SwiGLU, RMSNorm, GQA, M = 16
+    'ldp': dict(name='ldp'),  # MobileVLM: token MLP + depthwise-conv blocks (stride 2), M = 9
+    'ldpv2': dict(name='ldpv2'),  # MobileVLM V2: token MLP, 2x2 avg pool, positional conv, M = 9
+    'linear': dict(name='linear'),  # LLaVA: one affine map per patch, M = 36
+    'mlp': dict(name='mlp', depth=2),  # LLaVA-1.5 mlp2x_gelu, M = 36
+    'patch_merger': dict(name='patch_merger', spatial_merge_size=2),  # Qwen2-VL: 2x2 merge + MLP, M = 9
+    'perceiver': dict(name='perceiver', num_latents=9, depth=2, num_heads=4, head_dim=32),  # Flamingo, M = 9
+    'perceiver_idefics2': dict(name='perceiver', variant='idefics2', num_latents=9, depth=2, num_heads=4,
+                               num_kv_heads=2, head_dim=32),  # Idefics2: SwiGLU, RMSNorm, GQA, M = 9
     'pixel_shuffle': dict(name='pixel_shuffle', scale_factor=2, norm='layernorm', depth=2,
-                          use_bias=True),  # InternVL: 2x2 space-to-depth + MLP, M = 16
-    'qformer': dict(name='qformer', num_query_tokens=16, hidden_dim=128, num_layers=2, num_heads=4, mlp_dim=512,
-                    cross_attention_frequency=1),  # BLIP-2: 16 queries, 2 BERT layers, M = 16
-    'qwen_vl_resampler': dict(name='qwen_vl_resampler', num_queries=16, num_heads=4),  # Qwen-VL, M = 16
-    'tokenpacker': dict(name='tokenpacker', scale=2, num_heads=4),  # TokenPacker: region attention, M = 16
+                          use_bias=True),  # InternVL: 2x2 space-to-depth + MLP, M = 9
+    'qformer': dict(name='qformer', num_query_tokens=9, hidden_dim=128, num_layers=2, num_heads=4, mlp_dim=512,
+                    cross_attention_frequency=1),  # BLIP-2: 9 queries, 2 BERT layers, M = 9
+    'qwen_vl_resampler': dict(name='qwen_vl_resampler', num_queries=9, num_heads=4),  # Qwen-VL, M = 9
+    'tokenpacker': dict(name='tokenpacker', scale=2, num_heads=4),  # TokenPacker: region attention, M = 9
 }
 
 # Every valid argument, so that tests/test_configs.py builds every entry in every variant.

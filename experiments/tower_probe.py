@@ -3,10 +3,17 @@ be read linearly from its output tokens? A diagnostic for stage-0 towers (mmproj
 
   python experiments/tower_probe.py ~/.cache/mmproj/stage0/<key>/vision --field shape
   python experiments/tower_probe.py ~/.cache/mmproj/stage0/<key>/vision --field shape --random   # same ViT, untrained
+  python experiments/tower_probe.py ~/.cache/mmproj/stage0/<key>/vision --field token_position
 
 Features: the tower's output tokens [N, T, D] on `--train` scenes-world training images, standardised and
 flattened; one softmax classifier per cell over (empty, value 1..K) trained full-batch with Adam; reported on the
 test split: per-cell accuracy, occupancy accuracy, and the accuracy on occupied cells (chance 1 / K there).
+
+--field token_position asks the other question: does a token's content say where it is? One softmax classifier
+over the T token indices reads a single output token's D features (every token of every image a sample, the
+index itself never shown); reported per token and for tokens over an empty or an occupied cell (chance 1 / T).
+An LM reads a visual token's content through attention values, which RoPE leaves unrotated: where that content
+does not carry the token's place, the LM can find it only through the positions of its own keys.
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ def cell_labels(data_cfg, split: str, n: int, field: str) -> tuple[np.ndarray, n
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('vision', help='an HF vision-tower directory (a stage-0 <key>/vision)')
-  parser.add_argument('--field', default='shape', choices=('color', 'shape', 'size'))
+  parser.add_argument('--field', default='shape', choices=('color', 'shape', 'size', 'token_position'))
   parser.add_argument('--random', action='store_true', help='probe the same architecture at its initialisation')
   parser.add_argument('--train', type=int, default=4000, help='training images for the probe')
   parser.add_argument('--steps', type=int, default=300)
@@ -54,11 +61,20 @@ def main(argv=None) -> dict:
     params = vit.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.uint8))['params']
   encode = jax.jit(lambda p, x: vit.apply({'params': p}, x)[0])
   features = lambda x: np.concatenate([np.asarray(encode(params, x[i:i + 250])) for i in range(0, len(x), 250)])
-  x_train, y_train = cell_labels(data_cfg, 'train', args.train, args.field)
-  x_test, y_test = cell_labels(data_cfg, 'test', int(data_cfg.num_test), args.field)
+  label_field = 'shape' if args.field == 'token_position' else args.field   # token_position: occupancy only
+  x_train, y_train = cell_labels(data_cfg, 'train', args.train, label_field)
+  x_test, y_test = cell_labels(data_cfg, 'test', int(data_cfg.num_test), label_field)
   f_train, f_test = features(x_train), features(x_test)                       # [N, T, D]
-  mean, std = f_train.mean(0, keepdims=True), f_train.std(0, keepdims=True) + 1e-6
+  # Standardised per feature over images (and, for token_position, over tokens too: a per-token mean would
+  # subtract the very offset that tells the tokens apart).
+  axes = (0, 1) if args.field == 'token_position' else 0
+  mean, std = f_train.mean(axes, keepdims=True), f_train.std(axes, keepdims=True) + 1e-6
   f_train, f_test = (f_train - mean) / std, (f_test - mean) / std
+  if args.field == 'token_position':
+    out = dict(vision=args.vision, random_init=args.random, field=args.field,
+               **token_position_probe(f_train, f_test, y_test > 0, args.steps))
+    print(json.dumps(out))
+    return out
   cells, classes = y_train.shape[1], len({'color': shapes.COLORS, 'shape': shapes.SHAPES,
                                           'size': shapes.SIZES}[args.field]) + 1
   w = {'w': jnp.zeros((f_train[0].size, cells * classes)), 'b': jnp.zeros((cells * classes,))}
@@ -89,6 +105,30 @@ def main(argv=None) -> dict:
          'occupied_cell_accuracy': float((pred[occupied] == y_test[occupied]).mean()),
          'occupied_chance': 1.0 / (classes - 1)}
   print(json.dumps(out))
+  return out
+
+
+def token_position_probe(f_train: np.ndarray, f_test: np.ndarray, occupied_test: np.ndarray, steps: int) -> dict:
+  """Linear read-out of a token's index from its own features: f [N, T, D] -> accuracy over T classes."""
+  n, t, d = f_train.shape
+  x, y = f_train.reshape(n * t, d), np.tile(np.arange(t), n)
+  w = {'w': jnp.zeros((d, t)), 'b': jnp.zeros((t,))}
+  loss = lambda w: optax.softmax_cross_entropy_with_integer_labels(x @ w['w'] + w['b'], y).mean()
+  opt = optax.adam(1e-2)
+  state = opt.init(w)
+
+  @jax.jit
+  def step(w, state):
+    updates, state = opt.update(jax.grad(loss)(w), state)
+    return optax.apply_updates(w, updates), state
+
+  for _ in range(steps):
+    w, state = step(w, state)
+  correct = np.asarray((f_test @ w['w'] + w['b']).argmax(-1)) == np.arange(t)       # [N_test, T]
+  out = {'token_accuracy': float(correct.mean()), 'chance': 1.0 / t}
+  if occupied_test.shape[1] == t:   # one token per cell: split by what the cell holds
+    out.update(empty_cell_tokens=float(correct[~occupied_test].mean()),
+               occupied_cell_tokens=float(correct[occupied_test].mean()))
   return out
 
 

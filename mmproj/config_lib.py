@@ -117,7 +117,8 @@ def shapes_experiment(arg: str, *, name: str, projector: dict, patch_size: int =
 
 
 # The pretrained-tower regime (configs/scenes.py, configs/stage0/scenes.py): the scenes world (mmproj/data/shapes.py) at
-# 96 px on a 6x6 grid, a SigLIP-shaped ViT with 12 px patches (an 8x8 grid, N = 64 tokens) and a Llama-shaped LM,
+# 96 px on a 6x6 grid, a SigLIP-shaped ViT with 16 px patches (one per cell: a 6x6 grid, N = 36 tokens) and a
+# Llama-shaped LM,
 # both pretrained in stage 0 (mmproj/stage0.py) and loaded through cfg.init.
 def scenes_data(smoke: bool) -> dict:
   return dict(name='shapes', world='scenes', data_dir='~/.cache/mmproj/data', image_size=96, grid=6, jitter=1,
@@ -127,7 +128,7 @@ def scenes_data(smoke: bool) -> dict:
 
 
 def scenes_encoder(smoke: bool) -> dict:
-  return dict(name='vit', image_size=96, patch_size=12, width=32 if smoke else 128, depth=1 if smoke else 4,
+  return dict(name='vit', image_size=96, patch_size=16, width=32 if smoke else 128, depth=1 if smoke else 4,
               num_heads=2 if smoke else 4, mlp_dim=64 if smoke else 512, output_layer=-1, cls_token=False,
               pre_norm=False, final_norm=True, norm_eps=1e-6, act='gelu_tanh', image_mean=[0.5, 0.5, 0.5],
               image_std=[0.5, 0.5, 0.5])
@@ -161,7 +162,11 @@ def stage0_recipe(smoke: bool = False) -> mlc.ConfigDict:
                   steps=20 if smoke else 1500, batch_size=16 if smoke else 128, learning_rate=1e-3,
                   warmup_steps=5 if smoke else 100, end_lr_frac=0.05, weight_decay=0.01, grad_clip=1.0, b1=0.9,
                   b2=0.98, seed=0, log_every=10 if smoke else 100, checkpoint_every=10 if smoke else 250,
-                  hard_negatives=True)
+                  hard_negatives=True,
+                  # SigLIP 2's caption decoder loss (mmproj/stage0.py: Captioner), weight 0 = SigLIP alone.
+                  caption_weight=1.0, captioner=dict(vocab_size=text['vocab_size'], width=text['width'], depth=1 if
+                                                     smoke else 2, num_heads=text['num_heads'],
+                                                     mlp_dim=text['mlp_dim']))
   lm = _scenes_run(smoke, name='stage0_lm', use_image=False, projector=None, steps=600, batch_size=64)
   lm.baseline = 'none'
   lm.data.isolate_turns = False        # the questions read the caption before them

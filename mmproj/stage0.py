@@ -12,7 +12,11 @@ makes both for the world a recipe names (config_lib.stage0_recipe), as the relea
           caption's <eos>, projected. vision.hard_negatives: each image also meets its caption with one thing
           changed (an object's shape, colour, size or cell, two shapes swapped, a digit; shapes.
           hard_negative_caption) as an extra negative, so that shapes, cells and digits must be encoded; random
-          captions can be told apart by colours alone. Reported: zero-shot image -> text retrieval top-1 on the
+          captions can be told apart by colours alone. vision.caption_weight > 0 adds SigLIP 2's decoder loss
+          (Tschannen et al. 2025, after CapPa and LocCa): a small decoder writes each image's caption while
+          cross-attending to the ViT's tokens, which it sees without their positions, so a token must carry
+          where it is in its content for the cells in the caption to be predictable (the mean pool does not ask
+          for that: experiments/tower_probe.py --field token_position). Reported: zero-shot image -> text retrieval top-1 on the
           test split (the right caption among all num_test of them; chance 1 / num_test), and per kind of change
           how often the image is closer to its own caption than to the changed one (chance 50%).
   lm      a Llama-shaped LM trained on text only, by the one trainer (mmproj/train/trainer.py) as a model with no
@@ -50,8 +54,11 @@ from mmproj.data import shapes
 from mmproj.data.file_lock import file_lock
 from mmproj.data import tokenizer as tokenizer_lib
 from mmproj.encoders import build_encoder
+from mmproj.layers.attention import causal_padding_mask
+from mmproj.layers.cross_attention import CrossAttention
 from mmproj.layers.norms import RMSNorm
 from mmproj.lm import build_lm
+from mmproj.lm.llama import DecoderBlock
 from mmproj.train import optimizer as opt_lib
 
 
@@ -84,17 +91,52 @@ def directories(recipe: Any) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------- vision tower
 
 
+class Captioner(nn.Module):
+  """Caption decoder of the SigLIP 2 / LocCa kind: caption tokens [B, T] -> next-token logits [B, T, V].
+  Before each causal Llama block the tokens cross-attend to the ViT's tokens memory [B, N, Dv] (projected to the
+  decoder's width, no position added), so whatever the decoder learns of where things are comes from the ViT."""
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, memory, tokens, input_mask):
+    dh = self.width // self.num_heads
+    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name='embed')(tokens)
+    memory = nn.Dense(self.width, name='memory_proj')(memory)                  # [B, N, D]
+    positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0)              # [B, T]
+    slots = jnp.arange(tokens.shape[1])
+    mask = causal_padding_mask(slots, slots, input_mask)                       # [B, T, T]
+    for i in range(self.depth):
+      h = RMSNorm(1e-6, name=f'xattn_norm_{i}')(x)
+      x = x + CrossAttention(self.num_heads, dh, name=f'xattn_{i}')(h, memory)  # [B, T, D]
+      x, _ = DecoderBlock(self.num_heads, self.num_heads, dh, self.mlp_dim, name=f'block_{i}')(x, mask, positions)
+    return nn.Dense(self.vocab_size, name='head')(RMSNorm(1e-6, name='final_norm')(x))  # [B, T, V]
+
+
+def caption_loss(logits, tokens, input_mask):
+  """Next-token cross-entropy of logits [B, T, V] on tokens [B, T], averaged over the real target tokens."""
+  target_mask = input_mask[:, 1:].astype(jnp.float32)                        # [B, T-1]
+  xent = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+  return (xent * target_mask).sum() / jnp.maximum(target_mask.sum(), 1.0)
+
+
 class SigLIPPair(nn.Module):
-  """ViT + causal text tower with SigLIP's learnable temperature t and bias b.
+  """ViT + causal text tower with SigLIP's learnable temperature t and bias b (+ an optional caption decoder).
     image [B, S, S, 3] uint8 -> ViT [B, N, Dv] -> mean over N -> Dense -> l2-normalised [B, E]
     caption tokens [B, T] -> text tower [B, T, Dt] -> the <eos> position -> RMSNorm -> Dense -> l2-normalised [B, E]
+    captioner: ViT tokens [B, N, Dv] + the first B captions [B, T] -> the captions' next-token loss (a scalar)
   """
   encoder: Any
   text: Any
   embed_dim: int
+  captioner: Any = None          # None, or Captioner's fields
 
   def setup(self):
     self.vit = build_encoder(self.encoder)
+    self.caption_decoder = Captioner(**self.captioner) if self.captioner else None
     self.text_tower = build_lm(self.text)
     self.text_norm = RMSNorm(1e-6)
     self.image_proj = nn.Dense(self.embed_dim, name='image_proj')
@@ -102,10 +144,11 @@ class SigLIPPair(nn.Module):
     self.log_t = self.param('log_t', lambda _: jnp.log(10.0))     # SigLIP's initialisation: t = 10, b = -10
     self.bias = self.param('bias', lambda _: jnp.full((), -10.0))
 
-  def embed_images(self, image):
+  def embed_images(self, image, return_tokens: bool = False):
     tokens, _ = self.vit(image)                                            # [B, N, Dv]
     z = self.image_proj(tokens.mean(axis=1))                               # [B, E]
-    return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+    z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+    return (z, tokens) if return_tokens else z
 
   def embed_texts(self, tokens, input_mask):
     positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0)
@@ -116,7 +159,13 @@ class SigLIPPair(nn.Module):
     return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
 
   def __call__(self, image, tokens, input_mask):
-    return self.embed_images(image), self.embed_texts(tokens, input_mask), jnp.exp(self.log_t), self.bias
+    """-> (zimg [B, E], ztxt [B', E], t, b, the caption loss or 0); rows B.. of tokens are extra negatives."""
+    zimg, vit_tokens = self.embed_images(image, return_tokens=True)
+    cap = jnp.zeros(())
+    if self.caption_decoder is not None:
+      b = image.shape[0]
+      cap = caption_loss(self.caption_decoder(vit_tokens, tokens[:b], input_mask[:b]), tokens[:b], input_mask[:b])
+    return zimg, self.embed_texts(tokens, input_mask), jnp.exp(self.log_t), self.bias, cap
 
 
 def sigmoid_loss(zimg, ztxt, t, b):
@@ -217,7 +266,10 @@ def hard_negative_accuracy(params, split: _Split, zi: np.ndarray, zt: np.ndarray
 def train_vision(recipe, workdir: str, tok, log=_print) -> tuple[dict, dict]:
   """Trains the SigLIP pair (resuming from workdir's newest checkpoint) -> (ViT params, report)."""
   v = recipe.vision
-  model = SigLIPPair(encoder=v.encoder.to_dict(), text=v.text.to_dict(), embed_dim=int(v.embed_dim))
+  caption_weight = float(v.get('caption_weight', 0.0))
+  captioner = v.captioner.to_dict() if caption_weight > 0 else None
+  model = SigLIPPair(encoder=v.encoder.to_dict(), text=v.text.to_dict(), embed_dim=int(v.embed_dim),
+                     captioner=captioner)
   train = _Split(recipe.data, tok, 'train', int(v.text_len))
   test = _Split(recipe.data, tok, 'test', int(v.text_len))
   b = int(v.batch_size)
@@ -231,7 +283,8 @@ def train_vision(recipe, workdir: str, tok, log=_print) -> tuple[dict, dict]:
   @functools.partial(jax.jit, donate_argnums=0)
   def step_fn(state, image, tokens, mask):
     def loss_fn(p):
-      return sigmoid_loss(*model.apply({'params': p}, image, tokens, mask))
+      zimg, ztxt, t, b, cap = model.apply({'params': p}, image, tokens, mask)
+      return sigmoid_loss(zimg, ztxt, t, b) + caption_weight * cap
     loss, grads = jax.value_and_grad(loss_fn)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     return {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),

@@ -158,3 +158,38 @@ def test_tower_probe_reads_cells_from_the_frozen_tower(stage0_smoke):
                           '--data_dir', recipe.data.data_dir, '--train', '48', '--steps', '3'])
   assert out['field'] == 'color' and out['occupied_chance'] == pytest.approx(1 / len(shapes.COLORS))
   assert all(0 <= out[k] <= 1 for k in ('cell_accuracy', 'occupancy_accuracy', 'occupied_cell_accuracy'))
+
+
+def test_token_position_probe_reads_where_an_untrained_towers_tokens_are(stage0_smoke):
+  """At initialisation the position embedding is in every token's content, so the probe must find it (a probe that
+  standardised per token index would subtract it and sit at chance)."""
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
+  import tower_probe
+  recipe, dirs = stage0_smoke
+  out = tower_probe.main([dirs['vision'], '--field', 'token_position', '--random', '--recipe',
+                          'configs/stage0/scenes.py:smoke', '--data_dir', recipe.data.data_dir, '--train', '48',
+                          '--steps', '100'])
+  assert out['chance'] == pytest.approx(1 / 36) and set(out) >= {'empty_cell_tokens', 'occupied_cell_tokens'}
+  assert out['token_accuracy'] > 5 * out['chance'], out
+
+
+def test_captioner_sees_the_vit_tokens_without_their_positions_and_trains_on_real_tokens_only():
+  """SigLIP 2's decoder loss asks the ViT to put each token's place in its content: the decoder must be blind to
+  the order of the memory (a permutation leaves its logits unchanged) but not to its content."""
+  cap = stage0.Captioner(vocab_size=11, width=16, depth=1, num_heads=2, mlp_dim=32)
+  rng = np.random.default_rng(0)
+  memory = rng.normal(size=(2, 9, 8)).astype(np.float32)
+  tokens = rng.integers(1, 11, size=(2, 7)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  mask[1, 5:] = 0
+  params = cap.init(jax.random.key(0), memory, tokens, mask)['params']
+  logits = cap.apply({'params': params}, memory, tokens, mask)
+  permuted = cap.apply({'params': params}, memory[:, rng.permutation(9)], tokens, mask)
+  np.testing.assert_allclose(logits, permuted, atol=1e-5)
+  assert not np.allclose(logits, cap.apply({'params': params}, memory[::-1], tokens, mask), atol=1e-3)
+  # Padding targets do not count: changing a padded token leaves the loss unchanged.
+  loss = stage0.caption_loss(logits, tokens, mask)
+  other = tokens.copy()
+  other[1, 6] = (other[1, 6] % 10) + 1
+  np.testing.assert_allclose(loss, stage0.caption_loss(logits, other, mask), rtol=1e-6)

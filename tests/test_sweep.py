@@ -36,7 +36,7 @@ def test_smoke_sweep_runs_resumes_skips_finished_runs_and_collects(stage0_smoke,
   assert 'sweep: 1 runs, 0 finished, 1 to run' in first and '[1/1] mlp seed 0 (0 done, 1 left)' in first
   assert (work / 'mlp' / 'seed0' / 'results.json').exists()
   table = (out / 'zoo_smoke.md').read_text()
-  assert '| mlp | 64 | ' in table and ' | 1 | ' in table
+  assert '| mlp | 36 | ' in table and ' | 1 | ' in table
   assert all((out / f'zoo_smoke_{kind}.png').stat().st_size > 0 for kind in ('accuracy', 'tokens', 'curves'))
   assert (out / 'zoo_smoke' / 'mlp' / 'seed0' / 'results.json').exists()          # the copies --collect reads
 
