@@ -16,9 +16,10 @@ makes both for the world a recipe names (config_lib.stage0_recipe), as the relea
           (Tschannen et al. 2025, after CapPa and LocCa): a small decoder writes each image's caption while
           cross-attending to the ViT's tokens, which it sees without their positions, so a token must carry
           where it is in its content for the cells in the caption to be predictable (the mean pool does not ask
-          for that: experiments/tower_probe.py --field token_position). Reported: zero-shot image -> text retrieval top-1 on the
-          test split (the right caption among all num_test of them; chance 1 / num_test), and per kind of change
-          how often the image is closer to its own caption than to the changed one (chance 50%).
+          for that: experiments/tower_probe.py --field token_position). Reported: zero-shot image -> text
+          retrieval top-1 on the test split (the right caption among all num_test of them; chance
+          1 / num_test), and per kind of change how often the image is closer to its own caption than to the
+          changed one (chance 50%).
   lm      a Llama-shaped LM trained on text only, by the one trainer (mmproj/train/trainer.py) as a model with no
           image: rows are a caption followed by questions about it and their answers, so it learns the language
           and answers from a description, but has never seen an image. Reported: test caption perplexity.
