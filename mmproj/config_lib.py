@@ -118,8 +118,7 @@ def shapes_experiment(arg: str, *, name: str, projector: dict, patch_size: int =
 
 # The pretrained-tower regime (configs/scenes.py, configs/stage0/scenes.py): the scenes world (mmproj/data/shapes.py) at
 # 96 px on a 6x6 grid, a SigLIP-shaped ViT with 16 px patches (one per cell: a 6x6 grid, N = 36 tokens) and a
-# Llama-shaped LM,
-# both pretrained in stage 0 (mmproj/stage0.py) and loaded through cfg.init.
+# Llama-shaped LM, both pretrained in stage 0 (mmproj/stage0.py) and loaded through cfg.init.
 def scenes_data(smoke: bool) -> dict:
   return dict(name='shapes', world='scenes', data_dir='~/.cache/mmproj/data', image_size=96, grid=6, jitter=1,
               num_train=512 if smoke else 20_000, num_test=64 if smoke else 500, min_objects=1, max_objects=12,
