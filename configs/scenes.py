@@ -10,7 +10,7 @@ objects and up to 3 digit glyphs, eight question families (mmproj/data/shapes.py
 (configs/stage0/scenes.py, mmproj/stage0.py): a 4-block, 128-wide ViT with 16 px patches (one per cell: a 6x6 grid,
 N = 36 tokens) trained with SigLIP's loss and SigLIP 2's caption decoder on the captions, and a 4-block, 128-wide LM
 trained on captions and questions as text. The budget
-(config_lib.scenes_experiment): 600 steps at batch 64 on 20,000 images, AdamW at 1e-3, the ViT frozen, evaluated
+(config_lib.scenes_experiment): 600 steps at batch 64 on 20,000 images, AdamW at 3e-3, the ViT frozen, evaluated
 on the 500 test images. The compressing connectors are set to M = 9 visual tokens (a 3x3 grid where they keep
 one: each token covers 2x2 cells), linear and mlp keep all 36.
 """

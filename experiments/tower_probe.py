@@ -47,6 +47,8 @@ def main(argv=None) -> dict:
   parser.add_argument('vision', help='an HF vision-tower directory (a stage-0 <key>/vision)')
   parser.add_argument('--field', default='shape', choices=('color', 'shape', 'size', 'token_position'))
   parser.add_argument('--random', action='store_true', help='probe the same architecture at its initialisation')
+  parser.add_argument('--layer', type=int, default=None,
+                      help="read this block's output instead (-1 last, -2 penultimate: the encoder's output_layer)")
   parser.add_argument('--train', type=int, default=4000, help='training images for the probe')
   parser.add_argument('--steps', type=int, default=300)
   parser.add_argument('--recipe', default='configs/stage0/scenes.py', help="the stage-0 recipe whose world to read")
@@ -56,6 +58,8 @@ def main(argv=None) -> dict:
   if args.data_dir:
     data_cfg.data_dir = args.data_dir
   vit, params = load_vision_tower(args.vision)
+  if args.layer is not None:
+    vit = vit.clone(output_layer=args.layer)
   if args.random:
     size = int(data_cfg.image_size)
     params = vit.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.uint8))['params']
@@ -71,7 +75,7 @@ def main(argv=None) -> dict:
   mean, std = f_train.mean(axes, keepdims=True), f_train.std(axes, keepdims=True) + 1e-6
   f_train, f_test = (f_train - mean) / std, (f_test - mean) / std
   if args.field == 'token_position':
-    out = dict(vision=args.vision, random_init=args.random, field=args.field,
+    out = dict(vision=args.vision, random_init=args.random, field=args.field, layer=vit.output_layer,
                **token_position_probe(f_train, f_test, y_test > 0, args.steps))
     print(json.dumps(out))
     return out
@@ -99,7 +103,7 @@ def main(argv=None) -> dict:
     w, state = step(w, state)
   pred = np.asarray(logits(w, f_test).argmax(-1))
   occupied = y_test > 0
-  out = {'vision': args.vision, 'random_init': args.random, 'field': args.field,
+  out = {'vision': args.vision, 'random_init': args.random, 'field': args.field, 'layer': vit.output_layer,
          'cell_accuracy': float((pred == y_test).mean()),
          'occupancy_accuracy': float(((pred > 0) == occupied).mean()),
          'occupied_cell_accuracy': float((pred[occupied] == y_test[occupied]).mean()),

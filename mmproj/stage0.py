@@ -16,7 +16,10 @@ makes both for the world a recipe names (config_lib.stage0_recipe), as the relea
           (Tschannen et al. 2025, after CapPa and LocCa): a small decoder writes each image's caption while
           cross-attending to the ViT's tokens, which it sees without their positions, so a token must carry
           where it is in its content for the cells in the caption to be predictable (the mean pool does not ask
-          for that: experiments/tower_probe.py --field token_position). Reported: zero-shot image -> text
+          for that: experiments/tower_probe.py --field token_position). In the world's reading order much of
+          each cell is predictable from where its object comes in the caption; vision.caption_order='shuffled'
+          writes the objects in a new order every time, so the cell after an object can only come from that
+          object's tokens (LocCa's referring expressions, dense). Reported: zero-shot image -> text
           retrieval top-1 on the test split (the right caption among all num_test of them; chance
           1 / num_test), and per kind of change how often the image is closer to its own caption than to the
           changed one (chance 50%).
@@ -67,6 +70,8 @@ def _print(msg: str) -> None:
   print(msg, flush=True)
 
 
+# vision.caption_order: the order the caption decoder writes the objects in (module docstring).
+CAPTION_ORDERS = ('reading', 'shuffled')
 STAGE0 = 'stage0'             # the cfg.init value that means "the stage-0 tower of cfg.stage0"
 PARTS = {'encoder': 'vision', 'lm': 'lm'}   # cfg.init part -> stage-0 directory
 
@@ -80,6 +85,8 @@ def key(recipe: Any) -> str:
   r.pop('cache_dir', None)
   r['data'] = {k: v for k, v in r['data'].items() if k != 'data_dir'}
   r['lm'] = {**r['lm'], 'data': {k: v for k, v in r['lm']['data'].items() if k != 'data_dir'}}
+  if r['vision'].get('caption_order') == 'reading':   # what recipes written before the field meant: same towers
+    r['vision'] = {k: v for k, v in r['vision'].items() if k != 'caption_order'}
   return hashlib.sha256(json.dumps(r, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -159,13 +166,17 @@ class SigLIPPair(nn.Module):
     z = self.text_proj(self.text_norm(pooled))                             # [B, E]
     return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
 
-  def __call__(self, image, tokens, input_mask):
-    """-> (zimg [B, E], ztxt [B', E], t, b, the caption loss or 0); rows B.. of tokens are extra negatives."""
+  def __call__(self, image, tokens, input_mask, decoder_tokens=None, decoder_mask=None):
+    """-> (zimg [B, E], ztxt [B', E], t, b, the caption loss or 0); rows B.. of tokens are extra negatives.
+    decoder_tokens/mask [B, T]: what the caption decoder writes (default: the first B captions)."""
     zimg, vit_tokens = self.embed_images(image, return_tokens=True)
     cap = jnp.zeros(())
     if self.caption_decoder is not None:
       b = image.shape[0]
-      cap = caption_loss(self.caption_decoder(vit_tokens, tokens[:b], input_mask[:b]), tokens[:b], input_mask[:b])
+      if decoder_tokens is None:
+        decoder_tokens, decoder_mask = tokens[:b], input_mask[:b]
+      cap = caption_loss(self.caption_decoder(vit_tokens, decoder_tokens, decoder_mask), decoder_tokens,
+                         decoder_mask)
     return zimg, self.embed_texts(tokens, input_mask), jnp.exp(self.log_t), self.bias, cap
 
 
@@ -203,6 +214,17 @@ class _Split:
 
   def batch(self, index: np.ndarray) -> tuple[np.ndarray, ...]:
     return self.images[index], self.tokens[index], self.mask[index]
+
+  def shuffled_captions(self, index: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The captions of `index` with their objects (then their glyphs) in a random order -> (tokens, mask): what
+    the decoder writes with vision.caption_order='shuffled'."""
+    captions = []
+    for i in index:
+      objects, glyphs = self.objects[int(i)], self.glyphs[int(i)]
+      o, g = rng.permutation(len(objects['shape'])), rng.permutation(len(glyphs['digit']))
+      captions.append(shapes.scene_caption({k: v[o] for k, v in objects.items()},
+                                           {k: v[g] for k, v in glyphs.items()}, self.grid))
+    return _caption_tokens(self.tok, captions, self.text_len, f'{self.split} shuffled')
 
   def negative(self, i: int, kind: str, rng: np.random.Generator) -> str | None:
     return shapes.hard_negative_caption(self.objects[i], self.glyphs[i], self.grid, kind, rng)
@@ -269,6 +291,10 @@ def train_vision(recipe, workdir: str, tok, log=_print) -> tuple[dict, dict]:
   v = recipe.vision
   caption_weight = float(v.get('caption_weight', 0.0))
   captioner = v.captioner.to_dict() if caption_weight > 0 else None
+  caption_order = v.get('caption_order', 'reading')
+  if caption_order not in CAPTION_ORDERS:
+    raise ValueError(f'stage0.vision.caption_order={caption_order!r}: expected one of {CAPTION_ORDERS}')
+  shuffled = caption_weight > 0 and caption_order == 'shuffled'
   model = SigLIPPair(encoder=v.encoder.to_dict(), text=v.text.to_dict(), embed_dim=int(v.embed_dim),
                      captioner=captioner)
   train = _Split(recipe.data, tok, 'train', int(v.text_len))
@@ -282,9 +308,9 @@ def train_vision(recipe, workdir: str, tok, log=_print) -> tuple[dict, dict]:
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
   @functools.partial(jax.jit, donate_argnums=0)
-  def step_fn(state, image, tokens, mask):
+  def step_fn(state, image, tokens, mask, decoder_tokens, decoder_mask):
     def loss_fn(p):
-      zimg, ztxt, t, b, cap = model.apply({'params': p}, image, tokens, mask)
+      zimg, ztxt, t, b, cap = model.apply({'params': p}, image, tokens, mask, decoder_tokens, decoder_mask)
       return sigmoid_loss(zimg, ztxt, t, b) + caption_weight * cap
     loss, grads = jax.value_and_grad(loss_fn)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
@@ -309,10 +335,11 @@ def train_vision(recipe, workdir: str, tok, log=_print) -> tuple[dict, dict]:
       rng = np.random.default_rng([int(v.seed), step])
       index = rng.choice(len(train.images), b, replace=False)
       image, tokens, mask = train.batch(index)
+      decoder_tokens, decoder_mask = train.shuffled_captions(index, rng) if shuffled else (None, None)
       if hard:
         neg_tokens, neg_mask = train.hard_negatives(index, rng)
         tokens, mask = np.concatenate([tokens, neg_tokens]), np.concatenate([mask, neg_mask])
-      state, loss = step_fn(state, image, tokens, mask)
+      state, loss = step_fn(state, image, tokens, mask, decoder_tokens, decoder_mask)
       losses.append(float(loss))
       if step % every == 0 or step == steps:
         manager.save(step, args=ocp.args.StandardSave(state))

@@ -39,6 +39,13 @@ def test_key_ignores_where_things_are_stored_but_not_the_recipe(stage0_smoke):
   longer = recipe.copy_and_resolve_references()
   longer.vision.steps += 1
   assert stage0.key(longer) != stage0.key(recipe)
+  # caption_order='reading' is what a recipe written before the field trained: the same key, so its towers are found.
+  assert recipe.vision.caption_order == 'reading'
+  older = recipe.copy_and_resolve_references()
+  del older.vision['caption_order']
+  shuffled = recipe.copy_and_resolve_references()
+  shuffled.vision.caption_order = 'shuffled'
+  assert stage0.key(older) == stage0.key(recipe) != stage0.key(shuffled)
 
 
 def test_hf_directories_load_in_transformers_and_mmproj_with_equal_outputs(stage0_smoke):
@@ -193,3 +200,39 @@ def test_captioner_sees_the_vit_tokens_without_their_positions_and_trains_on_rea
   other = tokens.copy()
   other[1, 6] = (other[1, 6] % 10) + 1
   np.testing.assert_allclose(loss, stage0.caption_loss(logits, other, mask), rtol=1e-6)
+
+
+def test_shuffled_captions_hold_the_same_objects_in_new_orders(stage0_smoke):
+  """caption_order='shuffled': the decoder writes each image's objects (then glyphs) in a fresh random order, each
+  object still followed by its own cell, so the cell words can only come from that object's tokens."""
+  recipe, _ = stage0_smoke
+  tok = shapes.make_tokenizer('scenes')
+  split = stage0._Split(recipe.data, tok, 'train', int(recipe.vision.text_len), limit=32)
+  many = [i for i in range(32) if len(split.objects[i]['shape']) >= 3]
+  assert many, 'the smoke world should have scenes with three objects or more'
+  index = np.array(many)
+  first, _ = split.shuffled_captions(index, np.random.default_rng(0))
+  second, _ = split.shuffled_captions(index, np.random.default_rng(1))
+  assert (first != second).any(axis=1).mean() > 0.5     # a new order per draw
+  grid = int(recipe.data.grid)
+  for row, i in zip(first, index):
+    words = tok.decode([int(t) for t in row if t != 0], skip_special_tokens=True).split()
+    reading = shapes.scene_caption(split.objects[i], split.glyphs[i], grid)
+    # Same caption length, same multiset of words, and each object's five words together in either order.
+    assert sorted(words) == sorted(reading.split())
+    objects = split.objects[i]
+    for s, c, z, r, k in zip(objects['shape'], objects['color'], objects['size'], objects['row'], objects['col']):
+      segment = f'{shapes.SIZES[z]} {shapes.COLORS[c]} {shapes.SHAPES[s]} {shapes.position_name(int(r), int(k), grid)}'
+      assert segment in ' '.join(words), (segment, words)
+
+
+def test_the_decoder_trains_on_shuffled_captions_and_an_unknown_order_is_refused(stage0_smoke, tmp_path):
+  recipe, _ = stage0_smoke
+  recipe = recipe.copy_and_resolve_references()
+  recipe.vision.caption_order, recipe.vision.steps = 'shuffled', 2
+  _, report = stage0.train_vision(recipe, str(tmp_path / 'shuffled'), shapes.make_tokenizer('scenes'),
+                                  log=lambda msg: None)
+  assert report['steps'] == 2 and 0 <= report['retrieval']['image_to_text'] <= 1
+  recipe.vision.caption_order = 'alphabetical'
+  with pytest.raises(ValueError, match=r"stage0\.vision\.caption_order='alphabetical'"):
+    stage0.train_vision(recipe, str(tmp_path / 'unknown'), shapes.make_tokenizer('scenes'), log=lambda msg: None)
