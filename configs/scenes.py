@@ -4,15 +4,20 @@ stage-0 text-pretrained LM (trained), in the scenes world, each next to a blind 
   ./launch.sh configs/scenes.py:mlp                                  # builds stage 0 on first use, then trains
   ./launch.sh configs/scenes.py:mlp,smoke --workdir /tmp/scenes-mlp  # toy towers and budget, about a minute
   python experiments/sweep.py configs/sweeps/zoo.py --workdir runs/sweeps/zoo   # the zoo table: all, 3 seeds
+  ./launch.sh configs/scenes.py:mlp,align --workdir runs/mlp_align               # LLaVA's stage 1, then stage 2:
+  ./launch.sh configs/scenes.py:mlp,instruct --workdir runs/mlp --config.init.projector=runs/mlp_align
 
-The argument is NAME or NAME,smoke with NAME a key of ZOO below. The world: 96 px images of a 6x6 grid, 1-12
-objects and up to 3 digit glyphs, eight question families (mmproj/data/shapes.py). The towers
-(configs/stage0/scenes.py, mmproj/stage0.py): a 4-block, 128-wide ViT with 16 px patches (one per cell: a 6x6 grid,
-N = 36 tokens) trained with SigLIP's loss and SigLIP 2's caption decoder on the captions, and a 4-block, 128-wide LM
-trained on captions and questions as text. The budget
+The argument is NAME[,OPTION]... with NAME a key of ZOO below and the options config_lib.SCENES_OPTIONS: smoke;
+align or instruct (LLaVA's two stages; without either, one stage whose rows hold the caption and then questions);
+frozen_lm; pretrain (qformer: BLIP-2's stage 1). experiments/findings/ sweeps them.
+
+The world: 96 px images of a 6x6 grid, 1-12 objects and up to 3 digit glyphs, eight question families
+(mmproj/data/shapes.py). The towers (configs/stage0/scenes.py, mmproj/stage0.py): a 4-block, 128-wide ViT with
+16 px patches (one per cell: a 6x6 grid, N = 36 tokens) trained with SigLIP's loss and SigLIP 2's caption decoder
+on the captions, and a 4-block, 128-wide LM trained on captions and questions as text. The budget
 (config_lib.scenes_experiment): 600 steps at batch 64 on 20,000 images, AdamW at 3e-3, the ViT frozen, evaluated
-on the 500 test images. The compressing connectors are set to M = 9 visual tokens (a 3x3 grid where they keep
-one: each token covers 2x2 cells), linear and mlp keep all 36.
+on the 500 test images (align: 200 steps, instruct: 500). The compressing connectors are set to M = 9 visual
+tokens (a 3x3 grid where they keep one: each token covers 2x2 cells), linear and mlp keep all 36.
 """
 from mmproj import config_lib
 
@@ -42,10 +47,11 @@ ZOO = {
     'tokenpacker': dict(name='tokenpacker', scale=2, num_heads=4),  # TokenPacker: region attention, M = 9
 }
 
-# Every valid argument, so that tests/test_configs.py builds every entry in every variant.
-VARIANTS = tuple(f'{name},{v}' if v else name for name in ZOO for v in config_lib.VARIANTS)
+# Every entry in every variant, and each stage option once, so that tests/test_configs.py builds them all.
+VARIANTS = tuple(f'{name},{v}' if v else name for name in ZOO for v in config_lib.VARIANTS) + (
+    'mlp,align', 'mlp,instruct', 'gated_xattn,frozen_lm', 'gated_xattn,align,smoke')
 
 
 def get_config(arg: str = ''):
-  name, variant = config_lib.zoo_argument(arg, ZOO, WHERE)
-  return config_lib.scenes_experiment(variant, name=f'scenes_{name}', projector=ZOO[name])
+  name, options = config_lib.zoo_argument(arg, ZOO, WHERE, config_lib.SCENES_OPTIONS)
+  return config_lib.scenes_experiment(options, name=f'scenes_{name}', projector=ZOO[name])

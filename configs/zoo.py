@@ -62,6 +62,7 @@ VARIANTS = tuple(f'{name},{v}' if v else name for name in ZOO for v in config_li
 
 
 def get_config(arg: str = ''):
-  name, variant = config_lib.zoo_argument(arg, ZOO, WHERE)
+  name, options = config_lib.zoo_argument(arg, ZOO, WHERE)
   patch_size, projector = ZOO[name]
-  return config_lib.shapes_experiment(variant, name=f'proj_{name}', patch_size=patch_size, projector=projector)
+  return config_lib.shapes_experiment(','.join(options), name=f'proj_{name}', patch_size=patch_size,
+                                      projector=projector)

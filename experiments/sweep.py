@@ -6,31 +6,44 @@ workdir, and the runs' results collected into tables with intervals and plots.
   python experiments/sweep.py configs/sweeps/zoo.py --workdir runs/sweeps/zoo --print-commands   # for a scheduler
   python experiments/sweep.py configs/sweeps/zoo.py --workdir runs/sweeps/zoo --collect --out experiments/results
 
-A sweep config is a small config file (configs/sweeps/) whose get_config returns `name`, `seeds` and `cells`: each
-cell a dict {name, config: 'configs/X.py[:ARG]', overrides: {field: value}} (config_lib.sweep_cells builds a grid
-of them). Run r = (cell, seed) trains in WORKDIR/<cell>/seed<seed>/ as `python -m mmproj.main --config CONFIG
---workdir ... --config.seed=SEED --config.FIELD=VALUE ...`. A run whose results.json exists is skipped; an
-interrupted one resumes from its own checkpoint (the trainer's resume), so re-running the sweep command continues
-it. Progress is printed before each run: runs done / left and the ETA from this invocation's mean run time. A run
-that fails is reported and the sweep goes on; the command then exits with status 1, naming the failures.
+A sweep config is a small config file (configs/sweeps/, experiments/findings/) whose get_config returns `name`,
+`seeds` and `cells`: each cell a dict {name, config: 'configs/X.py[:ARG]', overrides: {field: value}}
+(config_lib.sweep_cells builds a grid of them). Run r = (cell, seed) trains in WORKDIR/<cell>/seed<seed>/ as
+`python -m mmproj.main --config CONFIG --workdir ... --config.seed=SEED --config.FIELD=VALUE ...`. A run whose
+results.json exists is skipped; an interrupted one resumes from its own checkpoint (the trainer's resume), so
+re-running the sweep command continues it.
+
+A run may start from another cell's run of the same seed: an override value '{run:CELL}' is that run's workdir
+(e.g. overrides={'init.projector': '{run:mlp_align}'} for a second training stage); the run waits until that one
+has finished, and does not run if it failed. Several sweep configs may be given at once: runs with the same
+workdir are one run (they must have the same settings), so sweeps sharing a workdir share their common cells. Each
+run's settings are kept in its sweep_run.json, and a sweep whose cell of the same name has other settings stops
+before running anything. Progress is printed before each run: runs done / left and the ETA from this invocation's
+mean run time. A run that fails is reported and the sweep goes on; the command then exits with status 1, naming
+the failures.
 --jobs N runs N at once on a CPU host, each pinned to its own share of the cores (its output then goes to
 <workdir>/run.log): small models use two cores poorly, so two one-core runs finish sooner than two two-core runs
 in turn (python -m benchmarks.sweep_jobs measures the ratio).
 
 --print-commands prints one `./launch.sh` line per run not yet finished (a SLURM array or any queue can run them;
-`--collect` afterwards is the same). --collect reads every finished run's results.json and metrics.jsonl, copies
-them (small) to OUT/<name>/<cell>/seed<seed>/ so that `--collect --workdir OUT/<name>` rebuilds everything from
-the copies, and writes OUT/<name>.md (per cell and question family: mean and 95% t-interval over the seeds,
-visual tokens M, seeds finished) and three plots: OUT/<name>_accuracy.png (accuracy per family per cell, with the
-intervals), OUT/<name>_tokens.png (overall accuracy against visual tokens) and OUT/<name>_curves.png (training
-loss against step, mean over seeds, per cell).
+`--collect` afterwards is the same); runs that start from others come after them, in waves headed by a '# wave K'
+comment line (a scheduler starts wave K + 1 when wave K has finished).
+
+--collect reads every finished run's results.json and metrics.jsonl, copies them (small, with config.json and an
+E6 probe.json) to OUT/<store>/<cell>/seed<seed>/ (store: the config's `store`, else its name) so that
+`--collect --workdir OUT/<store>` rebuilds everything from the copies, and writes OUT/<name>.md (per cell and
+question family: mean and 95% t-interval over the seeds, visual tokens M, seeds finished) and three plots:
+OUT/<name>_accuracy.png (accuracy per family per cell, with the intervals), OUT/<name>_tokens.png (overall accuracy
+against visual tokens) and OUT/<name>_curves.png (training loss against step, mean over seeds, per cell).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -51,6 +64,7 @@ class Run:
   config: str
   overrides: tuple[tuple[str, Any], ...]
   workdir: str
+  needs: tuple[str, ...] = ()     # workdirs of the runs this one starts from ('{run:CELL}' overrides)
 
   @property
   def done(self) -> bool:
@@ -75,17 +89,65 @@ def load_sweep(spec: str):
   names = [c['name'] for c in sweep.cells]
   if len(set(names)) != len(names) or any('/' in n for n in names):
     raise ValueError(f'{spec}: cell names must be unique and contain no "/": {names}')
+  for c in sweep.cells:
+    for field, value in dict(c.get('overrides') or {}).items():
+      for needed in RUN_REF.findall(value) if isinstance(value, str) else ():
+        if needed not in names or needed == c['name']:
+          raise ValueError(f'{spec}: cell {c["name"]!r} override {field}={value!r} names {needed!r}, which is not '
+                           f'another cell of this sweep ({names})')
   return sweep
+
+
+RUN_REF = re.compile(r'\{run:([^}]+)\}')   # '{run:CELL}' in an override value: CELL's run of the same seed
 
 
 def runs_of(sweep, workdir: str, extra: dict[str, Any] | None = None) -> list[Run]:
   """Every (cell, seed) of a sweep, seeds outermost: a sweep stopped part-way has whole seeds of every cell.
   `extra` overrides every run (--set)."""
   workdir = os.path.abspath(workdir)
-  return [Run(cell=c['name'], seed=int(seed), config=c['config'],
-              overrides=tuple(sorted({**dict(c.get('overrides') or {}), **(extra or {})}.items())),
-              workdir=os.path.join(workdir, c['name'], f'seed{int(seed)}'))
-          for seed in sweep.seeds for c in sweep.cells]
+  where = lambda cell, seed: os.path.join(workdir, cell, f'seed{int(seed)}')
+  runs = []
+  for seed in sweep.seeds:
+    for c in sweep.cells:
+      overrides, needs = {**dict(c.get('overrides') or {}), **(extra or {})}, []
+      for field, value in overrides.items():
+        if isinstance(value, str) and RUN_REF.search(value):
+          needs += [where(cell, seed) for cell in RUN_REF.findall(value)]
+          overrides[field] = RUN_REF.sub(lambda m: where(m.group(1), seed), value)
+      runs.append(Run(cell=c['name'], seed=int(seed), config=c['config'], overrides=tuple(sorted(overrides.items())),
+                      workdir=where(c['name'], seed), needs=tuple(needs)))
+  return runs
+
+
+def merge_runs(groups: list[tuple[str, list[Run]]]) -> list[Run]:
+  """The runs of several sweeps (spec, runs) as one list, each workdir once; ValueError when two sweeps give one
+  workdir different settings."""
+  merged: dict[str, tuple[str, Run]] = {}
+  for spec, runs in groups:
+    for r in runs:
+      if r.workdir in merged and merged[r.workdir][1] != r:
+        raise ValueError(f'{spec} and {merged[r.workdir][0]} both have cell {r.cell!r} (seed {r.seed}, '
+                         f'{r.workdir}) with different settings; rename one of them')
+      merged.setdefault(r.workdir, (spec, r))
+  return [r for _, r in merged.values()]
+
+
+SETTINGS = 'sweep_run.json'   # a run's config, seed and overrides, written when it starts
+
+
+def _settings(r: Run) -> dict:
+  return {'config': r.config, 'seed': r.seed, 'overrides': {k: v for k, v in r.overrides}}
+
+
+def check_settings(runs: list[Run]) -> None:
+  """ValueError, before anything runs, for a run whose directory holds a run with other settings."""
+  for r in runs:
+    path = os.path.join(r.workdir, SETTINGS)
+    if os.path.exists(path):
+      theirs = json.loads(json.dumps(_read_json(path)))
+      if theirs != json.loads(json.dumps(_settings(r))):
+        raise ValueError(f'{path}: this directory holds a run of cell {r.cell!r} with other settings ({theirs}) '
+                         f'than the sweep\'s ({_settings(r)}); give the sweep another --workdir or rename the cell')
 
 
 def _duration(seconds: float) -> str:
@@ -103,12 +165,14 @@ def core_groups(jobs: int, cores: list[int]) -> list[list[int]]:
 def _start(r: Run, cores: list[int] | None) -> subprocess.Popen:
   """Starts one run in its own process; with `cores` (--jobs > 1) pinned to them, its output to <workdir>/run.log."""
   cmd = [sys.executable, '-m', 'mmproj.main', '--config', r.config] + r.args()
+  os.makedirs(r.workdir, exist_ok=True)
+  with open(os.path.join(r.workdir, SETTINGS), 'w') as f:
+    json.dump(_settings(r), f, indent=1)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
   if not host_malloc.accelerator_host():     # as ./launch.sh does: XLA CPU steps reuse freed memory
     host_malloc.with_reuse(env)
   if cores is None:
     return subprocess.Popen(cmd, cwd=REPO, env=env)
-  os.makedirs(r.workdir, exist_ok=True)
   with open(os.path.join(r.workdir, 'run.log'), 'a') as out:   # XLA sizes its thread pool from the affinity
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                             preexec_fn=lambda: os.sched_setaffinity(0, cores))
@@ -120,22 +184,34 @@ def run_all(runs: list[Run], jobs: int = 1, log=print) -> list[str]:
     raise ValueError(f'--jobs {jobs} splits CPU cores between runs; on a GPU/TPU host run one at a time, or give '
                      '--print-commands lines to a scheduler')
   groups = core_groups(jobs, sorted(os.sched_getaffinity(0))) if jobs > 1 else [None]
+  check_settings(runs)
   pending = [r for r in runs if not r.done]
   log(f'sweep: {len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run'
       + (f', {jobs} at a time (cores {" | ".join(",".join(map(str, g)) for g in groups)}; output in each run\'s '
          'run.log)' if jobs > 1 else ''))
   failures, running, finished, start = [], {}, 0, time.time()    # running: slot -> (run, process)
+  failed: set[str] = set()                                          # workdirs of failed runs
   queue = list(pending)
   while queue or running:
+    for r in [r for r in queue if failed & set(r.needs)]:          # starts from a failed run: cannot run
+      queue.remove(r)
+      finished += 1
+      failures.append(f'{r.cell}/seed{r.seed} (not run: it starts from a failed run)')
+      failed.add(r.workdir)
+      log(f'sweep: {r.cell} seed {r.seed} not run: it starts from a run that failed')
     for slot in range(len(groups)):
-      if slot not in running and queue:
-        r = queue.pop(0)
+      ready = [r for r in queue if all(os.path.exists(os.path.join(n, 'results.json')) for n in r.needs)]
+      if slot not in running and ready:
+        r = ready[0]
+        queue.remove(r)
         i = len(pending) - len(queue) - 1
         # ETA from this invocation's throughput: wall time per finished run times the runs not finished.
         eta = f', ETA {_duration((time.time() - start) / finished * (len(pending) - finished))}' if finished else ''
         log(f'[{len(runs) - len(pending) + i + 1}/{len(runs)}] {r.cell} seed {r.seed} ({finished} done, '
             f'{len(pending) - finished} left{eta})')
         running[slot] = (r, _start(r, groups[slot]))
+    if queue and not running and not any(failed & set(r.needs) for r in queue):
+      raise RuntimeError(f'sweep: {[r.workdir for r in queue]} wait for runs that are not in this sweep')
     for slot, (r, process) in list(running.items()):
       if process.poll() is None:
         continue
@@ -143,14 +219,32 @@ def run_all(runs: list[Run], jobs: int = 1, log=print) -> list[str]:
       finished += 1
       if process.returncode or not r.done:
         failures.append(f'{r.cell}/seed{r.seed} (exit status {process.returncode})')
+        failed.add(r.workdir)
         log(f'sweep: {r.cell} seed {r.seed} FAILED (exit status {process.returncode}); going on')
     if running:
       time.sleep(0.5)
   return failures
 
 
+def waves(runs: list[Run]) -> list[list[Run]]:
+  """The unfinished runs in dependency order: wave 0 needs no unfinished run, wave k + 1 only runs of waves <= k."""
+  todo, placed, out = [r for r in runs if not r.done], set(), []
+  while todo:
+    wave = [r for r in todo if all(n in placed or os.path.exists(os.path.join(n, 'results.json')) for n in r.needs)]
+    if not wave:
+      raise ValueError(f'runs {[r.workdir for r in todo]} start from runs that are not in the sweep')
+    out.append(wave)
+    placed |= {r.workdir for r in wave}
+    todo = [r for r in todo if r.workdir not in placed]
+  return out
+
+
 def print_commands(runs: list[Run]) -> list[str]:
-  lines = [' '.join(shlex.quote(a) for a in ['./launch.sh', r.config] + r.args()) for r in runs if not r.done]
+  lines, groups = [], waves(runs)
+  for k, wave in enumerate(groups, start=1):
+    if len(groups) > 1:
+      lines.append(f'# wave {k}' + (f': after wave {k - 1} has finished' if k > 1 else ''))
+    lines += [' '.join(shlex.quote(a) for a in ['./launch.sh', r.config] + r.args()) for r in wave]
   for line in lines:
     print(line)
   return lines
@@ -215,7 +309,7 @@ def gather(sweep, runs: list[Run], copy_to: str | None = None) -> list[dict]:
         dst = os.path.join(copy_to, r.cell, f'seed{r.seed}')
         if os.path.abspath(dst) != os.path.abspath(r.workdir):
           os.makedirs(dst, exist_ok=True)
-          for name in ('results.json', 'config.json', 'metrics.jsonl'):
+          for name in ('results.json', 'config.json', 'metrics.jsonl', 'probe.json'):
             if os.path.exists(os.path.join(r.workdir, name)):
               shutil.copyfile(os.path.join(r.workdir, name), os.path.join(dst, name))
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
@@ -334,7 +428,7 @@ def plots(sweep, rows: list[dict], out: str) -> list[str]:
 
 def collect(sweep, runs: list[Run], out: str, command: str) -> str:
   os.makedirs(out, exist_ok=True)
-  rows = gather(sweep, runs, copy_to=os.path.join(out, sweep.name))
+  rows = gather(sweep, runs, copy_to=os.path.join(out, sweep.get('store', sweep.name)))
   text = markdown(sweep, rows, command)
   with open(os.path.join(out, f'{sweep.name}.md'), 'w') as f:
     f.write(text)
@@ -345,7 +439,8 @@ def collect(sweep, runs: list[Run], out: str, command: str) -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('sweep', help='sweep config file, optionally with :ARG (e.g. configs/sweeps/zoo.py:smoke)')
+  p.add_argument('sweep', nargs='+', help='sweep config file(s), each optionally with :ARG (e.g. '
+                 'configs/sweeps/zoo.py:smoke); a pattern such as "experiments/findings/e*.py:smoke" is expanded')
   p.add_argument('--workdir', required=True, help='the sweep\'s directory: one sub-directory per cell and seed')
   p.add_argument('--print-commands', action='store_true', help='print a launch.sh line per unfinished run')
   p.add_argument('--collect', action='store_true', help='tables and plots from the finished runs')
@@ -355,14 +450,17 @@ def main(argv=None) -> int:
   p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                  help='an override for every run (e.g. data.data_dir=/fast/disk); repeatable')
   args = p.parse_args(argv)
-  sweep = load_sweep(args.sweep)
+  specs = [m + (':' + arg if arg else '') for spec in args.sweep
+           for path, _, arg in [spec.partition(':')] for m in (sorted(glob.glob(path)) or [path])]
+  sweeps = [(spec, load_sweep(spec)) for spec in specs]
   extra = {}
   for item in args.set:
     field, sep, value = item.partition('=')
     if not sep or not field:
       p.error(f'--set {item!r}: expected FIELD=VALUE')
     extra[field] = value
-  runs = runs_of(sweep, args.workdir, extra)
+  per_sweep = [(spec, runs_of(sweep, args.workdir, extra)) for spec, sweep in sweeps]
+  runs = merge_runs(per_sweep)
   if args.print_commands:
     print_commands(runs)
     return 0
@@ -371,8 +469,9 @@ def main(argv=None) -> int:
     if failures:
       print(f'sweep: {len(failures)} run(s) failed: {", ".join(failures)}', file=sys.stderr)
       return 1
-  command = 'python experiments/sweep.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
-  print(collect(sweep, runs, args.out, command.strip()))
+  for (spec, sweep), (_, mine) in zip(sweeps, per_sweep):
+    others = ' '.join(a for a in (argv if argv is not None else sys.argv[1:]) if a not in args.sweep)
+    print(collect(sweep, mine, args.out, f'python experiments/sweep.py {spec} {others}'.strip()))
   return 0
 
 

@@ -57,16 +57,17 @@ def parse_variant(arg: str, where: str) -> bool:
   return arg == 'smoke'
 
 
-def zoo_argument(arg: str, zoo: dict, where: str) -> tuple[str, str]:
-  """A zoo config's argument 'NAME' or 'NAME,smoke' -> (NAME, variant); ValueError naming the file and the names."""
-  name, _, variant = arg.partition(',')
+def zoo_argument(arg: str, zoo: dict, where: str, options: Sequence[str] = ('smoke',)) -> tuple[str, tuple[str, ...]]:
+  """A zoo config's argument 'NAME[,OPTION]...' -> (NAME, the options given), each option one of `options`;
+  ValueError naming the file, the names and the options."""
+  name, *given = arg.split(',')
+  usage = f'use {where}:NAME[,{"|".join(options)}]... with NAME one of {", ".join(zoo)}'
   if name not in zoo:
-    raise ValueError(f'{where}: unknown projector {name!r}; use {where}:NAME[,smoke] with NAME one of '
-                     f'{", ".join(zoo)}')
-  if variant not in VARIANTS or arg.endswith(','):
-    raise ValueError(f'{where}: unknown variant {variant!r} in {arg!r}; use {name} or {name},smoke '
-                     f'(NAME one of {", ".join(zoo)})')
-  return name, variant
+    raise ValueError(f'{where}: unknown projector {name!r}; {usage}')
+  bad = [o for o in given if o not in options or given.count(o) > 1]
+  if bad:
+    raise ValueError(f'{where}: unknown or repeated option {bad[0]!r} in {arg!r}; {usage}')
+  return name, tuple(given)
 
 
 def shapes_experiment(arg: str, *, name: str, projector: dict, patch_size: int = 16, steps: int = 800,
@@ -177,11 +178,39 @@ def stage0_recipe(smoke: bool = False) -> mlc.ConfigDict:
   return r
 
 
-def scenes_experiment(arg: str, *, name: str, projector: dict, steps: int = 600, batch_size: int = 64,
-                      baseline: str = 'blind') -> mlc.ConfigDict:
+# Options of a connector run between the stage-0 towers (configs/scenes.py:NAME[,OPTION]...). Without a stage
+# option a run is one stage whose training rows hold the image's caption and then question turns.
+#   align      LLaVA's stage 1 (feature alignment): captions only, ALIGN_STEPS steps, the LM frozen, so only the
+#              connector trains (for gated_xattn: its cross-attention blocks inside the LM); evaluated on
+#              ALIGN_EVAL_EXAMPLES questions (its caption loss is its figure)
+#   instruct   LLaVA's stage 2 (visual instruction tuning): question turns only, INSTRUCT_STEPS steps, connector and
+#              LM trained. It starts from an align run with --config.init.projector=<that run's workdir>; without
+#              one it is Prismatic's single-stage recipe (Karamcheti et al. 2024)
+#   frozen_lm  the LM stays frozen in any stage (the frozen-LM setting of Flamingo and Idefics2's Table 3)
+#   pretrain   qformer only: BLIP-2's stage 1, the Q-Former alone on the frozen ViT with ITC + ITM + ITG on the
+#              captions (mmproj/qformer_stage1.py) at 1e-3; an align run starts from it through init.projector
+#   smoke      toy towers and budget (tests)
+SCENES_OPTIONS = ('smoke', 'align', 'instruct', 'frozen_lm', 'pretrain')
+# The two stages together cost about one 600-step run of the one-stage regime (a frozen-LM step is cheaper), so
+# that the findings' 129 runs fit in about 8 hours on 2 cores (experiments/findings.py).
+ALIGN_STEPS, INSTRUCT_STEPS, ALIGN_EVAL_EXAMPLES = 200, 500, 100
+# Every LM param but the gated cross-attention blocks an injecting connector adds (mmproj/lm/llama.py).
+FROZEN_LM = 'lm/(?!xattn_layers_).*'
+
+
+def scenes_experiment(options: str | Sequence[str], *, name: str, projector: dict, steps: int = 600,
+                      batch_size: int = 64, baseline: str = 'blind') -> mlc.ConfigDict:
   """A connector between the stage-0 towers (frozen ViT, pretrained LM) trained in the scenes world; the blind
-  baseline starts from the same LM. arg: '' or 'smoke'."""
-  smoke = parse_variant(arg, f'configs/{name}.py')
+  baseline starts from the same LM. options: a subset of SCENES_OPTIONS (or one comma-separated string)."""
+  options = tuple(filter(None, options.split(','))) if isinstance(options, str) else tuple(options)
+  where = f'configs/{name}.py'
+  if any(o not in SCENES_OPTIONS for o in options) or len({'align', 'instruct', 'pretrain'} & set(options)) > 1:
+    raise ValueError(f'{where}: options {options}: each one of {SCENES_OPTIONS}, at most one of align / instruct / '
+                     'pretrain')
+  if 'pretrain' in options and projector.get('name') != 'qformer':
+    raise ValueError(f'{where}: option pretrain is BLIP-2\'s Q-Former stage 1; projector {projector.get("name")!r} '
+                     'has none')
+  smoke = 'smoke' in options
   c = _scenes_run(smoke, name=name, use_image=True, projector=projector, steps=steps, batch_size=batch_size)
   c.baseline = baseline
   c.stage0 = stage0_recipe(smoke)
@@ -190,6 +219,20 @@ def scenes_experiment(arg: str, *, name: str, projector: dict, steps: int = 600,
   # 3e-3 rather than the from-scratch runs' 1e-3: at 600 x 64 the mlp run's position answers went 13% -> 26% and
   # existence 51% -> 72% (experiments/results/scenes_first_runs.md).
   c.train.learning_rate = 3e-3
+  if 'align' in options:
+    c.data.update(turns=1, caption_prob=1.0)
+    if not smoke:
+      c.train.steps, c.eval.max_examples = ALIGN_STEPS, ALIGN_EVAL_EXAMPLES
+      c.train.warmup_steps = ALIGN_STEPS // 10     # LLaVA's stage 1 warms up for 3%; 100 would be half of it
+  if 'instruct' in options:
+    c.data.caption_prob = 0.0
+    c.train.steps = c.train.steps if smoke else INSTRUCT_STEPS
+  if 'align' in options or 'frozen_lm' in options:
+    c.train.frozen.append(FROZEN_LM)
+  if 'pretrain' in options:
+    c.objective = 'qformer_stage1'
+    c.init.lm = None                   # the LM plays no part; its vocabulary sizes the Q-Former's text side
+    c.train.learning_rate = 1e-3       # a from-scratch post-LN BERT with its own heads, as the stage-0 towers
   return c
 
 
@@ -289,6 +332,40 @@ def sweep_cells(config: str, axes: dict[str, Sequence[Any]], *, fixed: dict[str,
     label = ','.join([name] * bool(name) + [f'{k}={v}' for k, v in chosen.items()])
     cells.append(dict(name=label.replace('/', '_') or 'base', config=config, overrides={**(fixed or {}), **chosen}))
   return cells
+
+
+def llava_cells(name: str, entry: str, *, frozen_lm: bool = False, one_stage: bool = False,
+                overrides: dict[str, Any] | None = None, start: str | None = None, smoke: bool = False,
+                where: str = 'configs/scenes.py') -> list[dict]:
+  """The sweep cells of one connector trained LLaVA's way between the stage-0 towers (experiments/findings/):
+  '<name>.align' (stage 1, `where`:ENTRY,align) and '<name>' (stage 2, ENTRY,instruct, starting from the align
+  run of the same seed), both with `overrides` (e.g. {'model.projector.depth': 6}). frozen_lm: stage 2 keeps the
+  LM frozen too, cell '<name>.frozen_lm'. one_stage: no stage 1 (Prismatic's single stage), cell
+  '<name>.one_stage'. start: where the first stage's connector starts (its init.projector, e.g. '{run:CELL}' of
+  a BLIP-2 stage-1 run). The align cell's name does not depend on the stage-2 choices, so sweeps sharing a workdir
+  run it once for all of them. smoke: the entries' smoke variants, and stage 2 alone (tests)."""
+  smoke_opt = ',smoke' if smoke else ''
+  stage2 = dict(name=name + '.frozen_lm' * frozen_lm + '.one_stage' * one_stage,
+                config=f'{where}:{entry},instruct{",frozen_lm" * frozen_lm}{smoke_opt}',
+                overrides={'baseline': 'none', **(overrides or {})})
+  if one_stage or smoke:
+    if start:
+      stage2['overrides']['init.projector'] = start
+    return [stage2]
+  stage2['overrides']['init.projector'] = '{run:%s.align}' % name
+  align = dict(name=f'{name}.align', config=f'{where}:{entry},align',
+               overrides={'baseline': 'none', **(overrides or {}), **({'init.projector': start} if start else {})})
+  return [align, stage2]
+
+
+def unique_cells(cells: Sequence[dict]) -> list[dict]:
+  """`cells` with repeats (same name) dropped; ValueError when two cells of one name differ."""
+  out: dict[str, dict] = {}
+  for c in cells:
+    if c['name'] in out and out[c['name']] != c:
+      raise ValueError(f'two different sweep cells are named {c["name"]!r}: {out[c["name"]]} and {c}')
+    out.setdefault(c['name'], c)
+  return list(out.values())
 
 
 def load_config_file(spec: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:

@@ -3,7 +3,9 @@
 The blind baseline is the same LM and training budget with no visual tokens (`model.use_image=False`); the gap
 between the two is what the projector carries. It trains in WORKDIR/blind/.
 Shapes-world runs are evaluated by VQA accuracy and caption loss; other data (LLaVA-format JSON) reports the
-training loss of the last log interval (evaluate those with mmproj.load + mmproj.generate).
+training loss of the last log interval (evaluate those with mmproj.load + mmproj.generate). A config with
+objective='qformer_stage1' is BLIP-2's first stage instead (mmproj/qformer_stage1.py: the Q-Former alone on the
+frozen ViT; default objective: 'lm', the multimodal LM's next-token loss).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import math
 import jax
 from etils import epath
 
-from mmproj import stage0
+from mmproj import qformer_stage1, stage0
 from mmproj.data import shapes
 from mmproj.eval import vqa
 from mmproj.train import paths, trainer
@@ -69,6 +71,11 @@ def _write_results(workdir: str, results: dict) -> str:
 def run(cfg, workdir: str) -> dict:
   workdir = paths.resolve(workdir)          # a local directory or a URL (gs://bucket/run): mmproj/train/paths.py
   cfg = stage0.resolve_init(cfg)            # cfg.init 'stage0' entries: the towers of cfg.stage0, built if missing
+  objective = cfg.get('objective', 'lm')
+  if objective == qformer_stage1.OBJECTIVE:
+    return qformer_stage1.run(cfg, workdir)
+  if objective != 'lm':
+    raise ValueError(f'objective={objective!r}: expected "lm" or {qformer_stage1.OBJECTIVE!r}')
   baseline = str(cfg.baseline or '').lower()
   if baseline not in ('blind', '', 'none'):
     raise ValueError(f'baseline={cfg.baseline!r}: the only baseline is "blind" ("" or "none" for no baseline)')

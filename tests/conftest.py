@@ -26,8 +26,8 @@ from mmproj import config_lib  # noqa: E402
 
 # The modules that take longest, first: with two workers (.ci/run: --dist loadscope --no-loadscope-reorder) each
 # module runs on one worker, and one started last would run alone at the end while the other worker idles.
-SLOW_FIRST = ('test_projector_configs', 'test_stage0', 'test_faults', 'test_scan_remat', 'test_train',
-              'test_multiprocess', 'test_cloud_workdir', 'test_sweep', 'test_bench', 'test_attention_maps',
+SLOW_FIRST = ('test_projector_configs', 'test_findings', 'test_stage0', 'test_faults', 'test_scan_remat',
+              'test_train', 'test_multiprocess', 'test_cloud_workdir', 'test_sweep', 'test_bench', 'test_attention_maps',
               'test_sharding', 'test_llava_training', 'test_no_pickle')
 
 

@@ -1,8 +1,8 @@
 """The library reads top to bottom: every import of an mmproj module (at module level or inside a function) runs
 down this order, never up it, and no modules import each other in a cycle.
 
-  layers, config_lib -> encoders / projectors / lm -> model -> data -> convert -> eval -> train -> stage0
-                     -> experiment / inference -> main / the package root
+  layers, config_lib -> encoders / projectors / lm -> model -> data -> convert -> eval -> train
+                     -> stage0 -> qformer_stage1 -> experiment / inference -> main / the package root
 
 A package may import its own modules; packages of one rank (encoders, projectors, lm) may not import each other.
 Importing the library must not import torch or transformers (they are test and benchmark extras).
@@ -25,6 +25,7 @@ ORDER = (
     ('eval',),
     ('train',),
     ('stage0',),              # the pretrained towers: trained with train, read by experiment through cfg.init
+    ('qformer_stage1',),      # BLIP-2's stage 1 on the stage-0 ViT (its data read as stage0 reads it)
     ('experiment', 'inference'),
     ('main', ''),             # '' = the package root, mmproj/__init__.py
 )

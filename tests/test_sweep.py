@@ -108,3 +108,46 @@ def test_collection_gives_means_and_intervals(tmp_path):
   assert sweep_tool.interval([1.0]) == (1.0, 0.0)
   mean, half = sweep_tool.interval([80.0, 70.0, 90.0])
   assert mean == pytest.approx(80.0) and half == pytest.approx(24.84, abs=0.01)
+
+
+def _sweep_file(tmp_path, cells: str) -> str:
+  path = tmp_path / 'handmade_sweep.py'
+  path.write_text(f'def get_config(arg=""):\n  import ml_collections\n  c = ml_collections.ConfigDict()\n'
+                  f'  c.name, c.seeds = "handmade", [0]\n  c.cells = {cells}\n  return c\n')
+  return str(path)
+
+
+def test_a_run_that_starts_from_a_failed_run_is_not_run(tmp_path):
+  """'{run:CELL}': the second cell waits for the first, which fails at once (an unknown config field), so the
+  second does not run and the sweep exits 1 naming both."""
+  spec = _sweep_file(tmp_path, "[dict(name='first', config='configs/scenes.py:mlp,smoke', overrides={'no_such': 1}),"
+                               " dict(name='second', config='configs/scenes.py:mlp,smoke',"
+                               " overrides={'init.projector': '{run:first}'})]")
+  out = subprocess.run([sys.executable, 'experiments/sweep.py', spec, '--workdir', str(tmp_path / 'w')], cwd=REPO,
+                       env=python_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stdout + out.stderr
+  assert 'first/seed0 (exit status 1), second/seed0 (not run: it starts from a failed run)' in out.stderr
+  assert not (tmp_path / 'w' / 'second').exists()
+  settings = json.loads((tmp_path / 'w' / 'first' / 'seed0' / 'sweep_run.json').read_text())
+  assert settings == {'config': 'configs/scenes.py:mlp,smoke', 'seed': 0, 'overrides': {'no_such': 1}}
+
+
+def test_run_references_and_shared_workdirs_are_checked(tmp_path):
+  bad = _sweep_file(tmp_path, "[dict(name='a', config='configs/scenes.py:mlp', overrides={'init.projector': "
+                              "'{run:b}'})]")
+  with pytest.raises(ValueError, match="override init.projector='{run:b}' names 'b', which is not another cell"):
+    sweep_tool.load_sweep(bad)
+  # Two sweeps giving one cell name different settings in one workdir.
+  zoo = sweep_tool.load_sweep('configs/sweeps/zoo.py:smoke')
+  other = sweep_tool.load_sweep('configs/sweeps/zoo.py:smoke')
+  other.cells = [dict(other.cells[0], overrides={'baseline': 'none', 'train.steps': 7})]
+  with pytest.raises(ValueError, match="both have cell 'mlp' .* with different settings; rename one of them"):
+    sweep_tool.merge_runs([('zoo', sweep_tool.runs_of(zoo, str(tmp_path))),
+                           ('other', sweep_tool.runs_of(other, str(tmp_path)))])
+  # A run directory already holding a run of that name with other settings: refused before anything runs.
+  runs = sweep_tool.runs_of(other, str(tmp_path / 'w'))
+  os.makedirs(runs[0].workdir)
+  with open(os.path.join(runs[0].workdir, sweep_tool.SETTINGS), 'w') as f:
+    json.dump({'config': 'configs/scenes.py:mlp,smoke', 'seed': 0, 'overrides': {'baseline': 'none'}}, f)
+  with pytest.raises(ValueError, match='holds a run of cell .mlp. with other settings'):
+    sweep_tool.run_all(runs)

@@ -5,7 +5,7 @@
                                                      #   CLIPModel / SiglipModel (its text tower is skipped)
       lm='/models/vicuna-7b-v1.5',                   # HF dir: Llama / Mistral / Qwen2 causal LM
       projector='runs/llava15_stage1',               # an mmproj workdir: params['projector'] of its latest step
-  )
+  )                                                  #   (and the gated blocks an injecting connector put in its LM)
 
 Missing entries (or None) keep the random initialisation. Weights are read from safetensors only (never pickle).
 `check(cfg)` runs before anything is compiled: every named path must exist and its architecture must equal
@@ -15,7 +15,9 @@ lm_head rows start at the mean of the checkpoint's rows, as transformers' resize
 Loaded params are only used on a fresh start; a resumed run restores everything from its own checkpoint.
 HF weights come out of the converters as layers_{i}; for a model that scans its blocks (model.lm.scan_layers,
 model.encoder.scan_layers) `load` stacks them into the scanned layout (layers/... with a leading layer axis,
-mmproj.convert.stack_layers). A projector from a workdir is taken as saved.
+mmproj.convert.stack_layers). A projector from a workdir is taken as saved; a connector that injects blocks into
+the LM (gated_xattn) brings them too (lm/xattn_layers_*), placed over whatever init.lm gave the rest of the LM, so
+a second stage continues the first one's connector whole.
 """
 from __future__ import annotations
 
@@ -160,15 +162,26 @@ def _load_lm(cfg, path: str) -> dict:
 
 
 def _load_projector(path: str) -> dict:
-  """params['projector'] of the latest step of an mmproj workdir."""
+  """{'projector': params['projector'], INJECTED: the LM's connector blocks} of the latest step of a workdir; for a
+  BLIP-2 stage-1 workdir (objective 'qformer_stage1') its Q-Former's query side, marked PARTIAL."""
   import jax
   import ml_collections
+  import orbax.checkpoint as ocp
 
   from mmproj.train import checkpoint, state
   cfg, _ = checkpoint.read_run_files(path)
+  if cfg.get('objective') == QFORMER_STAGE1:
+    with ocp.CheckpointManager(checkpoint.checkpoint_dir(path)) as manager:
+      step = manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f'init.projector: {path} (a Q-Former stage-1 run) has no checkpoint')
+      params = manager.restore(step, args=ocp.args.StandardRestore())['params']
+    return {'projector': {k: params[k] for k in QFORMER_STAGE1_KEYS if k in params}, PARTIAL: True}
   cfg.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
   restored, _ = checkpoint.restore_state(path, state.setup(cfg, jax.local_devices()).abstract_state)
-  return jax.device_get(restored.params['projector'])
+  lm = restored.params.get('lm', {})
+  return jax.device_get({'projector': restored.params['projector'],
+                         INJECTED: {k: v for k, v in lm.items() if k.startswith(CONNECTOR_IN_LM)}})
 
 
 def load(cfg) -> dict[str, Any]:
@@ -176,36 +189,58 @@ def load(cfg) -> dict[str, Any]:
   (HF encoder / LM layers stacked when that part scans its layers)."""
   from mmproj.convert import stack_layers, scanned_depths
   check(cfg)
-  loaders = {'encoder': lambda p: _load_encoder(cfg, p), 'lm': lambda p: _load_lm(cfg, p),
-             'projector': _load_projector}
-  loaded = {part: loaders[part](path) for part, path in _sources(cfg).items()}
+  loaders = {'encoder': lambda p: _load_encoder(cfg, p), 'lm': lambda p: _load_lm(cfg, p)}
+  loaded = {}
+  for part, path in _sources(cfg).items():
+    loaded.update(_load_projector(path) if part == 'projector' else {part: loaders[part](path)})
   for part, depth in scanned_depths(cfg.model).items():
     if part in loaded:
       loaded[part] = stack_layers(loaded[part], depth)
   return loaded
 
 
-# Params a pretrained part does not have and that start from their fresh initialisation: the gated cross-attention
-# blocks an injecting projector (Flamingo's gated_xattn) puts between a pretrained LM's blocks.
-NEW_IN_PRETRAINED = {'lm': ('xattn_layers_',)}
+# The gated cross-attention blocks an injecting projector (Flamingo's gated_xattn) puts between the LM's blocks
+# (mmproj/lm/llama.py): a pretrained LM does not have them (they start fresh), a workdir's connector does.
+CONNECTOR_IN_LM = 'xattn_layers_'
+NEW_IN_PRETRAINED = {'lm': (CONNECTOR_IN_LM,)}
+INJECTED = 'lm:connector'   # the key of `load`'s result holding a workdir connector's blocks in the LM
+# A BLIP-2 stage-1 run (mmproj/qformer_stage1.py) gives the 'qformer' connector these subtrees; its text embeddings
+# and ITC / ITM / ITG heads are left out, and language_projection (which it lacks) keeps its initialisation.
+QFORMER_STAGE1 = 'qformer_stage1'
+QFORMER_STAGE1_KEYS = ('query_tokens', 'ln_vision', 'qformer')
+PARTIAL = 'projector:partial'   # set in `load`'s result when the projector came from such a run
+STAGE1_FRESH = ('language_projection',)
 
 
 def place(params: dict, loaded: dict[str, Any], shardings: dict) -> dict:
   """Replaces params[part] by loaded[part] on the same shardings (NEW_IN_PRETRAINED params keep their fresh
-  values); ValueError naming a param whose path or shape differs from the model's."""
+  values, or take loaded[INJECTED]'s); ValueError naming a param whose path or shape differs from the model's."""
   import jax
   from mmproj.train.optimizer import path_str
 
   out = dict(params)
+  injected = loaded.get(INJECTED) or {}
+  if injected:
+    # The connector's blocks: every one the model has, over the LM from init.lm (or its fresh init).
+    lm = dict(loaded.get('lm', params['lm']))
+    lm = {k: v for k, v in lm.items() if not k.startswith(CONNECTOR_IN_LM)}
+    loaded = {**loaded, 'lm': {**lm, **injected}}
   for part, tree in loaded.items():
+    if part in (INJECTED, PARTIAL):
+      continue
     want = jax.tree_util.tree_flatten_with_path(params[part])[0]
     got = dict((path_str(p), v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0])
-    fresh = NEW_IN_PRETRAINED.get(part, ())
+    fresh = NEW_IN_PRETRAINED.get(part, ()) if not injected else ()
+    if part == 'projector' and loaded.get(PARTIAL):
+      fresh = STAGE1_FRESH
+      model_paths = {path_str(p) for p, _ in want}
+      got = {k: v for k, v in got.items() if k in model_paths}     # the stage-1 text side and heads stay behind
     got.update({path_str(p): v for p, v in want if path_str(p) not in got and path_str(p).startswith(fresh)})
     missing = [path_str(p) for p, _ in want if path_str(p) not in got]
     extra = sorted(set(got) - {path_str(p) for p, _ in want})
     if missing or extra:
-      raise ValueError(f'init.{part}: params {part}/{(missing or extra)[0]} '
+      source = 'init.projector' if part == 'lm' and injected else f'init.{part}'
+      raise ValueError(f'{source}: params {part}/{(missing or extra)[0]} '
                        f'{"missing from" if missing else "not in the model but in"} the loaded weights')
     leaves = []
     for (p, ref), sharding in zip(want, jax.tree.leaves(shardings[part])):
