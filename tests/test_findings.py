@@ -197,3 +197,29 @@ def test_place_takes_a_connectors_blocks_in_the_lm_and_a_stage1_qformers_query_s
   # A stage-1 run that lacks part of the query side is refused, naming the param.
   with pytest.raises(ValueError, match='projector/qformer/layers_0/w missing from the loaded weights'):
     pretrained.place(params, {'projector': {'query_tokens': full((2, 3), 7)}, pretrained.PARTIAL: True}, shardings)
+
+
+def test_every_findings_connector_builds_and_gives_its_tokens(tmp_path):
+  """Each distinct connector of the full grids, built for the stage-0 widths and applied to a 6 x 6 grid of ViT
+  tokens: M as the finding names it (E2's 4, 9 and 36)."""
+  import jax
+  import jax.numpy as jnp
+
+  from mmproj import model as model_lib, projectors
+  seen = {}
+  for spec in findings.FINDINGS:
+    for r in sweep_tool.runs_of(sweep_tool.load_sweep(spec), str(tmp_path)):
+      cfg = config_lib.load_config_file(os.path.join(REPO, r.config), [f'{k}={sweep_tool._literal(v)}'
+                                                                       for k, v in r.overrides])
+      seen[r.cell.removesuffix('.align').removesuffix('.frozen_lm').removesuffix('.one_stage')] = cfg.model
+  assert {'avg_pool.m4', 'c_abstractor.m36', 'perceiver.m4', 'mlp6', 'gated_xattn'} <= set(seen)
+  for cell, cfg_model in seen.items():
+    m = model_lib.num_image_tokens(cfg_model)
+    if cfg_model.projector.name == 'gated_xattn':
+      continue                                      # its tokens enter the LM through cross-attention (E4 builds it)
+    want = int(cell.rpartition('.m')[2]) if '.m' in cell else 36 if cell in ('linear', 'mlp', 'mlp6') else 9
+    assert m == want, cell
+    proj = projectors.build(cfg_model.projector, in_dim=cfg_model.encoder.width, out_dim=cfg_model.lm.width)
+    x = jnp.ones((1, 36, cfg_model.encoder.width))
+    y, _ = jax.eval_shape(lambda x: proj.init_with_output(jax.random.key(0), x, grid=(6, 6)), x)
+    assert y.shape == (1, m, cfg_model.lm.width), cell
