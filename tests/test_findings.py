@@ -124,7 +124,7 @@ def test_claim_statistics_on_hand_made_results(tmp_path):
 
 def test_smoke_findings_end_to_end(stage0_smoke, tmp_path):
   """All six smoke sweeps in one invocation (11 runs; BLIP-2's stage 1 runs before the Q-Former that starts from
-  it), then the report: tables, the verdict rows of all twelve claims, the E6 probes."""
+  it), then the report: tables, the verdict rows of all twelve claims, the E6 probes; question_errors on a run."""
   recipe, _ = stage0_smoke
   work, out = tmp_path / 'work', tmp_path / 'out'
   env = python_env()
@@ -223,3 +223,9 @@ def test_every_findings_connector_builds_and_gives_its_tokens(tmp_path):
     x = jnp.ones((1, 36, cfg_model.encoder.width))
     y, _ = jax.eval_shape(lambda x: proj.init_with_output(jax.random.key(0), x, grid=(6, 6)), x)
     assert y.shape == (1, m, cfg_model.lm.width), cell
+  # experiments/question_errors.py on one of the runs: every question counted once, every wrong answer sorted.
+  import question_errors
+  got = question_errors.errors(str(work / 'mlp' / 'seed0'), 'color', limit=24)
+  assert got['questions'] == sum(v['questions'] for v in got['by_objects'].values()) > 0
+  right = sum(round(v['accuracy'] * v['questions']) for v in got['by_objects'].values())
+  assert sum(got['wrong_answers'].values()) == got['questions'] - right
