@@ -358,6 +358,24 @@ def llava_cells(name: str, entry: str, *, frozen_lm: bool = False, one_stage: bo
   return [align, stage2]
 
 
+def finding_sweep(name: str, smoke: bool, *, title: str, source: str) -> mlc.ConfigDict:
+  """The fields every findings sweep (experiments/findings/) shares: name (smoke: '<name>_smoke'), title, source,
+  seeds (0-2; smoke: 0) and store, the one directory their runs' copies go to (experiments/findings.py)."""
+  c = mlc.ConfigDict()
+  c.name = name + '_smoke' * smoke
+  c.store = 'findings' + '_smoke' * smoke
+  c.title, c.source = title, source
+  c.seeds = [0] if smoke else [0, 1, 2]
+  return c
+
+
+def frozen_lm_cells(names: Sequence[str], settings: Sequence[bool], smoke: bool) -> list[dict]:
+  """llava_cells for each zoo entry in `names` with stage 2's LM frozen and/or trained (`settings`), each align cell
+  once."""
+  return unique_cells([cell for name in names for frozen in settings
+                       for cell in llava_cells(name, name, frozen_lm=frozen, smoke=smoke)])
+
+
 def unique_cells(cells: Sequence[dict]) -> list[dict]:
   """`cells` with repeats (same name) dropped; ValueError when two cells of one name differ."""
   out: dict[str, dict] = {}

@@ -159,6 +159,12 @@ def test_smoke_findings_end_to_end(stage0_smoke, tmp_path):
   strip = lambda t: [line for line in t.splitlines() if not line.startswith(('Every run', 'This report', 'Runs:',
                                                                              'Command:'))]
   assert strip(again) == strip(text)
+  # experiments/question_errors.py on one of the runs: every question counted once, every wrong answer sorted.
+  import question_errors
+  got = question_errors.errors(str(work / 'mlp' / 'seed0'), 'color', limit=24)
+  assert got['questions'] == sum(v['questions'] for v in got['by_objects'].values()) > 0
+  right = sum(round(v['accuracy'] * v['questions']) for v in got['by_objects'].values())
+  assert sum(got['wrong_answers'].values()) == got['questions'] - right
 
 
 def test_place_takes_a_connectors_blocks_in_the_lm_and_a_stage1_qformers_query_side():
@@ -223,9 +229,3 @@ def test_every_findings_connector_builds_and_gives_its_tokens(tmp_path):
     x = jnp.ones((1, 36, cfg_model.encoder.width))
     y, _ = jax.eval_shape(lambda x: proj.init_with_output(jax.random.key(0), x, grid=(6, 6)), x)
     assert y.shape == (1, m, cfg_model.lm.width), cell
-  # experiments/question_errors.py on one of the runs: every question counted once, every wrong answer sorted.
-  import question_errors
-  got = question_errors.errors(str(work / 'mlp' / 'seed0'), 'color', limit=24)
-  assert got['questions'] == sum(v['questions'] for v in got['by_objects'].values()) > 0
-  right = sum(round(v['accuracy'] * v['questions']) for v in got['by_objects'].values())
-  assert sum(got['wrong_answers'].values()) == got['questions'] - right

@@ -10,8 +10,6 @@ Sources: Honeybee (Cha et al. 2024, Table 3: C-Abstractor over resampler on spat
 Every connector keeps M = 9 visual tokens from the 6 x 6 grid of the stage-0 ViT (configs/scenes.py) and is trained
 LLaVA's way: stage 1 on captions with the LM frozen, stage 2 on questions with the LM trained (config_lib.llava_cells).
 """
-import ml_collections
-
 from mmproj import config_lib
 
 RESAMPLERS = ('perceiver', 'qformer', 'cross_attention')
@@ -22,12 +20,10 @@ SPATIAL = ('position', 'relation', 'nearest')
 def get_config(arg: str = ''):
   smoke = config_lib.parse_variant(arg, 'experiments/findings/e1_locality.py')
   resamplers, local = (RESAMPLERS[:1], LOCAL[1:2]) if smoke else (RESAMPLERS, LOCAL)
-  c = ml_collections.ConfigDict()
-  c.name = 'e1_locality' + '_smoke' * smoke
-  c.store = 'findings' + '_smoke' * smoke
-  c.title = 'E1 locality: learned-query resamplers against locality-keeping compressors at M = 9'
-  c.source = ('Honeybee (Cha et al. 2024) Table 3; Cambrian-1 (Tong et al. 2024); DeCo (Yao et al. 2024)')
-  c.seeds = [0] if smoke else [0, 1, 2]
+  c = config_lib.finding_sweep(
+      'e1_locality', smoke,
+      title='E1 locality: learned-query resamplers against locality-keeping compressors at M = 9',
+      source='Honeybee (Cha et al. 2024) Table 3; Cambrian-1 (Tong et al. 2024); DeCo (Yao et al. 2024)')
   c.cells = [cell for name in resamplers + local for cell in config_lib.llava_cells(name, name, smoke=smoke)]
   c.claims = [
       dict(id='E1a', says='locality-keeping compressors score higher than resamplers on the spatial families '

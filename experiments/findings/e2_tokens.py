@@ -11,8 +11,6 @@ avg_pool, c_abstractor and perceiver at M = 4, 9 and 36 from the stage-0 ViT's 6
 per seed, the spread over M (max - min overall accuracy, averaged over the types) minus the spread over types
 (max - min, averaged over M).
 """
-import ml_collections
-
 from mmproj import config_lib
 
 # type -> {M: projector overrides}; M = 9 is the entry as configs/scenes.py has it.
@@ -31,12 +29,10 @@ def get_config(arg: str = ''):
   smoke = config_lib.parse_variant(arg, 'experiments/findings/e2_tokens.py')
   # smoke: avg_pool at M = 4 and 9, perceiver at 9 (the statistic is defined on any part of the grid)
   grid = {'avg_pool': {m: TOKENS['avg_pool'][m] for m in (4, 9)}, 'perceiver': {9: {}}} if smoke else TOKENS
-  c = ml_collections.ConfigDict()
-  c.name = 'e2_tokens' + '_smoke' * smoke
-  c.store = 'findings' + '_smoke' * smoke
-  c.title = 'E2 tokens vs type: avg_pool, c_abstractor and perceiver at M = 4, 9, 36'
-  c.source = 'MM1 (McKinzie et al. 2024) section 3.2; Honeybee (Cha et al. 2024) Table 8'
-  c.seeds = [0] if smoke else [0, 1, 2]
+  c = config_lib.finding_sweep(
+      'e2_tokens', smoke,
+      title='E2 tokens vs type: avg_pool, c_abstractor and perceiver at M = 4, 9, 36',
+      source='MM1 (McKinzie et al. 2024) section 3.2; Honeybee (Cha et al. 2024) Table 8')
   c.cells = [cell for kind, by_m in grid.items() for m, overrides in by_m.items()
              for cell in config_lib.llava_cells(cell_name(kind, m), kind, overrides=overrides, smoke=smoke)]
   c.claims = [dict(id='E2', says='the spread of accuracy across M exceeds the spread across connector types at a '

@@ -9,19 +9,15 @@ MLPs give little).
 
 All three keep M = 36 tokens and are trained LLaVA's way (config_lib.llava_cells).
 """
-import ml_collections
-
 from mmproj import config_lib
 
 
 def get_config(arg: str = ''):
   smoke = config_lib.parse_variant(arg, 'experiments/findings/e3_linear_mlp.py')
-  c = ml_collections.ConfigDict()
-  c.name = 'e3_linear_mlp' + '_smoke' * smoke
-  c.store = 'findings' + '_smoke' * smoke
-  c.title = 'E3 linear vs MLP: linear, mlp depth 2, mlp depth 6 (M = 36)'
-  c.source = 'LLaVA-1.5 (Liu et al. 2023) Table 3; Honeybee (Cha et al. 2024) Table 9'
-  c.seeds = [0] if smoke else [0, 1, 2]
+  c = config_lib.finding_sweep(
+      'e3_linear_mlp', smoke,
+      title='E3 linear vs MLP: linear, mlp depth 2, mlp depth 6 (M = 36)',
+      source='LLaVA-1.5 (Liu et al. 2023) Table 3; Honeybee (Cha et al. 2024) Table 9')
   arms = [('linear', 'linear', {}), ('mlp', 'mlp', {})] + [('mlp6', 'mlp', {'model.projector.depth': 6})] * (not smoke)
   c.cells = [cell for name, entry, o in arms for cell in config_lib.llava_cells(name, entry, overrides=o, smoke=smoke)]
   names = [name for name, _, _ in arms]

@@ -10,22 +10,17 @@ once the backbones train, and trails it while they are frozen).
 gated_xattn (its gated blocks inside the LM train in both settings) and mlp, each trained LLaVA's way
 (config_lib.llava_cells): stage 1 with the LM frozen, then stage 2 with the LM frozen ('.frozen_lm') or trained.
 """
-import ml_collections
-
 from mmproj import config_lib
 
 
 def get_config(arg: str = ''):
   smoke = config_lib.parse_variant(arg, 'experiments/findings/e4_xattn_concat.py')
-  c = ml_collections.ConfigDict()
-  c.name = 'e4_xattn_concat' + '_smoke' * smoke
-  c.store = 'findings' + '_smoke' * smoke
-  c.title = 'E4 cross-attention vs concatenation: gated_xattn and mlp, LM frozen or trained in stage 2'
-  c.source = 'Idefics2 (Laurencon et al. 2024) Table 3'
-  c.seeds = [0] if smoke else [0, 1, 2]
+  c = config_lib.finding_sweep(
+      'e4_xattn_concat', smoke,
+      title='E4 cross-attention vs concatenation: gated_xattn and mlp, LM frozen or trained in stage 2',
+      source='Idefics2 (Laurencon et al. 2024) Table 3')
   settings = (True,) if smoke else (True, False)   # smoke: the frozen-LM pair (E4b is 'not run')
-  c.cells = config_lib.unique_cells([cell for name in ('gated_xattn', 'mlp') for frozen in settings
-                                     for cell in config_lib.llava_cells(name, name, frozen_lm=frozen, smoke=smoke)])
+  c.cells = config_lib.frozen_lm_cells(('gated_xattn', 'mlp'), settings, smoke)
   c.claims = [
       dict(id='E4a', says='with the LM frozen, gated cross-attention scores higher than concatenation',
            statistic='difference', a=['gated_xattn.frozen_lm'], b=['mlp.frozen_lm'], families=['overall'],

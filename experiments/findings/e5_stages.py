@@ -13,20 +13,16 @@ stages, and saves the first stage's compute).
 the LLaVA-style align and instruct stages starting from it; 'qformer': the same two stages from a fresh Q-Former
 (E1's cell). (b) 'mlp' (align, then instruct; E3's cell) against 'mlp.one_stage' (instruct only).
 """
-import ml_collections
-
 from mmproj import config_lib
 
 
 def get_config(arg: str = ''):
   smoke = config_lib.parse_variant(arg, 'experiments/findings/e5_stages.py')
   s = ',smoke' if smoke else ''
-  c = ml_collections.ConfigDict()
-  c.name = 'e5_stages' + '_smoke' * smoke
-  c.store = 'findings' + '_smoke' * smoke
-  c.title = 'E5 stages: the Q-Former with and without BLIP-2\'s stage 1; the MLP with one stage or two'
-  c.source = 'BLIP-2 (Li et al. 2023) Figure 5; Prismatic VLMs (Karamcheti et al. 2024) section 4.1'
-  c.seeds = [0] if smoke else [0, 1, 2]
+  c = config_lib.finding_sweep(
+      'e5_stages', smoke,
+      title='E5 stages: the Q-Former with and without BLIP-2\'s stage 1; the MLP with one stage or two',
+      source='BLIP-2 (Li et al. 2023) Figure 5; Prismatic VLMs (Karamcheti et al. 2024) section 4.1')
   stage1 = dict(name='qformer.stage1', config=f'configs/scenes.py:qformer,pretrain{s}', overrides={'baseline': 'none'})
   c.cells = [stage1,
              *config_lib.llava_cells('qformer.pretrained', 'qformer', start='{run:qformer.stage1}', smoke=smoke),

@@ -13,22 +13,17 @@ perceiver (M = 9; E1's cell) and mlp (M = 36; E3's cell), each trained LLaVA's w
 frozen ('.frozen_lm'). The probe (experiments/connector_probe.py): per grid cell, is there an object (balanced
 accuracy, chance 50%), from all of the image's visual tokens.
 """
-import ml_collections
-
 from mmproj import config_lib
 
 
 def get_config(arg: str = ''):
   smoke = config_lib.parse_variant(arg, 'experiments/findings/e6_frozen_keep.py')
-  c = ml_collections.ConfigDict()
-  c.name = 'e6_frozen_keep' + '_smoke' * smoke
-  c.store = 'findings' + '_smoke' * smoke
-  c.title = 'E6 what connectors keep: probed object positions in perceiver and mlp outputs, LM frozen or trained'
-  c.source = 'Lost in Space / Lost in Embeddings (connector information loss); Honeybee (Cha et al. 2024)'
-  c.seeds = [0] if smoke else [0, 1, 2]
+  c = config_lib.finding_sweep(
+      'e6_frozen_keep', smoke,
+      title='E6 what connectors keep: probed object positions in perceiver and mlp outputs, LM frozen or trained',
+      source='Lost in Space / Lost in Embeddings (connector information loss); Honeybee (Cha et al. 2024)')
   settings = (False,) if smoke else (True, False)   # smoke: the trained-LM pair (E6a is 'not run')
-  c.cells = config_lib.unique_cells([cell for name in ('perceiver', 'mlp') for frozen in settings
-                                     for cell in config_lib.llava_cells(name, name, frozen_lm=frozen, smoke=smoke)])
+  c.cells = config_lib.frozen_lm_cells(('perceiver', 'mlp'), settings, smoke)
   c.claims = [
       dict(id='E6a', says='with the LM frozen, the MLP\'s tokens keep more of the objects\' positions than the '
            'resampler\'s', statistic='difference', a=['mlp.frozen_lm'], b=['perceiver.frozen_lm'],
