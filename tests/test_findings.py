@@ -123,7 +123,7 @@ def test_claim_statistics_on_hand_made_results(tmp_path):
 
 
 def test_smoke_findings_end_to_end(stage0_smoke, tmp_path):
-  """All six smoke sweeps in one invocation (11 runs; BLIP-2's stage 1 runs before the Q-Former that starts from
+  """All six smoke sweeps in one invocation (9 runs; BLIP-2's stage 1 runs before the Q-Former that starts from
   it), then the report: tables, the verdict rows of all twelve claims, the E6 probes; question_errors on a run."""
   recipe, _ = stage0_smoke
   work, out = tmp_path / 'work', tmp_path / 'out'
@@ -134,7 +134,7 @@ def test_smoke_findings_end_to_end(stage0_smoke, tmp_path):
                         '--jobs', '2', '--out', str(out)], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=900)
   assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-4000:]
-  assert 'sweep: 11 runs, 0 finished, 11 to run' in ran.stdout
+  assert 'sweep: 9 runs, 0 finished, 9 to run' in ran.stdout
   order = [line.split('] ')[1].split(' seed')[0] for line in ran.stdout.splitlines() if line.startswith('[')]
   assert order.index('qformer.stage1') < order.index('qformer.pretrained')
   pretrained_cfg = json.loads((work / 'qformer.pretrained' / 'seed0' / 'config.json').read_text())

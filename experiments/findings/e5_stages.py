@@ -27,8 +27,9 @@ def get_config(arg: str = ''):
   c.cells = [stage1,
              *config_lib.llava_cells('qformer.pretrained', 'qformer', start='{run:qformer.stage1}', smoke=smoke),
              *config_lib.llava_cells('qformer', 'qformer', smoke=smoke),
-             *config_lib.llava_cells('mlp', 'mlp', smoke=smoke),
-             *config_lib.llava_cells('mlp', 'mlp', one_stage=True, smoke=smoke)]
+             *config_lib.llava_cells('mlp', 'mlp', smoke=smoke)]
+  if not smoke:   # smoke runs stage 2 alone, where the two would be the same run (E5b is 'not run')
+    c.cells += config_lib.llava_cells('mlp', 'mlp', one_stage=True)
   c.claims = [
       dict(id='E5a', says='the Q-Former scores higher after BLIP-2\'s stage 1 than without it', statistic='difference',
            a=['qformer.pretrained'], b=['qformer'], families=['overall'], predict='greater'),
