@@ -198,7 +198,7 @@ def _caption_tokens(tok, captions: list[str], length: int, where: str) -> tuple[
   return ids, (ids != tokenizer_lib.PAD_ID).astype(np.int32)
 
 
-class _Split:
+class CaptionedSplit:
   """A split's images, caption tokens and scene contents, read once (a few hundred MB at most for the recipes
   here)."""
 
@@ -250,7 +250,7 @@ def _train_cfg(v) -> ml_collections.ConfigDict:
                                         grad_clip=v.grad_clip))
 
 
-def retrieval_accuracy(model, params, split: _Split, batch_size: int = 250) -> dict[str, float]:
+def retrieval_accuracy(model, params, split: CaptionedSplit, batch_size: int = 250) -> dict[str, float]:
   """Zero-shot retrieval top-1 over the whole split: each image's own caption among all the split's captions
   (image -> text), and each caption's image among all images (text -> image)."""
   embed_i = jax.jit(lambda p, x: model.apply({'params': p}, x, method='embed_images'))
@@ -265,7 +265,7 @@ def retrieval_accuracy(model, params, split: _Split, batch_size: int = 250) -> d
           'hard_negatives': hard_negative_accuracy(params, split, zi, zt, embed_t, batch_size)}
 
 
-def hard_negative_accuracy(params, split: _Split, zi: np.ndarray, zt: np.ndarray, embed_t, batch_size: int
+def hard_negative_accuracy(params, split: CaptionedSplit, zi: np.ndarray, zt: np.ndarray, embed_t, batch_size: int
                            ) -> dict[str, float]:
   """Per hard-negative kind (shapes.hard_negative_caption): how often an image is closer to its own caption than
   to that caption with one thing changed (chance 50%), over the split's images the kind applies to. The finer
@@ -297,8 +297,8 @@ def train_vision(recipe, workdir: str, tok, log=_print) -> tuple[dict, dict]:
   shuffled = caption_weight > 0 and caption_order == 'shuffled'
   model = SigLIPPair(encoder=v.encoder.to_dict(), text=v.text.to_dict(), embed_dim=int(v.embed_dim),
                      captioner=captioner)
-  train = _Split(recipe.data, tok, 'train', int(v.text_len))
-  test = _Split(recipe.data, tok, 'test', int(v.text_len))
+  train = CaptionedSplit(recipe.data, tok, 'train', int(v.text_len))
+  test = CaptionedSplit(recipe.data, tok, 'test', int(v.text_len))
   b = int(v.batch_size)
   hard = bool(v.get('hard_negatives', False))  # one hard negative caption per image, besides the batch's others
   sample = train.batch(np.arange(b))

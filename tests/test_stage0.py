@@ -207,7 +207,7 @@ def test_shuffled_captions_hold_the_same_objects_in_new_orders(stage0_smoke):
   object still followed by its own cell, so the cell words can only come from that object's tokens."""
   recipe, _ = stage0_smoke
   tok = shapes.make_tokenizer('scenes')
-  split = stage0._Split(recipe.data, tok, 'train', int(recipe.vision.text_len), limit=32)
+  split = stage0.CaptionedSplit(recipe.data, tok, 'train', int(recipe.vision.text_len), limit=32)
   many = [i for i in range(32) if len(split.objects[i]['shape']) >= 3]
   assert many, 'the smoke world should have scenes with three objects or more'
   index = np.array(many)
