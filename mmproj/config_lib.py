@@ -191,8 +191,8 @@ def stage0_recipe(smoke: bool = False) -> mlc.ConfigDict:
 #              captions (mmproj/qformer_stage1.py) at 1e-3; an align run starts from it through init.projector
 #   smoke      toy towers and budget (tests)
 SCENES_OPTIONS = ('smoke', 'align', 'instruct', 'frozen_lm', 'pretrain')
-# The two stages together cost about one 600-step run of the one-stage regime (a frozen-LM step is cheaper), so
-# that the findings' 129 runs fit in about 8 hours on 2 cores (experiments/findings.py).
+# The two stages together cost about one 600-step run of the one-stage regime (a frozen-LM step is cheaper): the
+# findings (experiments/findings/) run 129 of them.
 ALIGN_STEPS, INSTRUCT_STEPS, ALIGN_EVAL_EXAMPLES = 200, 500, 100
 # Every LM param but the gated cross-attention blocks an injecting connector adds (mmproj/lm/llama.py).
 FROZEN_LM = 'lm/(?!xattn_layers_).*'
