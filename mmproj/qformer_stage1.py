@@ -41,8 +41,7 @@ from mmproj.projectors.qformer import QFormerFields
 from mmproj.projectors.qformer_losses import QFormerPretrainer
 from mmproj.train import checkpoint, optimizer as opt_lib, paths, pretrained
 
-OBJECTIVE = 'qformer_stage1'   # cfg.objective of such a run (mmproj/experiment.py dispatches on it)
-STAGE1_KEYS = ('query_tokens', 'ln_vision', 'qformer')   # what the connector takes from it
+OBJECTIVE = pretrained.QFORMER_STAGE1   # cfg.objective of such a run (mmproj/experiment.py dispatches on it)
 
 
 def pretrainer(cfg) -> QFormerPretrainer:
