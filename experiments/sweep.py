@@ -144,7 +144,7 @@ def check_settings(runs: list[Run]) -> None:
   for r in runs:
     path = os.path.join(r.workdir, SETTINGS)
     if os.path.exists(path):
-      theirs = json.loads(json.dumps(_read_json(path)))
+      theirs = _read_json(path)
       if theirs != json.loads(json.dumps(_settings(r))):
         raise ValueError(f'{path}: this directory holds a run of cell {r.cell!r} with other settings ({theirs}) '
                          f'than the sweep\'s ({_settings(r)}); give the sweep another --workdir or rename the cell')
