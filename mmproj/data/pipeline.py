@@ -1,4 +1,5 @@
-"""Grain input pipeline for the shapes world: training batches, QA / caption eval batches, decoding.
+"""Grain input pipeline for the procedural worlds (shapes / scenes images, tones audio, motion video: every world
+module in mmproj.data.WORLDS): training batches, QA / caption eval batches, decoding.
 
 Sequence layout (L = num_image_tokens + data.text_len; M = num_image_tokens, 0 for the blind baseline):
 
@@ -12,7 +13,8 @@ is 1 exactly where the target is an answer token or the closing <eos>. Eval QA r
 (`<bos> <image>*M question <sep>`), left-padded so every prompt ends at the last column.
 
 Batches are numpy dicts (per process, B rows):
-  image uint8 [B, H, W, 3]; tokens, positions, input_mask int32 [B, L]; positions = max(cumsum(mask) - 1, 0)
+  the world's media under its key (`world.MEDIA`): image uint8 [B, H, W, 3] | audio float32 [B, S] |
+  video uint8 [B, F, H, W, 3]; tokens, positions, input_mask int32 [B, L]; positions = max(cumsum(mask) - 1, 0)
   train/caption eval: targets int32 [B, L], loss_mask float32 [B, L];  eval: valid bool [B]
   QA eval: answer, family (str arrays [B])
   train with data.bad_records='skip': bad_records int32 [B] (1 on a stand-in row for a bad record)
@@ -38,6 +40,7 @@ import grain
 import numpy as np
 import tokenizers
 
+import mmproj.data
 from mmproj.data import sampling
 from mmproj.data import shapes
 from mmproj.data import tokenizer as tokenizer_lib
@@ -179,14 +182,17 @@ class SampleText(grain.transforms.RandomMap):
   split: str = 'train'
   turns: int = 1
   isolate_turns: bool = True
-  image_size: int = shapes.DEFAULTS['image_size']
+  media: tuple[str, tuple[int, ...], Any] = ('image', (shapes.DEFAULTS['image_size'],) * 2 + (3,), np.uint8)
   families: tuple[str, ...] = shapes.FAMILIES
+  caption_question: str = shapes.CAPTION_QUESTION
 
   def blank_row(self) -> dict[str, np.ndarray]:
-    """The stand-in for a bad record (data.bad_records='skip'): all padding (masks 0) and a black image."""
+    """The stand-in for a bad record (data.bad_records='skip'): all padding (masks 0) and zero media (a black
+    image, silence, black frames)."""
     row = conversation_row(self.tok, [], num_image_tokens=self.num_image_tokens, text_len=self.text_len)
     row = {k: np.zeros_like(v) for k, v in row.items()}  # PAD_ID is 0
-    row['image'] = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+    key, shape, dtype = self.media
+    row[key] = np.zeros(shape, dtype)
     return row
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -195,7 +201,7 @@ class SampleText(grain.transforms.RandomMap):
     families = [_txt(f) for f in element['families']]
     chosen = []
     if not families or rng.random() < self.caption_prob:
-      chosen.append((shapes.CAPTION_QUESTION, _txt(element['caption']), where + "'caption'"))
+      chosen.append((self.caption_question, _txt(element['caption']), where + "'caption'"))
     pairs_of = {}                                   # family -> indices of its pairs not drawn yet, ascending
     for j, family in enumerate(families):
       pairs_of.setdefault(family, []).append(j)
@@ -216,7 +222,10 @@ class SampleText(grain.transforms.RandomMap):
       chosen.append((question, answer, where + f"'questions[{j}]' + 'answers[{j}]'"))
     row = conversation_row(self.tok, chosen, num_image_tokens=self.num_image_tokens, text_len=self.text_len,
                            isolate_turns=self.isolate_turns)
-    row['image'] = np.asarray(element['image'], np.uint8)  # [H, W, 3]
+    key, shape, dtype = self.media
+    row[key] = np.asarray(element[key], dtype)  # [H, W, 3] | [S] | [F, H, W, 3]
+    if row[key].shape != shape:
+      raise ValueError(f"{where}'{key}': shape {row[key].shape}, expected {shape}")
     return row
 
 
@@ -264,14 +273,23 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
       flags.FLAGS.mark_as_parsed()
 
   bad_records = sampling.check_bad_records(_cfg(data_cfg, 'bad_records'))
-  source = shapes.data_source(data_cfg, split)
+  world = mmproj.data.world(data_cfg)
+  source = world.data_source(data_cfg, split)
   row = SampleText(tok, num_image_tokens, _text_len(data_cfg), caption_prob, split, turns,
-                   bool(_cfg(data_cfg, 'isolate_turns')), shapes.config_from(data_cfg).image_size,
-                   shapes.families(data_cfg))
+                   bool(_cfg(data_cfg, 'isolate_turns')), media_spec(data_cfg), world.families(data_cfg),
+                   world.CAPTION_QUESTION)
   return sampling.train_dataset(source, row, global_batch_size=global_batch_size, seed=int(seed),
                                 process_index=process_index, process_count=process_count, read_threads=read_threads,
                                 worker_count=worker_count, worker_buffer_size=worker_buffer_size, split=split,
                                 bad_records=bad_records)
+
+
+def media_spec(data_cfg: Any) -> tuple[str, tuple[int, ...], Any]:
+  """(batch key, shape of one row's media, dtype) of cfg.data's world: ('image', (H, W, 3), uint8) |
+  ('audio', (S,), float32) | ('video', (F, H, W, 3), uint8)."""
+  world = mmproj.data.world(data_cfg)
+  shape, dtype = world.media_spec(data_cfg)
+  return world.MEDIA, tuple(int(n) for n in shape), dtype
 
 
 def _batches(rows: Iterator[dict[str, Any]], batch_size: int, blank: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -326,14 +344,15 @@ def qa_eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_token
   data.bad_records='skip': a record that cannot be read, or a pair that cannot be made into a prompt, is left out
   (counted, logged; max_examples counts the pairs kept)."""
   text_len = _text_len(data_cfg)
-  source = shapes.data_source(data_cfg, split)
+  world = mmproj.data.world(data_cfg)
+  source = world.data_source(data_cfg, split)
   faults = _EvalFaults(data_cfg, split)
 
   def rows():
     n = 0
     for i in range(len(source)):
       try:
-        rec = shapes.decode_record(source[i])
+        rec = world.decode_record(source[i])
         pairs = list(zip(rec['questions'], rec['answers'], rec['families'], strict=True))
       except Exception as e:  # pylint: disable=broad-except  (judged by data.bad_records)
         faults.bad(f'{split} record {i}', e)
@@ -348,7 +367,7 @@ def qa_eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_token
         except Exception as e:  # pylint: disable=broad-except  (the message names the field)
           faults.bad(f'{split} record {i}', e)
           continue
-        yield dict(image=rec['image'], **row, answer=np.str_(a), family=np.str_(f), valid=True)
+        yield dict({world.MEDIA: rec[world.MEDIA]}, **row, answer=np.str_(a), family=np.str_(f), valid=True)
         n += 1
 
   try:
@@ -364,7 +383,8 @@ def caption_eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_
   batch have valid=False and loss_mask=0. data.bad_records='skip': a record that cannot be read or made into a
   row is left out (counted, logged; max_examples counts the records kept)."""
   text_len = _text_len(data_cfg)
-  source = shapes.data_source(data_cfg, split)
+  world = mmproj.data.world(data_cfg)
+  source = world.data_source(data_cfg, split)
   n = len(source) if max_examples is None else min(len(source), max_examples)
   faults = _EvalFaults(data_cfg, split)
 
@@ -374,14 +394,14 @@ def caption_eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_
       if kept >= n:
         break
       try:
-        rec = shapes.decode_record(source[i])
-        row = train_row(tok, shapes.CAPTION_QUESTION, rec['caption'], num_image_tokens=num_image_tokens,
+        rec = world.decode_record(source[i])
+        row = train_row(tok, world.CAPTION_QUESTION, rec['caption'], num_image_tokens=num_image_tokens,
                         text_len=text_len, where=f"{split} record {rec['index']}, field 'caption'")
       except Exception as e:  # pylint: disable=broad-except  (judged by data.bad_records)
         faults.bad(f'{split} record {i}', e)
         continue
       kept += 1
-      yield dict(image=rec['image'], **row, valid=True)
+      yield dict({world.MEDIA: rec[world.MEDIA]}, **row, valid=True)
 
   seq_len = num_image_tokens + text_len
   try:

@@ -101,6 +101,7 @@ VOCAB_SIZE = tokenizer_lib.NUM_SPECIAL + len(WORDS)  # 58 <= model.lm.vocab_size
 SCENE_WORDS = tuple(sorted(set(WORDS) | set(SCENE_NUMBERS) | set(ROW_WORDS[6] + COL_WORDS[6])
                            | set('which nearest to number at'.split())))
 SCENE_VOCAB_SIZE = tokenizer_lib.NUM_SPECIAL + len(SCENE_WORDS)  # <= model.lm.vocab_size = 96
+MEDIA = 'image'               # the batch key of this world's media (mmproj/data/__init__.py)
 CAPTION_QUESTION = 'caption'  # a caption example is `<bos> <image>*M caption <sep> <the caption's words> <eos>`
 
 DEFAULTS = dict(image_size=48, grid=3, num_train=20_000, num_test=1_000, min_objects=1, max_objects=6, seed=0,
@@ -603,6 +604,12 @@ def prepare(data_cfg: Any) -> tuple[str, tokenizers.Tokenizer]:
       if not tok_path.exists():  # dataset built by an older version of this file
         tokenizer_lib.save(make_tokenizer(b.builder_config.world), tok_path)
   return os.fspath(path), tokenizer_lib.load(tok_path)
+
+
+def media_spec(data_cfg: Any) -> tuple[tuple[int, int, int], Any]:
+  """(shape, dtype) of one example's image: ((image_size, image_size, 3), uint8)."""
+  s = config_from(data_cfg).image_size
+  return (s, s, 3), np.uint8
 
 
 def data_source(data_cfg: Any, split: str):
