@@ -1,11 +1,11 @@
-"""Data: the procedural 'shapes' world and LLaVA-format JSON + image folders (TFDS array_record builders), their
-tokenizers, and the grain pipelines. The trainer reaches them only through `prepare` and `train_loader`, which
-dispatch on cfg.data.name."""
+"""Data: the procedural 'shapes' (image) and 'tones' (audio) worlds and LLaVA-format JSON + image folders (TFDS
+array_record builders), their tokenizers, and the grain pipelines. The trainer reaches them only through `prepare`
+and `train_loader`, which dispatch on cfg.data.name."""
 from __future__ import annotations
 
 from typing import Any
 
-DATASETS = ('shapes', 'llava_json')
+DATASETS = ('shapes', 'tones', 'llava_json')
 
 
 def _module(data_cfg: Any):
@@ -13,6 +13,9 @@ def _module(data_cfg: Any):
   if name == 'shapes':
     from mmproj.data import shapes
     return shapes
+  if name == 'tones':
+    from mmproj.data import tones
+    return tones
   if name == 'llava_json':
     from mmproj.data import llava_json
     return llava_json
@@ -27,7 +30,11 @@ def prepare(data_cfg: Any):
 def train_loader(data_cfg: Any, tok, **kwargs):
   """The infinite, shuffled, per-process training loader (see mmproj.data.pipeline.train_loader for the
   contract; LLaVA data: mmproj.data.llava_json.train_loader)."""
-  if _module(data_cfg).__name__.endswith('shapes'):
+  module = _module(data_cfg)
+  if module.__name__.endswith('shapes'):
     from mmproj.data import pipeline
     return pipeline.train_loader(data_cfg, tok, **kwargs)
-  return _module(data_cfg).train_loader(data_cfg, tok, **kwargs)
+  if not hasattr(module, 'train_loader'):
+    raise ValueError(f'data.name={data_cfg.get("name")!r}: no training loader reads this dataset yet (the grain '
+                     "pipeline makes image batches; the tones world's records hold 'audio' float32 [S])")
+  return module.train_loader(data_cfg, tok, **kwargs)
