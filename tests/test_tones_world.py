@@ -168,6 +168,7 @@ def test_every_text_and_every_answer_is_in_the_tokenizer():
     (dict(clip_seconds=1.0), 'data.clip_seconds'),                         # 4 events of 0.4 s do not fit
     (dict(clip_seconds='2'), 'data.clip_seconds'),
     (dict(clip_seconds=float('nan')), 'data.clip_seconds'),
+    (dict(clip_seconds=2.0005), 'data.clip_seconds'),                       # names the build in milliseconds
     (dict(min_events=0), 'data.min_events'),
     (dict(min_events=3, max_events=2), 'data.min_events'),
     (dict(max_events=7, clip_seconds=5.0), 'data.max_events'),

@@ -18,8 +18,8 @@ background noise. The clip is stored as int16 PCM bytes and decoded to float32 i
   - a caption naming the events in time order: "a loud high square tone , then a quiet low noise burst"
   - question/answer pairs from six families (`FAMILIES`), one of each family that applies:
       count     "how many sounds are there ?"                   one .. six (uniform over min..max_events)
-      order     "is the second sound higher than the first ?"  yes / no: two tones (noise bursts have no pitch)
-                of different registers; 'higher' or 'lower' drawn to make yes and no equally likely
+      order     "is the second sound higher than the first ?"  yes / no: two tones (`TONAL`: a noise burst has a
+                band, not a pitch) of different registers; 'higher' or 'lower' drawn to make yes and no equally likely
       timbre    "what kind of sound is the first one ?"        sine / square / sawtooth / triangle / noise / chord
       timing    "when does the square tone start ?"            early / middle / late, about a kind that occurs once;
                 the answer is drawn first among those the clip offers, which evens out the thirds
@@ -56,7 +56,7 @@ KINDS = ('sine', 'square', 'sawtooth', 'triangle', 'noise', 'chord')
 KIND_NAMES = ('sine tone', 'square tone', 'sawtooth tone', 'triangle tone', 'noise burst', 'chord')  # in captions
 TONAL = tuple(k for k in KINDS if k != 'noise')  # kinds with a pitch ('order' compares two of these)
 PITCHES = ('low', 'middle', 'high')
-PITCH_HZ = (220.0, 660.0, 1980.0)  # register centres; the highest chord note (root x 1.5, +1 semitone) < 3.2 kHz
+PITCH_HZ = (220.0, 660.0, 1980.0)  # register centres, a factor of 3 (19 semitones) apart
 LOUDNESS = ('quiet', 'loud')
 LOUDNESS_RMS = (0.03, 0.15)  # an event's RMS before fades; loud noise peaks stay well inside [-1, 1)
 TIMINGS = ('early', 'middle', 'late')  # the third of the clip an onset falls in
@@ -159,7 +159,9 @@ def validate(c: Any) -> None:
   if c.max_events > MAX_EVENTS:
     fail('max_events', f'must be <= {MAX_EVENTS} (ordinals are named up to {ORDINALS[-1]!r}), got {c.max_events}')
   shortest = min_clip_seconds(c.max_events)
-  if not shortest <= c.clip_seconds <= MAX_CLIP_SECONDS:
+  if abs(c.clip_seconds * 1000 - round(c.clip_seconds * 1000)) > 1e-6:
+    fail('clip_seconds', f'must be a whole number of milliseconds (it names the build), got {c.clip_seconds!r}')
+  if not shortest - 1e-9 <= c.clip_seconds <= MAX_CLIP_SECONDS:  # (1e-9: shortest is a float sum)
     fail('clip_seconds', f'must be in [{shortest:g}, {MAX_CLIP_SECONDS:g}] for max_events={c.max_events} (each event '
          f'up to {DURATION_SECONDS[1]:g} s, {MIN_GAP_SECONDS:g} s apart), got {c.clip_seconds!r}')
   for f in ('num_train', 'num_test'):
@@ -259,7 +261,7 @@ def _sample_events(rng: np.random.Generator, c: TonesWorldConfig) -> dict[str, n
       earliest = start_s[i] + duration[i] + MIN_GAP_SECONDS
     else:
       break
-  else:  # never reached at the allowed settings (`validate`); kept so that a record always exists
+  else:  # a draw fails at most a few dozen times at the tightest settings `validate` allows; a record exists even so
     duration = np.full(n, DURATION_SECONDS[0])
     start_s = MARGIN_SECONDS + np.arange(n) * (DURATION_SECONDS[0] + MIN_GAP_SECONDS)
   start = np.round(start_s * SAMPLE_RATE).astype(np.int64)
@@ -309,8 +311,8 @@ def _questions(rng: np.random.Generator, e: Mapping[str, np.ndarray]) -> list[tu
   qa = [('count', 'how many sounds are there ?', NUMBERS[n])]
 
   # order: two tones of different registers; the answer is drawn first, the wording made to give it.
-  pairs = [(a, b) for a in range(n) for b in range(n) if a != b and KINDS[kind[a]] != 'noise'
-           and KINDS[kind[b]] != 'noise' and pitch[a] != pitch[b]]
+  tonal = [i for i in range(n) if KINDS[kind[i]] in TONAL]
+  pairs = [(a, b) for a in tonal for b in tonal if pitch[a] != pitch[b]]
   if pairs:
     a, b = pairs[rng.integers(len(pairs))]
     want_yes = rng.random() < 0.5
