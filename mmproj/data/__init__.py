@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-DATASETS = ('shapes', 'llava_json')
-WORLDS = ('shapes',)   # the procedural worlds, read through mmproj.data.pipeline
+DATASETS = ('shapes', 'tones', 'llava_json')
+WORLDS = ('shapes', 'tones')   # the procedural worlds, read through mmproj.data.pipeline
 
 
 def _module(data_cfg: Any):
@@ -18,6 +18,9 @@ def _module(data_cfg: Any):
   if name == 'shapes':
     from mmproj.data import shapes
     return shapes
+  if name == 'tones':
+    from mmproj.data import tones
+    return tones
   if name == 'llava_json':
     from mmproj.data import llava_json
     return llava_json
@@ -40,7 +43,8 @@ def prepare(data_cfg: Any):
 def train_loader(data_cfg: Any, tok, **kwargs):
   """The infinite, shuffled, per-process training loader (see mmproj.data.pipeline.train_loader for the
   contract; LLaVA data: mmproj.data.llava_json.train_loader)."""
-  if _module(data_cfg).__name__.rsplit('.', 1)[-1] in WORLDS:
+  module = _module(data_cfg)
+  if module.__name__.rsplit('.', 1)[-1] in WORLDS:
     from mmproj.data import pipeline
     return pipeline.train_loader(data_cfg, tok, **kwargs)
-  return _module(data_cfg).train_loader(data_cfg, tok, **kwargs)
+  return module.train_loader(data_cfg, tok, **kwargs)
