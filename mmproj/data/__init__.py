@@ -1,11 +1,11 @@
-"""Data: the procedural 'shapes' world and LLaVA-format JSON + image folders (TFDS array_record builders), their
-tokenizers, and the grain pipelines. The trainer reaches them only through `prepare` and `train_loader`, which
-dispatch on cfg.data.name."""
+"""Data: the procedural 'shapes' world, its video counterpart 'motion', and LLaVA-format JSON + image folders (TFDS
+array_record builders), their tokenizers, and the grain pipelines. The trainer reaches them only through `prepare`
+and `train_loader`, which dispatch on cfg.data.name."""
 from __future__ import annotations
 
 from typing import Any
 
-DATASETS = ('shapes', 'llava_json')
+DATASETS = ('shapes', 'llava_json', 'motion')
 
 
 def _module(data_cfg: Any):
@@ -16,6 +16,9 @@ def _module(data_cfg: Any):
   if name == 'llava_json':
     from mmproj.data import llava_json
     return llava_json
+  if name == 'motion':
+    from mmproj.data import motion
+    return motion
   raise ValueError(f'unknown data.name {name!r}; known: {list(DATASETS)}')
 
 
@@ -27,7 +30,11 @@ def prepare(data_cfg: Any):
 def train_loader(data_cfg: Any, tok, **kwargs):
   """The infinite, shuffled, per-process training loader (see mmproj.data.pipeline.train_loader for the
   contract; LLaVA data: mmproj.data.llava_json.train_loader)."""
-  if _module(data_cfg).__name__.endswith('shapes'):
+  module = _module(data_cfg)
+  if module.__name__.endswith('shapes'):
     from mmproj.data import pipeline
     return pipeline.train_loader(data_cfg, tok, **kwargs)
-  return _module(data_cfg).train_loader(data_cfg, tok, **kwargs)
+  if module.__name__.endswith('motion'):
+    raise ValueError("data.name='motion': no training loader yet (the grain pipeline batches images, and the "
+                     "motion world's records hold a 'video')")
+  return module.train_loader(data_cfg, tok, **kwargs)
