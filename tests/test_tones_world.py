@@ -194,8 +194,6 @@ def test_config_from_reads_cfg_data():
   with pytest.raises(ValueError, match='data.data_dir'):
     tones.builder(dict(name='tones'))
   assert mmproj.data._module(dict(name='tones')) is tones and 'tones' in mmproj.data.DATASETS
-  with pytest.raises(ValueError, match='no training loader'):
-    mmproj.data.train_loader(dict(name='tones'), None)
 
 
 # ------------------------------------------------------------------------------------------------ built split

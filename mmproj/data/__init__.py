@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-DATASETS = ('shapes', 'tones', 'llava_json')
-WORLDS = ('shapes', 'tones')   # the procedural worlds, read through mmproj.data.pipeline
+DATASETS = ('shapes', 'tones', 'motion', 'llava_json')
+WORLDS = ('shapes', 'tones', 'motion')   # the procedural worlds, read through mmproj.data.pipeline
 
 
 def _module(data_cfg: Any):
@@ -24,6 +24,9 @@ def _module(data_cfg: Any):
   if name == 'llava_json':
     from mmproj.data import llava_json
     return llava_json
+  if name == 'motion':
+    from mmproj.data import motion
+    return motion
   raise ValueError(f'unknown data.name {name!r}; known: {list(DATASETS)}')
 
 
