@@ -5,7 +5,7 @@ connectors with it; experiments/tower_probe.py asks the same of the vision tower
   python experiments/connector_probe.py runs/findings/mlp/seed0          # writes runs/findings/mlp/seed0/probe.json
   python experiments/connector_probe.py RUN --train 4000 --steps 300
 
-Features: the run's visual tokens [N, M, D] (mmproj.load, then the model's encode_image: ViT -> connector) on
+Features: the run's visual tokens [N, M, D] (mmproj.load, then the model's encode: ViT -> connector) on
 `--train` training images of its world, standardised per feature and flattened; one softmax classifier per cell
 over (empty, shape 1..K), trained full-batch with Adam (tower_probe.cell_probe). Reported on the test split, in
 probe.json's 'accuracy': 'occupancy' (is the cell occupied: the mean of the recalls on occupied and on empty cells,
@@ -39,7 +39,7 @@ def probe(run: str, train: int = 4000, steps: int = 300, log=print) -> dict:
   cfg = bundle.config
   if cfg.data.name != 'shapes':
     raise ValueError(f'{run}: data.name={cfg.data.name!r}; the probe reads the shapes / scenes world')
-  encode = jax.jit(lambda x: bundle.model.apply({'params': bundle.params}, x, method='encode_image'))
+  encode = jax.jit(lambda x: bundle.model.apply({'params': bundle.params}, x, method='encode'))
   features = lambda x: np.concatenate([np.asarray(encode(x[i:i + 250]), np.float32) for i in range(0, len(x), 250)])
   x_train, y_train = tower_probe.cell_labels(cfg.data, 'train', train, 'shape')
   x_test, y_test = tower_probe.cell_labels(cfg.data, 'test', int(cfg.data.num_test), 'shape')

@@ -22,12 +22,14 @@ VARIANTS = ('', 'smoke')  # '' = the full CPU budget; 'smoke' = tiny data and st
 
 def model_config(*, lm: dict, encoder: dict | None = None, projector: dict | None = None, image_token_id: int = 0,
                  use_image: bool = True, dtype: str = 'float32', param_dtype: dict | None = None,
-                 remat: str = 'none', kernels: dict | None = None) -> mlc.ConfigDict:
+                 remat: str = 'none', kernels: dict | None = None, modality: str = 'image') -> mlc.ConfigDict:
   """cfg.model with every model-level field; the one place they default. The towers' own fields default in their
   modules (mmproj/encoders/vit.py ViT, mmproj/lm/llama.py Llama); their memory levers are added here:
   scan_layers=False and remat=None (= model.remat).
 
     use_image       False: the blind baseline (LM only, no encoder or projector)
+    modality        the media the encoder reads, and their batch key: 'image' | 'video' (a ViT), 'audio'
+                    (a Whisper-shaped encoder); mmproj/model.py MODALITIES
     dtype           compute dtype, 'float32' | 'bfloat16'
     param_dtype     {'encoder', 'projector', 'lm'}: the dtype each tower's params are stored in, 'float32' or, for
                     a frozen tower, 'bfloat16' (half the memory; trained params and optimizer state stay float32)
@@ -38,6 +40,7 @@ def model_config(*, lm: dict, encoder: dict | None = None, projector: dict | Non
   levers = dict(scan_layers=False, remat=None)
   c = mlc.ConfigDict()
   c.use_image = use_image
+  c.modality = modality
   c.image_token_id = image_token_id
   c.dtype = dtype
   c.param_dtype = {'encoder': 'float32', 'projector': 'float32', 'lm': 'float32', **(param_dtype or {})}

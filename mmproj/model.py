@@ -35,6 +35,8 @@ from mmproj.lm import build_lm
 from mmproj.layers.partitioning import constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# model.modality (the batch key of the media) -> the encoder that reads it.
+MODALITIES = {'image': 'vit', 'video': 'vit', 'audio': 'whisper'}
 TOWERS = ('encoder', 'projector', 'lm')   # the top-level keys of the params
 
 
@@ -69,6 +71,25 @@ def _divisible(field: str, value: int, divisor_field: str, divisor: int) -> None
     raise ValueError(f'{field}={value} is not divisible by {divisor_field}={divisor}')
 
 
+def _check_vit(enc: Any) -> None:
+  """The ViT's fields; ValueError naming model.encoder.<field>."""
+  _divisible('model.encoder.image_size', enc.image_size, 'model.encoder.patch_size', enc.patch_size)
+  _divisible('model.encoder.width', enc.width, 'model.encoder.num_heads', enc.num_heads)
+  if not -enc.depth <= enc.output_layer <= -1:
+    raise ValueError(f'model.encoder.output_layer={enc.output_layer} is out of range '
+                     f'[-model.encoder.depth, -1] = [{-enc.depth}, -1]')
+  if enc.act not in ACTIVATIONS:
+    raise ValueError(f'model.encoder.act={enc.act!r} is not one of {sorted(ACTIVATIONS)}')
+  mean, std = enc.image_mean, enc.image_std
+  if (mean is None) != (std is None):
+    raise ValueError('model.encoder.image_mean and model.encoder.image_std must be set together (or both None)')
+  for field, value in (('image_mean', mean), ('image_std', std)):
+    if value is not None and len(value) != 3:
+      raise ValueError(f'model.encoder.{field}={list(value)!r} must have 3 entries (R, G, B)')
+  if std is not None and min(std) <= 0:
+    raise ValueError(f'model.encoder.image_std={list(std)!r} must be positive')
+
+
 def validate(cfg_model: Any) -> None:
   """Checks cfg.model before anything is traced; raises ValueError naming the offending field. Tower fields are
   read from the modules they build, so a field a config leaves out has the module's default."""
@@ -99,24 +120,18 @@ def validate(cfg_model: Any) -> None:
     return
   if not 0 <= c.image_token_id < lm.vocab_size:
     raise ValueError(f'model.image_token_id={c.image_token_id} is not in [0, model.lm.vocab_size={lm.vocab_size})')
+  if modality(c) not in MODALITIES:
+    raise ValueError(f'model.modality={modality(c)!r} is not one of {list(MODALITIES)}')
   if c.encoder.name not in ENCODERS:
     raise ValueError(f'unknown model.encoder.name {c.encoder.name!r}; known: {sorted(ENCODERS)}')
+  if c.encoder.name != MODALITIES[modality(c)]:
+    raise ValueError(f'model.encoder.name={c.encoder.name!r} does not read model.modality={modality(c)!r} '
+                     f'(its encoder is {MODALITIES[modality(c)]!r})')
   enc = build_encoder(c.encoder)
-  _divisible('model.encoder.image_size', enc.image_size, 'model.encoder.patch_size', enc.patch_size)
-  _divisible('model.encoder.width', enc.width, 'model.encoder.num_heads', enc.num_heads)
-  if not -enc.depth <= enc.output_layer <= -1:
-    raise ValueError(f'model.encoder.output_layer={enc.output_layer} is out of range '
-                     f'[-model.encoder.depth, -1] = [{-enc.depth}, -1]')
-  if enc.act not in ACTIVATIONS:
-    raise ValueError(f'model.encoder.act={enc.act!r} is not one of {sorted(ACTIVATIONS)}')
-  mean, std = enc.image_mean, enc.image_std
-  if (mean is None) != (std is None):
-    raise ValueError('model.encoder.image_mean and model.encoder.image_std must be set together (or both None)')
-  for field, value in (('image_mean', mean), ('image_std', std)):
-    if value is not None and len(value) != 3:
-      raise ValueError(f'model.encoder.{field}={list(value)!r} must have 3 entries (R, G, B)')
-  if std is not None and min(std) <= 0:
-    raise ValueError(f'model.encoder.image_std={list(std)!r} must be positive')
+  if c.encoder.name == 'vit':
+    _check_vit(enc)
+  else:
+    enc.check()                                                        # ValueError naming model.encoder.*
   check_scan(enc.scan_layers, 'model.encoder.scan_layers')
   check_remat(enc.remat, 'model.encoder.remat')
   projectors.validate(c.projector, in_dim=enc.width, out_dim=lm.width)
@@ -128,10 +143,15 @@ def validate(cfg_model: Any) -> None:
                        f'LM blocks); set it False')
 
 
-def encoder_grid(cfg_model: Any) -> tuple[int, int]:
-  """Patch grid (h, w) of the encoder."""
-  n = cfg_model.encoder.image_size // cfg_model.encoder.patch_size
-  return n, n
+def modality(cfg_model: Any) -> str:
+  """model.modality: 'image' (default; configs from before the field read as image), 'audio' or 'video'."""
+  return cfg_model.get('modality', 'image') if hasattr(cfg_model, 'get') else 'image'
+
+
+def encoder_grid(cfg_model: Any) -> tuple[int, ...]:
+  """The grid of one example's encoder tokens: (h, w) patches of an image or of one video frame, (T,) audio
+  frames."""
+  return tuple(build_encoder(cfg_model.encoder).output_grid())
 
 
 def injects_into_lm(cfg_model: Any) -> bool:
@@ -231,18 +251,20 @@ class MultimodalLM(nn.Module):
     self.encoder, self.projector, self.lm = towers(self.config)
 
   @_with_kernels
-  def encode_image(self, image, deterministic: bool = True):
-    """image [B, H, W, 3] (uint8, or float in [-1, 1]) -> visual tokens [B, M, Dt].
+  def encode(self, media, deterministic: bool = True):
+    """The media of a batch (batch[model.modality]) -> visual tokens [B, M, Dt]:
+    image [B, H, W, 3] (uint8, or float in [-1, 1]), audio float32 [B, S] (16 kHz waveforms), video [B, F, H, W, 3].
 
     Injecting projectors also take several images per row, [B, T_img, H, W, 3] -> media [B, T_img, M, Dt]
-    (a 4-d image is T_img = 1).
+    (a 4-d image is T_img = 1; audio and video are one item per row, T_img = 1).
     """
-    image = jnp.asarray(image)
-    if image.ndim == 5 and not self.injects:
-      raise ValueError(f'image of shape {image.shape}: several images per row need an injecting projector '
+    media = jnp.asarray(media)
+    several = modality(self.config) == 'image' and media.ndim == 5
+    if several and not self.injects:
+      raise ValueError(f'image of shape {media.shape}: several images per row need an injecting projector '
                        f'(model.projector.name={self.config.projector.name!r} merges tokens)')
-    lead = image.shape[:-3]                                                  # (B,) or (B, T_img)
-    feats, grid = self.encoder(image.reshape((-1,) + image.shape[-3:]))      # [B*T_img, N, Dv]
+    items = media.reshape((-1,) + media.shape[2:]) if several else media       # [B*T_img, ...]
+    feats, grid = self.encoder(items)                                        # [B*T_img, N, Dv]
     feats = constrain(feats, 'act_batch', 'act_seq', 'act_embed')
     if not self.encoder_trainable:
       feats = jax.lax.stop_gradient(feats)
@@ -250,7 +272,7 @@ class MultimodalLM(nn.Module):
     visual = constrain(visual, 'act_batch', 'act_seq', 'act_embed')
     if not self.injects:
       return visual                                                          # [B, M, Dt]
-    return visual.reshape((lead[0], -1) + visual.shape[1:])                  # [B, T_img, M, Dt]
+    return visual.reshape((media.shape[0], -1) + visual.shape[1:])           # [B, T_img, M, Dt]
 
   @_with_kernels
   def lm_inputs(self, batch, deterministic: bool = True):
@@ -263,7 +285,7 @@ class MultimodalLM(nn.Module):
     x = constrain(self.lm.embed(tokens), 'act_batch', 'act_seq', 'act_embed')  # [B, L, Dt]
     if not self.config.use_image:
       return x, None, None
-    visual = self.encode_image(batch['image'], deterministic)               # [B, M, Dt] | [B, T_img, M, Dt]
+    visual = self.encode(batch[modality(self.config)], deterministic)       # [B, M, Dt] | [B, T_img, M, Dt]
     if self.injects:
       index = media_index(tokens, self.config.image_token_id, batch['input_mask'])  # [B, L]
       return x, visual, index

@@ -257,7 +257,7 @@ def test_padding_keys_are_ignored(tiny):
 def test_visual_tokens_land_at_placeholders(tiny):
   cfg, model, params, batch, _ = tiny
   def parts(m, b):
-    return m.embed_inputs(b), m.encode_image(b['image']), m.lm.embed(b['tokens'])
+    return m.embed_inputs(b), m.encode(b['image']), m.lm.embed(b['tokens'])
   merged, visual, text = jax.jit(lambda p, b: model.apply({'params': p}, b, method=parts))(params, batch)
   # merged [B, L, D], visual [B, M, D], text [B, L, D]
   for r in range(batch['tokens'].shape[0]):

@@ -1,5 +1,5 @@
-"""Grain input pipeline for the procedural worlds (shapes / scenes images, tones audio, motion video: every world
-module in mmproj.data.WORLDS): training batches, QA / caption eval batches, decoding.
+"""Grain input pipeline for the procedural worlds (shapes / scenes images, tones audio, motion video:
+mmproj/data/worlds.py): training batches, QA / caption eval batches, decoding.
 
 Sequence layout (L = num_image_tokens + data.text_len; M = num_image_tokens, 0 for the blind baseline):
 
@@ -40,10 +40,10 @@ import grain
 import numpy as np
 import tokenizers
 
-import mmproj.data
 from mmproj.data import sampling
 from mmproj.data import shapes
 from mmproj.data import tokenizer as tokenizer_lib
+from mmproj.data import worlds
 
 _log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
       flags.FLAGS.mark_as_parsed()
 
   bad_records = sampling.check_bad_records(_cfg(data_cfg, 'bad_records'))
-  world = mmproj.data.world(data_cfg)
+  world = worlds.world(data_cfg)
   source = world.data_source(data_cfg, split)
   row = SampleText(tok, num_image_tokens, _text_len(data_cfg), caption_prob, split, turns,
                    bool(_cfg(data_cfg, 'isolate_turns')), media_spec(data_cfg), world.families(data_cfg),
@@ -287,7 +287,7 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
 def media_spec(data_cfg: Any) -> tuple[str, tuple[int, ...], Any]:
   """(batch key, shape of one row's media, dtype) of cfg.data's world: ('image', (H, W, 3), uint8) |
   ('audio', (S,), float32) | ('video', (F, H, W, 3), uint8)."""
-  world = mmproj.data.world(data_cfg)
+  world = worlds.world(data_cfg)
   shape, dtype = world.media_spec(data_cfg)
   return world.MEDIA, tuple(int(n) for n in shape), dtype
 
@@ -344,7 +344,7 @@ def qa_eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_token
   data.bad_records='skip': a record that cannot be read, or a pair that cannot be made into a prompt, is left out
   (counted, logged; max_examples counts the pairs kept)."""
   text_len = _text_len(data_cfg)
-  world = mmproj.data.world(data_cfg)
+  world = worlds.world(data_cfg)
   source = world.data_source(data_cfg, split)
   faults = _EvalFaults(data_cfg, split)
 
@@ -383,7 +383,7 @@ def caption_eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_
   batch have valid=False and loss_mask=0. data.bad_records='skip': a record that cannot be read or made into a
   row is left out (counted, logged; max_examples counts the records kept)."""
   text_len = _text_len(data_cfg)
-  world = mmproj.data.world(data_cfg)
+  world = worlds.world(data_cfg)
   source = world.data_source(data_cfg, split)
   n = len(source) if max_examples is None else min(len(source), max_examples)
   faults = _EvalFaults(data_cfg, split)

@@ -57,6 +57,12 @@ class PatchEmbedding(nn.Module):
   width: int
   dtype: Dtype = jnp.float32
 
+  @nn.nowrap
+  def output_grid(self) -> tuple[int, int]:
+    """The patch grid (h, w) of one image (or video frame), from the fields alone."""
+    n = self.image_size // self.patch_size
+    return n, n
+
   @nn.compact
   def __call__(self, image):                                              # [B, H, W, C]
     b, hh, ww, c = image.shape
@@ -144,6 +150,12 @@ class ViT(nn.Module):
     s, d, f = n + int(self.cls_token), self.width, self.mlp_dim
     return dict(embed=2 * n * 3 * self.patch_size ** 2 * d, blocks=self.num_blocks,
                 weights=2 * s * (4 * d * d + 2 * d * f), attention=2 * 2 * s * s * d, last=2 * s * f * d)
+
+  @nn.nowrap
+  def output_grid(self) -> tuple[int, int]:
+    """The patch grid (h, w) of one image (or video frame), from the fields alone."""
+    n = self.image_size // self.patch_size
+    return n, n
 
   @nn.compact
   def __call__(self, image):                                              # [B, H, W, 3]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # Batch entries the model reads; others (answer strings, targets, ...) never enter the jitted function.
-_MODEL_KEYS = ('image', 'tokens', 'positions', 'input_mask')
+_MODEL_KEYS = ('image', 'audio', 'video', 'tokens', 'positions', 'input_mask')
 
 
 def _sample(logits, key, temperature):

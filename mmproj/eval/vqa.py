@@ -11,7 +11,7 @@ import numpy as np
 
 from mmproj.eval.generate import generate_tokens
 
-MODEL_INPUTS = ('image', 'tokens', 'positions', 'input_mask')
+MODEL_INPUTS = ('image', 'audio', 'video', 'tokens', 'positions', 'input_mask')
 
 
 def fetch(x) -> np.ndarray:
@@ -25,7 +25,7 @@ def fetch(x) -> np.ndarray:
 
 
 def _to_device(batch: dict, sharding) -> dict[str, jax.Array]:
-  return {k: jax.device_put(np.asarray(batch[k]), sharding) for k in MODEL_INPUTS}
+  return {k: jax.device_put(np.asarray(batch[k]), sharding) for k in MODEL_INPUTS if k in batch}
 
 
 def vqa_accuracy(setup, params, tokenizer, *, split: str = 'test', batch_size: int = 250,

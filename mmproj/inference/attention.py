@@ -7,7 +7,7 @@ Both read the softmax probabilities that `mmproj.layers.Attention` and `mmproj.l
 'intermediates' collection (name 'attention_probs', [B, H, T, S] float32, one entry per call) when the model is
 applied with `mutable=['intermediates']`; applied without it, nothing is sown and nothing extra is computed:
 
-  _, state = bundle.model.apply({'params': bundle.params}, image, method=lambda m, x: m.encode_image(x),
+  _, state = bundle.model.apply({'params': bundle.params}, image, method=lambda m, x: m.encode(x),
                                 mutable=['intermediates'])
   sown_attention(state['intermediates'])   # {'projector/attn_0': [B, H, M, N], 'encoder/...': ..., ...}
 
@@ -145,7 +145,7 @@ def _capture_deformable(module, method_name: str) -> bool:
 @functools.partial(jax.jit, static_argnames=('model', 'prefix', 'capture'))
 def _projector_intermediates(model, params, image, prefix: tuple[str, ...], capture: bool):
   """encoder + projector with the 'intermediates' collection mutable -> that collection under `prefix`."""
-  _, state = model.apply({'params': params}, image, method=lambda m, x: m.encode_image(x),
+  _, state = model.apply({'params': params}, image, method=lambda m, x: m.encode(x),
                          mutable=['intermediates'], capture_intermediates=_capture_deformable if capture else False)
   tree = state['intermediates']
   for key in prefix:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from mmproj.layers.partitioning import activation_rules
 
-MODEL_INPUTS = ('image', 'tokens', 'positions', 'input_mask', 'segment_ids')
+MODEL_INPUTS = ('image', 'audio', 'video', 'tokens', 'positions', 'input_mask', 'segment_ids')
 
 
 def token_loss_sums(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array,

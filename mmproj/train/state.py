@@ -19,7 +19,9 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mmproj.data import worlds
 from mmproj import model as model_lib
+from mmproj.encoders import build_encoder
 from mmproj.train import optimizer as opt_lib
 from mmproj.train import sharding as shard_lib
 
@@ -60,10 +62,21 @@ def sequence_length(cfg) -> int:
   return model_lib.num_image_tokens(cfg.model) + int(cfg.data.text_len)
 
 
+def media_spec(cfg) -> tuple[str, tuple[int, ...], Any]:
+  """(batch key, shape of one example's media, dtype) the data gives: a procedural world's own media
+  (mmproj.data.pipeline.media_spec), else images of data.image_size (LLaVA-format data)."""
+  if worlds.name_of(cfg.data) in worlds.WORLDS:
+    from mmproj.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.media_spec(cfg.data)
+  size = int(cfg.data.image_size)
+  return 'image', (size, size, 3), jnp.uint8
+
+
 def dummy_batch(cfg, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-  seq, size = sequence_length(cfg), int(cfg.data.image_size)
+  seq = sequence_length(cfg)
+  key, shape, dtype = media_spec(cfg)
   return {
-      'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
+      key: jax.ShapeDtypeStruct((batch_size,) + shape, dtype),
       'tokens': jax.ShapeDtypeStruct((batch_size, seq), jnp.int32),
       'positions': jax.ShapeDtypeStruct((batch_size, seq), jnp.int32),
       'input_mask': jax.ShapeDtypeStruct((batch_size, seq), jnp.int32),
@@ -94,12 +107,27 @@ def loss_positions(cfg) -> int | None:
   return k if k < length else None
 
 
+def check_media(cfg) -> None:
+  """The data's media are what the model reads: the same kind (data's world vs model.modality) and size
+  (image_size, clip length); ValueError naming both fields."""
+  key, shape, _ = media_spec(cfg)
+  modality = model_lib.modality(cfg.model)
+  if key != modality:
+    raise ValueError(f'data.name={worlds.name_of(cfg.data)!r} gives {key} but model.modality={modality!r}')
+  encoder = build_encoder(cfg.model.encoder)
+  if key == 'audio':
+    if shape[0] != encoder.num_samples():
+      raise ValueError(f'the data\'s clips hold {shape[0]} samples (data.clip_seconds) but the encoder reads '
+                       f'{encoder.num_samples()} (model.encoder.chunk_length={encoder.chunk_length} s at 16 kHz)')
+  elif shape[-3] != encoder.image_size:
+    raise ValueError(f'data.image_size={shape[-3]} does not match model.encoder.image_size={encoder.image_size}')
+
+
 def validate(cfg) -> None:
   """Cross-field checks of the whole experiment config (model checks live in model.validate)."""
   model_lib.validate(cfg.model)
-  if cfg.model.use_image and int(cfg.data.image_size) != int(cfg.model.encoder.image_size):
-    raise ValueError(f'data.image_size={cfg.data.image_size} does not match '
-                     f'model.encoder.image_size={cfg.model.encoder.image_size}')
+  if cfg.model.use_image:
+    check_media(cfg)
   for field in ('steps', 'batch_size'):
     if int(cfg.train[field]) <= 0:
       raise ValueError(f'train.{field}={cfg.train[field]} must be positive')
