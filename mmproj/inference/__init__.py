@@ -103,7 +103,7 @@ def _load_workdir(path: str, step: int | None) -> Bundle:
   from mmproj.data import tokenizer as tokenizer_lib
 
   model, params, tokenizer, cfg, step = restore_for_inference(path, step)
-  if cfg.data.name == 'shapes':
+  if cfg.data.get('name', 'shapes') in WORLDS:
     return Bundle(model=model, params=params, tokenizer=tokenizer, config=cfg, step=step, prompt_format='shapes',
                   stop_ids=(tokenizer_lib.EOS_ID,), pad_id=tokenizer_lib.PAD_ID, path=path)
   eos = tokenizer.token_to_id(llava_json.config_value(cfg.data, 'eos_token'))
@@ -270,6 +270,31 @@ def prepare_images(bundle: Bundle, images: Sequence[np.ndarray]) -> np.ndarray:
   return np.stack(arrays)
 
 
+def prepare_media(bundle: Bundle, media: Sequence[np.ndarray]) -> tuple[str, np.ndarray]:
+  """One item per prompt -> (batch key, the model's input): images uint8 [H, W, 3] (prepare_images), audio float
+  waveforms [S] at 16 kHz (cut or zero-padded to the encoder's clip, as in training), videos uint8 [F, H, W, 3]."""
+  from mmproj.model import modality
+  kind = modality(bundle.config.model)
+  if kind == 'image':
+    return kind, prepare_images(bundle, media)
+  arrays = [np.asarray(m) for m in media]
+  if kind == 'audio':
+    n = build_encoder(bundle.config.model.encoder).num_samples()
+    out = np.zeros((len(arrays), n), np.float32)
+    for i, wave in enumerate(arrays):
+      if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating):
+        raise ValueError(f'audio[{i}]: expected a float waveform [S] at 16 kHz, got {wave.dtype} {wave.shape}')
+      out[i, :min(n, len(wave))] = wave[:n]
+    return kind, out
+  size = int(bundle.config.model.encoder.image_size)
+  frames = int(bundle.config.model.num_frames)
+  for i, video in enumerate(arrays):
+    if video.dtype != np.uint8 or video.shape != (frames, size, size, 3):
+      raise ValueError(f'videos[{i}]: expected uint8 [{frames}, {size}, {size}, 3] (model.num_frames frames of '
+                       f'model.encoder.image_size), got {video.dtype} {video.shape}')
+  return kind, np.stack(arrays)
+
+
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
@@ -277,7 +302,8 @@ def _round_up(n: int, multiple: int) -> int:
 def generate(bundle: Bundle, images: Sequence[np.ndarray] | np.ndarray | None, prompts: Sequence[str], *,
              max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, rng=None,
              return_ids: bool = False) -> list[str] | tuple[list[str], np.ndarray]:
-  """Answers `prompts` about `images` (one uint8 [H, W, 3] image per prompt): batched greedy (temperature 0) or
+  """Answers `prompts` about `images`, one media item per prompt in the model's modality (model.modality): a uint8
+  [H, W, 3] image, a float waveform [S] at 16 kHz, or a uint8 video [F, H, W, 3]. Batched greedy (temperature 0) or
   sampled decoding with the model's KV cache, in one jitted program, stopping at the bundle's stop ids.
 
   Prompts are left-padded to a common length (rounded up to a multiple of 16, so similar batches reuse the
@@ -311,7 +337,7 @@ def generate(bundle: Bundle, images: Sequence[np.ndarray] | np.ndarray | None, p
     mask[b, length - len(row):] = 1
   batch = {'tokens': tokens, 'input_mask': mask, 'positions': np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)}
   if cfg.use_image:
-    batch['image'] = prepare_images(bundle, images)
+    key, batch[key] = prepare_media(bundle, images)
   if temperature > 0 and rng is None:
     rng = jax.random.key(seed)
   if not bundle.stop_ids:
