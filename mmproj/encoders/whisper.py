@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmproj.encoders.log_mel import N_FFT, log_mel_spectrogram, num_frames
+from mmproj.encoders import log_mel
 from mmproj.layers import Attention, GeluMLP, LayerNorm, get_activation
 from mmproj.layers.scan import check_remat, check_scan, remat_block, scan_blocks
 
@@ -143,7 +143,7 @@ class WhisperEncoder(nn.Module):
                        f'{self.num_heads}')
     if not -self.depth <= self.output_layer <= -1:
       raise ValueError(f'model.encoder.output_layer={self.output_layer} out of range [-{self.depth}, -1]')
-    t0 = num_frames(self.chunk_length) // 2
+    t0 = log_mel.num_frames(self.chunk_length) // 2
     if self.max_source_positions is not None and self.max_source_positions < t0:
       raise ValueError(f'model.encoder.max_source_positions={self.max_source_positions} is shorter than the '
                        f'{t0} positions a {self.chunk_length} s clip (model.encoder.chunk_length) needs')
@@ -164,7 +164,7 @@ class WhisperEncoder(nn.Module):
   @nn.nowrap
   def num_frames(self) -> int:
     """Spectrogram frames F of one clip (100 per second)."""
-    return num_frames(self.chunk_length)
+    return log_mel.num_frames(self.chunk_length)
 
   @nn.nowrap
   def output_grid(self) -> tuple[int]:
@@ -184,17 +184,18 @@ class WhisperEncoder(nn.Module):
         last       fc2, the block's last matmul (the one remat='full' does not recompute)   2 * S * Fm * D"""
     f = self.num_frames()
     s, d, m, fm = f // 2, self.width, self.num_mel_bins, self.mlp_dim
-    embed = 2 * f * (N_FFT // 2 + 1) * m + 2 * (3 * f - 2) * m * d + 2 * (3 * s - 1) * d * d
+    embed = 2 * f * (log_mel.N_FFT // 2 + 1) * m + 2 * (3 * f - 2) * m * d + 2 * (3 * s - 1) * d * d
     return dict(embed=embed, blocks=self.num_blocks, weights=2 * s * (4 * d * d + 2 * d * fm),
                 attention=2 * 2 * s * s * d, last=2 * s * fm * d)
 
+  @nn.nowrap
   def features(self, audio):
     """waveforms [B, S] -> log-mel features [B, M, F]; features [B, M, F] are checked and returned as they are."""
     if not jnp.issubdtype(audio.dtype, jnp.floating):
       raise ValueError(f'audio must be a float waveform [B, S] or float features [B, {self.num_mel_bins}, '
                        f'{self.num_frames()}], got dtype {audio.dtype}')
     if audio.ndim == 2:
-      return log_mel_spectrogram(audio, num_mel_bins=self.num_mel_bins, chunk_length=self.chunk_length)
+      return log_mel.log_mel_spectrogram(audio, num_mel_bins=self.num_mel_bins, chunk_length=self.chunk_length)
     if audio.ndim == 3 and audio.shape[1:] == (self.num_mel_bins, self.num_frames()):
       return audio
     raise ValueError(f'audio of shape {audio.shape}: expected a waveform [B, S] or features [B, num_mel_bins='
