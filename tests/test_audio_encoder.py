@@ -130,6 +130,10 @@ def test_build_encoder_and_grid():
   assert build_encoder(dict(TINY, chunk_length=30.0)).output_grid() == (1500,)   # Whisper's
   assert params['embed_positions'].shape == (25, 36)
   assert params['conv1']['kernel'].shape == (3 * 16, 36) and 'bias' not in params['layers_0']['self_attn']['k_proj']
+  d, m, f, blocks, positions = 36, 16, 44, 3, 25                  # the docstring's parameter count
+  block = 4 * d * d + 3 * d + 2 * d * f + f + d + 4 * d
+  expected = 3 * m * d + d + 3 * d * d + d + positions * d + blocks * block + 2 * d
+  assert sum(np.size(leaf) for leaf in jax.tree.leaves(params)) == expected
 
 
 def test_position_table_starts_as_whispers_sinusoids():

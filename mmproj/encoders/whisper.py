@@ -25,8 +25,8 @@ exactly this clip's frame count; anything else raises ValueError.
 Parameters (D width, M mel bins, Fm mlp_dim, L built blocks, P positions):
   conv1 3 M D + D,  conv2 3 D^2 + D,  embed_positions P D,
   per block 4 D^2 + 3 D (q, v, out biases) + 2 D Fm + Fm + D + 4 D (two LayerNorms),  layer_norm 2 D.
-Locality: temporal order is kept (token t summarises frames 2 t p - 1 ... 2 (t + 1) p of the spectrogram before the
-attention mixes them); the attention is global over the clip.
+Locality: temporal order is kept (before the attention mixes them, token t sees spectrogram frames 2 t p - 2 ...
+2 (t + 1) p, through the two kernel-3 convolutions); the attention is global over the clip.
 
 Parameter names follow HF WhisperEncoder where they can: conv1, conv2, embed_positions [P, D] ('pos', 'embed'),
 layers_{i}/{self_attn_layer_norm, self_attn/{q,k,v,o}_proj, final_layer_norm, mlp/{fc1, fc2}}, layer_norm
