@@ -7,7 +7,8 @@ Each supported transformers class has a converter registered with `@converter('C
 (`mmproj/convert/<family>.py`); the converter reads the module's state dict through a `StateDict`, which
 fails on a missing key, a shape mismatch or a key left unused, naming the key.
 
-Whole HF directories: `llama.load_lm`, `vision.load_vision_tower`, `llava.load_llava` (config.json + safetensors).
+Whole HF directories: `llama.load_lm`, `vision.load_vision_tower`, `whisper.load_audio_encoder`, `llava.load_llava`
+(config.json + safetensors).
 The way back (mmproj params -> HF tensors) lives next to each forward mapping (`vision.encoder_params_to_hf`,
 `llama.lm_params_to_hf`, `llava.export_llava`); it reads params through a `ParamReader`, the export-side twin of
 `StateDict` (missing / mis-shaped / leftover params raise ValueError naming the path).
@@ -36,6 +37,7 @@ from mmproj.convert import gemma3 as gemma3
 from mmproj.convert import perceiver as perceiver
 from mmproj.convert import llama as llama_convert
 from mmproj.convert import vision as vision
+from mmproj.convert import whisper as whisper
 
 __all__ = ['CONVERTERS', 'HF_ACTIVATIONS', 'HF_ACTIVATION_NAMES', 'ParamReader', 'StateDict', 'activation', 'converter',
            'from_transformers', 'hf_activation', 'scanned_depths', 'stack_layers', 'stack_model_params',

@@ -2,6 +2,7 @@
 
   config = read_config(path)                 # dict from config.json
   tensors = read_safetensors(path)           # {key: float32/int numpy array}, single file or sharded index
+  tensors = read_safetensors(path, keep=lambda key: key.startswith('audio_tower.'))   # only some keys
   write_dir(out_dir, config, tensors, json_files={'generation_config.json': {...}}, copies={'tokenizer.json': f})
 
 Only `*.safetensors` weights are read. A directory that holds only pickle-based weights (pytorch_model.bin,
@@ -13,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -60,16 +61,35 @@ def weight_files(path: str) -> list[str]:
   raise ValueError(f'{path}: no {SINGLE_FILE} or {INDEX_FILE}')
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of an HF directory as numpy arrays (bf16/f16 are widened to float32)."""
-  from safetensors import SafetensorError
-  from safetensors.flax import load_file  # jax arrays: bfloat16 included, which numpy lacks
+def safetensors_keys(path: str) -> list[str]:
+  """The tensor names of an HF directory's safetensors files, read from their headers (no tensor is loaded)."""
+  from safetensors import SafetensorError, safe_open
+
+  keys: list[str] = []
+  for file in weight_files(path):
+    try:
+      with safe_open(file, framework='numpy') as f:
+        keys += list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+      raise ValueError(f'{file}: unreadable safetensors file ({e})') from None
+  return keys
+
+
+def read_safetensors(path: str, keep: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
+  """The tensors of an HF directory as numpy arrays (bf16/f16 are widened to float32); with `keep`, only the
+  keys it accepts are loaded (e.g. one tower of a large checkpoint)."""
+  from safetensors import SafetensorError, safe_open
 
   tensors: dict[str, np.ndarray] = {}
   for file in weight_files(path):
     try:
-      shard = {k: np.asarray(v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) or v.dtype.name ==
-                             'bfloat16' else v) for k, v in load_file(file).items()}
+      with safe_open(file, framework='flax') as f:  # jax arrays: bfloat16 included, which numpy lacks
+        shard = {}
+        for key in f.keys():
+          if keep is None or keep(key):
+            v = f.get_tensor(key)
+            shard[key] = np.asarray(v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) or
+                                    v.dtype.name == 'bfloat16' else v)
     except (SafetensorError, OSError, ValueError) as e:
       raise ValueError(f'{file}: unreadable safetensors file ({e})') from None
     for key, value in shard.items():
@@ -77,7 +97,6 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise ValueError(f'{file}: key {key!r} appears in more than one shard')
       tensors[key] = value
   return tensors
-
 
 
 def write_dir(out_dir: str, config: dict[str, Any], tensors: dict[str, np.ndarray], *,

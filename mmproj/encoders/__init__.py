@@ -1,16 +1,19 @@
-"""Modality encoders. `build_encoder(cfg_encoder, dtype)` maps `cfg.model.encoder` to a module."""
+"""Modality encoders. `build_encoder(cfg_encoder, dtype)` maps `cfg.model.encoder` to a module by its name:
+'vit' (images, mmproj/encoders/vit.py) or 'whisper' (16 kHz audio, mmproj/encoders/whisper.py)."""
 
 import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 from mmproj.encoders.vit import ViT
+from mmproj.encoders.whisper import WhisperEncoder
 
-ENCODERS = {'vit': ViT}
+ENCODERS = {'vit': ViT, 'whisper': WhisperEncoder}
 
 
-def build_encoder(cfg: Any, dtype: Any = jnp.float32) -> ViT:
+def build_encoder(cfg: Any, dtype: Any = jnp.float32) -> nn.Module:
   """cfg.model.encoder (ConfigDict / FrozenConfigDict / dict) -> encoder module (compute dtype `dtype`)."""
   kwargs = dict(cfg)
   name = kwargs.pop('name', 'vit')
@@ -33,4 +36,4 @@ def encoder_fields(cfg: Any) -> dict[str, Any]:
   return {'name': dict(cfg).get('name', 'vit'), **fields}
 
 
-__all__ = ['ENCODERS', 'ViT', 'build_encoder', 'encoder_fields']
+__all__ = ['ENCODERS', 'ViT', 'WhisperEncoder', 'build_encoder', 'encoder_fields']

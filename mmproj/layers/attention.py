@@ -191,6 +191,8 @@ class Attention(nn.Module):
   rope_theta: float = 10000.0
   rope_scaling: Any = None        # None, or a rope frequency scaling dict (mmproj/layers/rope.py)
   qkv_bias: bool | None = None    # None -> use_bias; True/False: biases on q/k/v only (Qwen2: True)
+  k_bias: bool | None = None      # None -> as q/v; False: no k_proj bias (Whisper: a key bias adds q . b_k to a
+                                  # whole row of scores, which softmax cancels, so it would never train)
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -206,10 +208,11 @@ class Attention(nn.Module):
     d = x.shape[-1]
     h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
     qkv_bias = self.use_bias if self.qkv_bias is None else self.qkv_bias
+    k_bias = qkv_bias if self.k_bias is None else self.k_bias
     q = _dense((h, dh), -1, ('embed', 'heads', 'head_dim'), ('heads', 'head_dim'),
                qkv_bias, self.dtype, 'q_proj')(x)                             # [B, T, H, Dh]
     k = _dense((hkv, dh), -1, ('embed', 'kv_heads', 'head_dim'), ('kv_heads', 'head_dim'),
-               qkv_bias, self.dtype, 'k_proj')(x)                             # [B, T, Hkv, Dh]
+               k_bias, self.dtype, 'k_proj')(x)                               # [B, T, Hkv, Dh]
     v = _dense((hkv, dh), -1, ('embed', 'kv_heads', 'head_dim'), ('kv_heads', 'head_dim'),
                qkv_bias, self.dtype, 'v_proj')(x)                             # [B, T, Hkv, Dh]
     if self.use_rope:
