@@ -18,6 +18,7 @@ batch['image'] may then hold several images per row, [B, T_img, H, W, 3], one ma
 """
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -152,6 +153,11 @@ def encoder_grid(cfg_model: Any) -> tuple[int, ...]:
   """The grid of one example's encoder tokens: (h, w) patches of an image or of one video frame, (T,) audio
   frames."""
   return tuple(build_encoder(cfg_model.encoder).output_grid())
+
+
+def encoder_tokens(cfg_model: Any) -> int:
+  """Encoder tokens N of one example: h*w patches of an image, T frames of audio."""
+  return math.prod(encoder_grid(cfg_model))
 
 
 def injects_into_lm(cfg_model: Any) -> bool:

@@ -167,6 +167,11 @@ class WhisperEncoder(nn.Module):
     return log_mel.num_frames(self.chunk_length)
 
   @nn.nowrap
+  def num_samples(self) -> int:
+    """Waveform samples S of one clip at 16 kHz (longer clips are cut, shorter ones zero-padded)."""
+    return log_mel.clip_samples(self.chunk_length)
+
+  @nn.nowrap
   def output_grid(self) -> tuple[int]:
     """(T,): tokens per clip, from the fields alone, T = (F / 2) // pool_stride."""
     self.check()

@@ -109,7 +109,7 @@ def _projector(cfg_model: Any, labels: Any, in_flows: bool) -> tuple[int, int]:
 
   _, proj, _ = model_lib.towers(cfg_model)
   grid = model_lib.encoder_grid(cfg_model)
-  x = jax.ShapeDtypeStruct((1, grid[0] * grid[1], proj.in_dim), proj.dtype)      # one image's patch tokens
+  x = jax.ShapeDtypeStruct((1, model_lib.encoder_tokens(cfg_model), proj.in_dim), proj.dtype)  # one example's
   key = jax.random.key(0)
   params = jax.eval_shape(lambda x: flax.linen.unbox(proj.init(key, x, grid=grid)['params']), x)
   leaves, treedef = jax.tree.flatten(params)
