@@ -79,8 +79,9 @@ def _cross_attention_frequency(has_cross: list[bool]) -> int:
   return freq
 
 
-def _qformer_config(qformer: Any) -> dict:
-  """Hyper-parameters of an HF (InstructBlip|Blip2)QFormerModel read from its modules."""
+def qformer_config(qformer: Any) -> dict:
+  """Hyper-parameters of an HF (InstructBlip|Blip2)QFormerModel read from its modules (also used by
+  mmproj/convert/audio.py for Granite Speech's window Q-Former)."""
   layers = qformer.encoder.layer
   first = layers[0]
   return dict(
@@ -93,8 +94,8 @@ def _qformer_config(qformer: Any) -> dict:
       norm_eps=float(first.attention.output.LayerNorm.eps))
 
 
-def _qformer_params(sd: StateDict, prefix: str, num_layers: int, heads: int, embed_norm: str,
-                    text: bool, embeddings: str | None = None) -> dict:
+def qformer_params(sd: StateDict, prefix: str, num_layers: int, heads: int, embed_norm: str,
+                   text: bool, embeddings: str | None = None) -> dict:
   """mmproj QFormer params from the HF Q-Former under `prefix` (e.g. 'qformer.').
 
   embed_norm: key prefix of the norm over [queries; text]; text: take the text feed-forwards; embeddings: key
@@ -115,51 +116,52 @@ def _qformer_params(sd: StateDict, prefix: str, num_layers: int, heads: int, emb
   return p
 
 
-def _in_dim(qformer: Any) -> int:
+def qformer_in_dim(qformer: Any) -> int:
+  """Width of the tokens an HF Q-Former cross-attends to (its encoder_hidden_size)."""
   return qformer.encoder.layer[0].crossattention.attention.key.in_features
 
 
 @converter('Blip2QFormerModel')
 def blip2_qformer(module: Any, num_query_tokens: int = 32):
   """HF Blip2QFormerModel -> (qformer projector taking query_embeds, params); output [B, Q, D]."""
-  cfg = dict(name='qformer', num_query_tokens=num_query_tokens, **_qformer_config(module), vision_norm=False,
+  cfg = dict(name='qformer', num_query_tokens=num_query_tokens, **qformer_config(module), vision_norm=False,
              learned_queries=False, language_projection=False, text_input=False)
   sd = StateDict.of(module)
-  params = {'qformer': _qformer_params(sd, '', cfg['num_layers'], cfg['num_heads'], 'layernorm', text=False)}
+  params = {'qformer': qformer_params(sd, '', cfg['num_layers'], cfg['num_heads'], 'layernorm', text=False)}
   # Text feed-forwards (use_qformer_text_input=True) only run on text tokens, which this port does not take.
   sd.finish(ignore=tuple(f'encoder.layer.{i}.{n}.' for i in range(cfg['num_layers'])
                          for n in ('intermediate', 'output')))
-  return projectors.build(cfg, in_dim=_in_dim(module), out_dim=cfg['hidden_dim']), params
+  return projectors.build(cfg, in_dim=qformer_in_dim(module), out_dim=cfg['hidden_dim']), params
 
 
 @converter('InstructBlipQFormerModel')
 def instructblip_qformer(module: Any, num_query_tokens: int = 32):
   """HF InstructBlipQFormerModel -> (instruction-aware qformer projector taking query_embeds, params)."""
-  cfg = dict(name='qformer', num_query_tokens=num_query_tokens, **_qformer_config(module), vision_norm=False,
+  cfg = dict(name='qformer', num_query_tokens=num_query_tokens, **qformer_config(module), vision_norm=False,
              learned_queries=False, language_projection=False, text_input=True,
              vocab_size=module.embeddings.word_embeddings.num_embeddings,
              max_text_len=module.embeddings.position_embeddings.num_embeddings)
   sd = StateDict.of(module)
-  params = {'qformer': _qformer_params(sd, '', cfg['num_layers'], cfg['num_heads'], 'embeddings.layernorm',
+  params = {'qformer': qformer_params(sd, '', cfg['num_layers'], cfg['num_heads'], 'embeddings.layernorm',
                                        text=True, embeddings='embeddings.')}
   sd.finish()
-  return projectors.build(cfg, in_dim=_in_dim(module), out_dim=cfg['hidden_dim']), params
+  return projectors.build(cfg, in_dim=qformer_in_dim(module), out_dim=cfg['hidden_dim']), params
 
 
 def _full_model_projector(model: Any, text_input: bool):
   qformer = model.qformer
   sd = StateDict.of(model)
   q, d = model.query_tokens.shape[1:]
-  cfg = dict(name='qformer', num_query_tokens=int(q), **_qformer_config(qformer), vision_norm=True,
+  cfg = dict(name='qformer', num_query_tokens=int(q), **qformer_config(qformer), vision_norm=True,
              vision_norm_eps=float(model.vision_model.post_layernorm.eps), learned_queries=True,
              language_projection=True, text_input=text_input)
   if text_input:
     cfg.update(vocab_size=qformer.embeddings.word_embeddings.num_embeddings,
                max_text_len=qformer.embeddings.position_embeddings.num_embeddings)
-    qparams = _qformer_params(sd, 'qformer.', cfg['num_layers'], cfg['num_heads'], 'qformer.embeddings.layernorm',
+    qparams = qformer_params(sd, 'qformer.', cfg['num_layers'], cfg['num_heads'], 'qformer.embeddings.layernorm',
                               text=True, embeddings='qformer.embeddings.')
   else:
-    qparams = _qformer_params(sd, 'qformer.', cfg['num_layers'], cfg['num_heads'], 'qformer.layernorm', text=False)
+    qparams = qformer_params(sd, 'qformer.', cfg['num_layers'], cfg['num_heads'], 'qformer.layernorm', text=False)
   params = {'query_tokens': sd.take('query_tokens', (1, q, d))[0], 'qformer': qparams,
             'ln_vision': sd.norm('vision_model.post_layernorm'), 'language_projection': sd.dense('language_projection')}
   ignore = _FULL_MODEL_IGNORE
@@ -167,7 +169,7 @@ def _full_model_projector(model: Any, text_input: bool):
     ignore += tuple(f'qformer.encoder.layer.{i}.{n}.' for i in range(cfg['num_layers'])
                     for n in ('intermediate', 'output'))
   sd.finish(ignore=ignore)
-  in_dim = _in_dim(qformer)
+  in_dim = qformer_in_dim(qformer)
   out_dim = params['language_projection']['kernel'].shape[1]
   return projectors.build(cfg, in_dim=in_dim, out_dim=out_dim), params
 
@@ -188,10 +190,10 @@ def blip2_pretrainer(model: Any):
   """Blip2ForImageTextRetrieval -> (QFormerPretrainer, params). ITG head and temperature are not in the
   reference and keep their initial values (PRNGKey(0))."""
   sd = StateDict.of(model)
-  qcfg = _qformer_config(model.qformer)
+  qcfg = qformer_config(model.qformer)
   q, d = model.query_tokens.shape[1:]
   module = QFormerPretrainer(
-      in_dim=_in_dim(model.qformer), num_query_tokens=int(q), **qcfg, vision_norm=True,
+      in_dim=qformer_in_dim(model.qformer), num_query_tokens=int(q), **qcfg, vision_norm=True,
       vision_norm_eps=float(model.vision_model.post_layernorm.eps),
       vocab_size=model.embeddings.word_embeddings.num_embeddings,
       max_text_len=model.embeddings.position_embeddings.num_embeddings,
@@ -203,7 +205,7 @@ def blip2_pretrainer(model: Any):
   params.update({
       'query_tokens': sd.take('query_tokens', (1, q, d))[0],
       'ln_vision': sd.norm('vision_model.post_layernorm'),
-      'qformer': _qformer_params(sd, 'qformer.', qcfg['num_layers'], qcfg['num_heads'], 'qformer.layernorm',
+      'qformer': qformer_params(sd, 'qformer.', qcfg['num_layers'], qcfg['num_heads'], 'qformer.layernorm',
                                  text=True, embeddings='embeddings.'),
       'vision_proj': sd.dense('vision_projection'), 'text_proj': sd.dense('text_projection'),
       'itm_head': sd.dense('itm_head')})

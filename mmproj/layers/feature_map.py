@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mmproj.layers.mlp import dense, get_activation
+from mmproj.layers.token_grid import require_2d
 
 Dtype = Any
 
@@ -30,8 +31,8 @@ SE_GATES = {'sigmoid': jax.nn.sigmoid, 'hard_sigmoid': jax.nn.hard_sigmoid}
 
 
 def tokens_to_map(x, grid, who: str):
-  """[B, N, C] row-major tokens -> [B, h, w, C]; ValueError naming the grid when N != h * w."""
-  h, w = int(grid[0]), int(grid[1])
+  """[B, N, C] row-major tokens -> [B, h, w, C]; ValueError naming the grid when N != h * w or it is not 2-D."""
+  h, w = require_2d(grid, who)
   if x.ndim != 3 or x.shape[1] != h * w:
     raise ValueError(f'{who}: grid={tuple(grid)} needs tokens [B, {h * w}, C], got shape {tuple(x.shape)}')
   return x.reshape(x.shape[0], h, w, x.shape[-1])                         # [B, h, w, C]

@@ -1,13 +1,22 @@
 """Grid operations on row-major encoder tokens, shared by the locality-keeping projectors (pixel_shuffle,
-patch_merger, avg_pool).
+patch_merger, avg_pool) and the audio connectors.
 
-Encoder tokens arrive as x [B, N, D] with N = h * w in row-major order (token r * w + c is patch (r, c)).
+Encoder tokens arrive as x [B, N, D] with N = h * w in row-major order (token r * w + c is patch (r, c)) for an
+image grid (h, w), or N = T in time order for an audio grid (T,). `check_grid` / `require_2d` are for the
+projectors whose math needs the 2-D layout (a 1-D grid is a ValueError saying so); `check_tokens` / `grid_tokens`
+take either.
 
 `space_to_depth` (pixel unshuffle / Qwen2-VL spatial merge): every s x s block of patches becomes one token whose
 channels are the block's patches concatenated in (row offset i, column offset j, channel d) order:
     y[b, R * (w/s) + C, (i * s + j) * D + d] = x[b, (R*s + i) * w + (C*s + j), d]
 This is the order of both transformers Idefics3Connector.pixel_shuffle and InternVLModel.pixel_shuffle, and of a
 Qwen2-VL merge window flattened by PatchMerger (`windows_to_depth` for tokens already in window order).
+
+`avg_pool_1d`: the same along time, x [B, T, D] -> [B, m, D] (torch AvgPool1d with kernel = stride when m divides T,
+AdaptiveAvgPool1d bins otherwise).
+
+`pool_frames`: torch AvgPool1d(s, stride=s) along time (the Whisper-style audio towers' final pool): the trailing
+T % s frames, which fill no window, are dropped.
 
 `avg_pool_2d`: mean over (h/oh) x (w/ow) blocks when the output grid divides the grid (torch AvgPool2d with
 kernel = stride), otherwise torch AdaptiveAvgPool2d bins: along an axis of length n pooled to m, bin i covers
@@ -17,6 +26,7 @@ matmul, so the result does not depend on the backend's matmul precision.
 `norm_layer`: the optional per-token norm the projectors put before their MLP ('none' | 'layernorm' | 'rmsnorm').
 """
 
+import math
 from typing import Any
 
 import einops
@@ -27,19 +37,44 @@ from mmproj.layers.norms import LayerNorm, RMSNorm
 NORMS = ('none', 'layernorm', 'rmsnorm')
 
 
-def check_grid(x, grid, what: str) -> tuple[int, int]:
-  """(h, w) after checking that x [B, N, D] holds N = h * w tokens; ValueError naming `what` otherwise."""
+def require_2d(grid, what: str) -> tuple[int, int]:
+  """(h, w) of a 2-D grid; ValueError naming `what` for a 1-D (audio) grid (T,), None or anything else."""
   if grid is None or len(grid) != 2:
-    raise ValueError(f'{what} needs grid=(h, w) of the encoder tokens, got grid={grid!r}')
-  h, w = int(grid[0]), int(grid[1])
+    kind = ' (a 1-D audio grid)' if grid is not None and len(grid) == 1 else ''
+    raise ValueError(f'{what} needs a 2-D (h, w) grid of image patches, got grid={grid!r}{kind}')
+  return int(grid[0]), int(grid[1])
+
+
+def check_grid(x, grid, what: str) -> tuple[int, int]:
+  """(h, w) after checking that x [B, N, D] holds N = h * w tokens; ValueError naming `what` otherwise (a 1-D
+  grid included: see require_2d)."""
+  h, w = require_2d(grid, what)
   if x.ndim != 3 or x.shape[1] != h * w:
     raise ValueError(f'{what}: tokens of shape {tuple(x.shape)} do not hold the grid {h}x{w} = {h * w} tokens')
   return h, w
 
 
+def grid_tokens(grid, what: str) -> int:
+  """Tokens a 1-D (T,) or 2-D (h, w) grid holds; ValueError naming `what` for any other grid."""
+  if grid is None or len(grid) not in (1, 2) or not all(int(g) >= 1 for g in grid):
+    raise ValueError(f'{what} needs grid=(T,) (audio) or (h, w) (image) of positive sizes, got grid={grid!r}')
+  return math.prod(int(g) for g in grid)
+
+
+def check_tokens(x, grid, what: str) -> int:
+  """N after checking that x [B, N, D] holds the tokens of a 1-D (T,) or 2-D (h, w) grid (None: any N)."""
+  if x.ndim != 3:
+    raise ValueError(f'{what}: tokens must be [B, N, D], got shape {tuple(x.shape)}')
+  n = x.shape[1]
+  if grid is not None and grid_tokens(grid, what) != n:
+    raise ValueError(f'{what}: grid {tuple(grid)} has {grid_tokens(grid, what)} cells but x has {n} tokens '
+                     f'(shape {tuple(x.shape)})')
+  return n
+
+
 def check_divisible(grid, s: int, field: str, what: str) -> None:
-  """ValueError naming `model.projector.{field}` and the grid unless s divides both h and w."""
-  h, w = grid
+  """ValueError naming `model.projector.{field}` and the grid unless s divides both h and w (and for a 1-D grid)."""
+  h, w = require_2d(grid, what)
   if h % s or w % s:
     raise ValueError(f'{what}: the encoder grid {h}x{w} is not divisible by model.projector.{field}={s}')
 
@@ -59,6 +94,27 @@ def windows_to_depth(x, s: int):
 def _bins(n: int, m: int) -> list[tuple[int, int]]:
   """torch AdaptiveAvgPool bins of an axis of length n pooled to m: [floor(i n/m), ceil((i+1) n/m))."""
   return [((i * n) // m, -((-(i + 1) * n) // m)) for i in range(m)]
+
+
+def avg_pool_1d(x, m: int):
+  """x [B, T, D] (time order) -> [B, m, D]: means over T/m frames when m divides T, AdaptiveAvgPool1d bins
+  otherwise; averages in float32, returns x's dtype."""
+  t = x.shape[1]
+  xf = x.astype(jnp.float32)                                                        # [B, T, D]
+  if t % m == 0:  # AvgPool1d(kernel=stride=T/m)
+    y = einops.reduce(xf, 'b (m k) d -> b m d', 'mean', m=m)                        # [B, m, D]
+  else:
+    y = jnp.stack([xf[:, a:b].mean(axis=1) for a, b in _bins(t, m)], axis=1)        # [B, m, D]
+  return y.astype(x.dtype)
+
+
+def pool_frames(x, stride: int):
+  """x [B, T, D] -> [B, T // stride, D]: means of consecutive runs of `stride` tokens (the last T % stride dropped);
+  stride 1 returns x."""
+  if stride == 1:
+    return x
+  m = x.shape[1] // stride
+  return avg_pool_1d(x[:, :m * stride], m)                                          # [B, T // stride, D]
 
 
 def avg_pool_2d(x, grid: tuple[int, int], out_grid: tuple[int, int]):

@@ -12,6 +12,16 @@ Every projector class
     y = proj.apply({'params': p}, x, grid=(h, w), deterministic=True)    # x [B, N, Dv] -> y [B, M, Dt]
     num_output_tokens(cfg.model.projector, (h, w)) == proj.num_output_tokens((h, w))    # M
     param_count(cfg.model.projector, Dv, Dt) == proj.param_count()
+
+Grids: an image encoder's tokens come with grid=(h, w) (row-major); an audio encoder's with grid=(T,), a 1-tuple
+(tokens in time order); video is F frames of grid (h, w) concatenated (N = F*h*w).
+  accepts 1-D (audio) grids: linear, mlp, avg_pool (pooling along time), perceiver, qformer, cross_attention,
+      gated_xattn (with a resampler that accepts them; the default linear does), and the audio connectors
+      qwen2_audio, voxtral, granite_speech, audio_flamingo3 (which read any grid's tokens as one sequence).
+  needs a 2-D (h, w) grid: pixel_shuffle, patch_merger, c_abstractor, d_abstractor, ldp, ldpv2, tokenpacker
+      (space-to-depth, convolutions, 2-D pools or regions of the patch map) and qwen_vl_resampler (its 2-D sin-cos
+      key positions are resized to (h, w)). They raise a ValueError naming the projector and saying it needs a 2-D
+      (h, w) grid, from num_output_tokens (which model validation calls) and from __call__, before any compile.
 """
 
 from mmproj.projectors.registry import (REGISTRY, build, check_choice, check_int, check_positive, get,
@@ -33,6 +43,10 @@ from mmproj.projectors import c_abstractor as c_abstractor
 from mmproj.projectors import d_abstractor as d_abstractor
 from mmproj.projectors import ldp as ldp
 from mmproj.projectors import ldpv2 as ldpv2
+from mmproj.projectors import qwen2_audio as qwen2_audio
+from mmproj.projectors import voxtral as voxtral
+from mmproj.projectors import granite_speech as granite_speech
+from mmproj.projectors import audio_flamingo3 as audio_flamingo3
 
 __all__ = ['REGISTRY', 'build', 'check_choice', 'check_int', 'check_positive', 'get', 'num_output_tokens', 'param_count',
            'register', 'validate']

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from mmproj.layers import ACTIVATIONS, LayerNorm, dense, get_activation
 from mmproj.layers.feature_map import DepthwiseConv2d, SqueezeExcite, map_to_tokens, square_side, tokens_to_map
-from mmproj.layers.token_grid import avg_pool_2d
+from mmproj.layers.token_grid import avg_pool_2d, require_2d
 from mmproj.projectors.mlp import dense_stack, dense_stack_param_count
 from mmproj.projectors.registry import check_choice, check_int, register
 
@@ -170,6 +170,7 @@ class CAbstractor(nn.Module):
   def __call__(self, x, *, grid, deterministic: bool = True):          # x [B, N, Dv]
     del deterministic  # no dropout
     who = f'c_abstractor projector (num_queries={self.num_queries})'
+    require_2d(grid, who)   # a convolutional / 2-D sampling map of the patches
     if x.shape[-1] != self.in_dim:
       raise ValueError(f'{who} expects in_dim={self.in_dim}, got tokens of width {x.shape[-1]}')
     m = square_side(self.num_queries, 'model.projector.num_queries')
@@ -196,6 +197,7 @@ class CAbstractor(nn.Module):
 
   @nn.nowrap
   def num_output_tokens(self, grid) -> int:
+    require_2d(grid, 'c_abstractor projector')
     return self.num_queries
 
   @nn.nowrap

@@ -55,7 +55,7 @@ import numpy as np
 from mmproj.layers import CrossAttention, GeluMLP, LayerNorm, dense
 from mmproj.layers.deformable_attention import DeformableAttention
 from mmproj.layers.feature_map import map_to_tokens, square_side, tokens_to_map
-from mmproj.layers.token_grid import avg_pool_2d
+from mmproj.layers.token_grid import avg_pool_2d, require_2d
 from mmproj.projectors.registry import check_choice, check_int, register
 from mmproj.projectors.c_abstractor import check_abstractor_fields, check_grid_matches_pos_emb, position_embedding
 from mmproj.projectors.mlp import dense_stack, dense_stack_param_count
@@ -119,6 +119,7 @@ class DAbstractor(nn.Module):
   def __call__(self, x, *, grid, deterministic: bool = True):          # x [B, N, Dv]
     del deterministic  # no dropout
     who = f'd_abstractor projector (num_queries={self.num_queries})'
+    require_2d(grid, who)   # a convolutional / 2-D sampling map of the patches
     if x.shape[-1] != self.in_dim:
       raise ValueError(f'{who} expects in_dim={self.in_dim}, got tokens of width {x.shape[-1]}')
     m = square_side(self.num_queries, 'model.projector.num_queries')
@@ -164,6 +165,7 @@ class DAbstractor(nn.Module):
 
   @nn.nowrap
   def num_output_tokens(self, grid) -> int:
+    require_2d(grid, 'd_abstractor projector')
     return self.num_queries
 
   @nn.nowrap

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from mmproj.layers import LayerNorm, dense
 from mmproj.layers.feature_map import DepthwiseConv2d, SqueezeExcite, map_to_tokens, tokens_to_map
+from mmproj.layers.token_grid import require_2d
 from mmproj.projectors.registry import check_positive, register
 
 
@@ -90,6 +91,7 @@ class LDPProjector(nn.Module):
   def __call__(self, x, *, grid, deterministic: bool = True):          # x [B, N, Dv]
     del deterministic  # no dropout
     who = 'ldp projector'
+    require_2d(grid, who)   # 3x3 depthwise convolutions over the patch map
     if x.shape[-1] != self.in_dim:
       raise ValueError(f'{who} expects in_dim={self.in_dim}, got tokens of width {x.shape[-1]}')
     tokens_to_map(x, grid, who)   # checks N == h * w before any compute
@@ -107,6 +109,7 @@ class LDPProjector(nn.Module):
 
   @nn.nowrap
   def num_output_tokens(self, grid) -> int:
+    require_2d(grid, 'ldp projector')
     return -(-grid[0] // 2) * -(-grid[1] // 2)
 
   @nn.nowrap

@@ -31,12 +31,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmproj.layers.feature_map import DepthwiseConv2d, map_to_tokens, tokens_to_map
-from mmproj.layers.token_grid import avg_pool_2d
+from mmproj.layers.token_grid import avg_pool_2d, require_2d
 from mmproj.projectors.registry import check_int, register
 from mmproj.projectors.ldp import pointwise_mlp
 
 
 def pooled_grid(grid, pool: int) -> tuple[int, int]:
+  require_2d(grid, f'ldpv2 projector (pool={pool})')
   return -(-grid[0] // pool), -(-grid[1] // pool)
 
 
@@ -53,6 +54,7 @@ class LDPv2Projector(nn.Module):
   def __call__(self, x, *, grid, deterministic: bool = True):          # x [B, N, Dv]
     del deterministic  # no dropout
     who = f'ldpv2 projector (pool={self.pool})'
+    require_2d(grid, who)   # 2-D pool and a 3x3 positional convolution over the patch map
     if x.shape[-1] != self.in_dim:
       raise ValueError(f'{who} expects in_dim={self.in_dim}, got tokens of width {x.shape[-1]}')
     tokens_to_map(x, grid, who)   # checks N == h * w before any compute

@@ -2,7 +2,7 @@
 
 One affine map applied to every encoder token independently:  y = x W + b.
 
-  tokens in -> out:  N -> M = N  (one LM token per patch, h * w)
+  tokens in -> out:  N -> M = N  (one LM token per patch, h * w; per frame, T, for an audio grid (T,))
   params:            in_dim * out_dim + out_dim
   spatial locality:  kept — token i of the output is patch i (row-major grid), nothing is mixed across patches
   shapes:            x [B, N, Dv] -> W [Dv, Dt] ('embed', 'mlp'), b [Dt] ('mlp',) -> y [B, N, Dt]
@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmproj.layers import dense
+from mmproj.layers.token_grid import grid_tokens
 from mmproj.projectors.registry import register
 
 
@@ -38,7 +39,7 @@ class LinearProjector(nn.Module):
 
   @nn.nowrap
   def num_output_tokens(self, grid) -> int:
-    return grid[0] * grid[1]
+    return grid_tokens(grid, 'linear projector')
 
   @nn.nowrap
   def param_count(self) -> int:

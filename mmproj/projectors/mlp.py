@@ -7,7 +7,7 @@ between layers, none after the last:
   depth 2: Linear(Dv, Dt) GELU Linear(Dt, Dt)                 (LLaVA-1.5's mlp2x_gelu)
   depth N: Linear(Dv, Dt) [GELU Linear(Dt, Dt)] * (N - 1)
 
-  tokens in -> out:  N -> M = N  (one LM token per patch, h * w)
+  tokens in -> out:  N -> M = N  (one LM token per patch, h * w; per frame, T, for an audio grid (T,))
   params:            (in_dim * out_dim + out_dim) + (depth - 1) * (out_dim * out_dim + out_dim)
                      (without the out_dim bias terms when use_bias=False)
   spatial locality:  kept — output token i depends only on patch i (row-major grid)
@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmproj.layers import ACTIVATIONS, dense, get_activation
+from mmproj.layers.token_grid import grid_tokens
 from mmproj.projectors.registry import check_choice, check_int, register
 
 
@@ -52,7 +53,7 @@ class MLPProjector(nn.Module):
 
   @nn.nowrap
   def num_output_tokens(self, grid) -> int:
-    return grid[0] * grid[1]
+    return grid_tokens(grid, 'mlp projector')
 
   @nn.nowrap
   def param_count(self) -> int:

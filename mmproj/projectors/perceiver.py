@@ -30,6 +30,8 @@ Video / several frames: pass x [B, F*h*w, Dv] — F frames of grid (h, w) concat
 row-major; F = N // (h*w) is read from the token count and `grid`. With max_frames > 0 a learned time embedding
 [max_frames, D] is added to every token of frame f (OpenFlamingo's frame_embs); with max_frames = 0 the frames are
 one unordered set of tokens. All F frames are resampled into one set of M latents (OpenFlamingo, per media item).
+Audio: x [B, T, Dv] with grid=(T,) is one frame of T tokens (the latents attend to all of them; no time position
+is added here, any comes from the encoder).
 
 Optional keyword `mask` [B, N] (nonzero = real token) hides padded visual tokens (Idefics2's patch attention
 mask); latents are always visible.
@@ -59,6 +61,7 @@ import jax.numpy as jnp
 
 from mmproj.layers import ACTIVATIONS, GeluMLP, SwiGLU, dense, padding_mask
 from mmproj.layers.cross_attention import CrossAttention, make_norm, norm_param_count
+from mmproj.layers.token_grid import grid_tokens
 from mmproj.projectors.registry import check_choice, check_int, check_positive, register
 from mmproj.projectors.cross_attention import check_num_kv_heads
 
@@ -168,10 +171,10 @@ class PerceiverResampler(nn.Module):
     return z                                                                             # [B, M, Dt]
 
   def _num_frames(self, n: int, grid) -> int:
-    """Frames F in x [B, F*h*w, Dv]; 1 without a grid."""
+    """Frames F in x [B, F*h*w, Dv] (grid (h, w)) or x [B, F*T, Dv] (grid (T,)); 1 without a grid."""
     if grid is None:
       return 1
-    hw = int(grid[0]) * int(grid[1])
+    hw = grid_tokens(grid, 'perceiver')
     if hw <= 0 or n % hw:
       raise ValueError(f'perceiver: {n} visual tokens are not a whole number of frames of grid {tuple(grid)}')
     frames = n // hw

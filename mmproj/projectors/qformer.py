@@ -58,6 +58,7 @@ import jax.numpy as jnp
 
 from mmproj.layers import ACTIVATIONS, BertAttention, BertFeedForward, LayerNorm, dense, padding_mask
 from mmproj.layers.bert import PostLN
+from mmproj.layers.token_grid import check_tokens
 from mmproj.projectors.registry import check_choice, check_int, check_positive, register
 
 Dtype = Any
@@ -239,8 +240,7 @@ class QFormerProjector(QFormerFields):
     q, d = self.num_query_tokens, self.hidden_dim
     if dv != self.in_dim:
       raise ValueError(f'qformer projector expects in_dim={self.in_dim}, got tokens of width {dv}')
-    if grid is not None and grid[0] * grid[1] != n:
-      raise ValueError(f'qformer projector: grid {tuple(grid)} has {grid[0] * grid[1]} cells but x has {n} tokens')
+    check_tokens(x, grid, 'qformer projector')   # (h, w) or an audio (T,) grid: the queries read any token set
     if not self.language_projection and self.out_dim != d:
       raise ValueError(f'model.projector.language_projection=False needs out_dim == hidden_dim ({d}), '
                        f'got out_dim={self.out_dim}')

@@ -39,6 +39,7 @@ import numpy as np
 
 from mmproj.layers import LayerNorm, dense
 from mmproj.layers.cross_attention import CrossAttention
+from mmproj.layers.token_grid import require_2d
 from mmproj.projectors.registry import check_int, check_positive, register
 
 
@@ -106,7 +107,7 @@ class QwenVLResampler(nn.Module):
       if side * side != n:
         raise ValueError(f'qwen_vl_resampler needs grid=(h, w) for {n} tokens (not a square number)')
       return side, side
-    h, w = int(grid[0]), int(grid[1])
+    h, w = require_2d(grid, 'qwen_vl_resampler projector')   # the 2-D sin-cos key positions are resized to (h, w)
     if h * w != n:
       raise ValueError(f'qwen_vl_resampler: grid {tuple(grid)} does not hold {n} tokens')
     return h, w
@@ -131,6 +132,7 @@ class QwenVLResampler(nn.Module):
 
   @nn.nowrap
   def num_output_tokens(self, grid) -> int:
+    require_2d(grid, 'qwen_vl_resampler projector')
     return self.num_queries
 
   @nn.nowrap

@@ -92,8 +92,8 @@ def build(cfg: Any, in_dim: int, out_dim: int, dtype: Any = jnp.float32):
   return instantiate(cfg, in_dim, out_dim, dtype)
 
 
-def num_output_tokens(cfg: Any, grid: tuple[int, int]) -> int:
-  """Number of tokens M the projector emits for an encoder grid (h, w)."""
+def num_output_tokens(cfg: Any, grid: tuple[int, ...]) -> int:
+  """Number of tokens M the projector emits for an encoder grid (h, w), or (T,) for audio."""
   return instantiate(cfg, parent=None).num_output_tokens(tuple(grid))
 
 

@@ -42,13 +42,14 @@ import jax.numpy as jnp
 
 from mmproj.layers import ACTIVATIONS, LayerNorm, dense
 from mmproj.layers.cross_attention import CrossAttention
+from mmproj.layers.token_grid import require_2d
 from mmproj.projectors.registry import check_choice, check_int, check_positive, register
 from mmproj.projectors.mlp import MLPProjector
 
 
 def _coarse_grid(grid, scale: int) -> tuple[int, int]:
-  """(h/s, w/s); ValueError naming the grid and model.projector.scale when s does not divide it."""
-  h, w = int(grid[0]), int(grid[1])
+  """(h/s, w/s); ValueError naming the grid and model.projector.scale when s does not divide it (or it is 1-D)."""
+  h, w = require_2d(grid, 'tokenpacker projector')   # s x s regions of the patch map
   if h % scale or w % scale:
     raise ValueError(f'tokenpacker: encoder grid {(h, w)} is not divisible by model.projector.scale={scale}')
   return h // scale, w // scale
@@ -82,7 +83,8 @@ class TokenPacker(nn.Module):
     b, n, dv = x.shape
     if dv != self.in_dim:
       raise ValueError(f'tokenpacker expects in_dim={self.in_dim}, got tokens of width {dv}')
-    if grid is None or int(grid[0]) * int(grid[1]) != n:
+    require_2d(grid, 'tokenpacker projector')
+    if int(grid[0]) * int(grid[1]) != n:
       raise ValueError(f'tokenpacker needs grid=(h, w) with h*w = {n} tokens, got grid={grid}')
     hc, wc = _coarse_grid(grid, self.scale)
     grid = (int(grid[0]), int(grid[1]))
