@@ -45,12 +45,6 @@ ZOO = {
                     cross_attention_frequency=1),  # BLIP-2: 9 queries, 2 BERT layers, M = 9
     'qwen_vl_resampler': dict(name='qwen_vl_resampler', num_queries=9, num_heads=4),  # Qwen-VL, M = 9
     'tokenpacker': dict(name='tokenpacker', scale=2, num_heads=4),  # TokenPacker: region attention, M = 9
-    # The audio connectors read the 36 patches as one row-major sequence (their runs and windows cross rows).
-    'qwen2_audio': dict(name='qwen2_audio', pool_stride=4),  # Qwen2-Audio: 4-token mean, LayerNorm, Linear, M = 9
-    'voxtral': dict(name='voxtral', stack_factor=4),  # Voxtral: 4 tokens stacked + MLP, M = 9
-    'granite_speech': dict(name='granite_speech', window_size=12, downsample_rate=4, hidden_dim=128, num_layers=2,
-                           num_heads=4, mlp_dim=512),  # Granite Speech: 3 queries per 12-token window, M = 9
-    'audio_flamingo3': dict(name='audio_flamingo3', pool_stride=4),  # Audio Flamingo 3: 4-token mean + MLP, M = 9
 }
 
 # Every entry in every variant, and each stage option once, so that tests/test_configs.py builds them all.

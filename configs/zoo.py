@@ -55,12 +55,6 @@ ZOO = {
                         cross_attention_frequency=1)),  # BLIP-2: 9 queries, 2 BERT layers, M = 9
     'qwen_vl_resampler': (8, dict(name='qwen_vl_resampler', num_queries=9, num_heads=4)),  # Qwen-VL, M = 9
     'tokenpacker': (8, dict(name='tokenpacker', scale=2, num_heads=4)),  # TokenPacker: region attention, M = 9
-    # The audio connectors read the 36 patches as one row-major sequence (their runs and windows cross rows).
-    'qwen2_audio': (8, dict(name='qwen2_audio', pool_stride=4)),  # Qwen2-Audio: 4-token mean, LayerNorm, Linear, M = 9
-    'voxtral': (8, dict(name='voxtral', stack_factor=4)),  # Voxtral: 4 tokens stacked + MLP, M = 9
-    'granite_speech': (8, dict(name='granite_speech', window_size=12, downsample_rate=4, hidden_dim=96, num_layers=2,
-                                  num_heads=4, mlp_dim=384)),  # Granite Speech: 3 queries per 12-token window, M = 9
-    'audio_flamingo3': (8, dict(name='audio_flamingo3', pool_stride=4)),  # Audio Flamingo 3: 4-token mean + MLP, M = 9
 }
 
 # Every valid argument, so that tests/test_configs.py builds every entry in every variant.

@@ -120,6 +120,43 @@ def shapes_experiment(arg: str, *, name: str, projector: dict, patch_size: int =
   return c
 
 
+# The audio and video worlds (configs/audio_tones.py, configs/video_motion.py): the shapes_experiment budget and LM,
+# with the world's data and a from-scratch encoder for its modality.
+def tones_experiment(arg: str, *, name: str, projector: dict, steps: int = 800,
+                     baseline: str = 'blind') -> mlc.ConfigDict:
+  """A small Whisper-shaped encoder + projector + Llama-shaped LM trained from scratch in the tones world
+  (mmproj/data/tones.py): 2 s clips at 16 kHz, 80 mel bins, 200 frames -> T = 100 encoder tokens.
+  arg: '' (full budget) or 'smoke'."""
+  smoke = parse_variant(arg, f'configs/{name}.py')
+  c = shapes_experiment(arg, name=name, projector=projector, steps=steps, baseline=baseline)
+  c.data = dict(name='tones', data_dir='~/.cache/mmproj/data', clip_seconds=2.0, min_events=1, max_events=4,
+                num_train=512 if smoke else 10_000, num_test=64 if smoke else 500, seed=0, text_len=64, turns=8,
+                isolate_turns=True, caption_prob=1.0, worker_count=0, read_threads=1, bad_records='error')
+  c.model = model_config(
+      image_token_id=3, projector=projector, modality='audio',
+      encoder=dict(name='whisper', num_mel_bins=80, chunk_length=2.0, width=96, depth=3, num_heads=4, mlp_dim=384,
+                   output_layer=-1, final_norm=True, pool_stride=1),
+      lm=c.model.lm.to_dict())
+  return c
+
+
+def motion_experiment(arg: str, *, name: str, projector: dict, steps: int = 800,
+                      baseline: str = 'blind') -> mlc.ConfigDict:
+  """A small ViT (each frame on its own) + projector + Llama-shaped LM trained from scratch in the motion world
+  (mmproj/data/motion.py): 8 frames of 48 px on a 3x3 grid, 16 px patches -> 8 x 9 = 72 encoder tokens.
+  arg: '' (full budget) or 'smoke'."""
+  smoke = parse_variant(arg, f'configs/{name}.py')
+  c = shapes_experiment(arg, name=name, projector=projector, steps=steps, baseline=baseline)
+  c.data = dict(name='motion', data_dir='~/.cache/mmproj/data', image_size=48, grid=3, num_frames=8,
+                max_objects=3, max_move=1, num_train=512 if smoke else 10_000, num_test=64 if smoke else 500,
+                seed=0, text_len=64, turns=8, isolate_turns=True, caption_prob=1.0, worker_count=0, read_threads=1,
+                bad_records='error')
+  c.model = model_config(image_token_id=3, projector=projector, modality='video', encoder=c.model.encoder.to_dict(),
+                         lm=c.model.lm.to_dict())
+  c.model.num_frames = c.data.get_ref('num_frames')
+  return c
+
+
 # The pretrained-tower regime (configs/scenes.py, configs/stage0/scenes.py): the scenes world (mmproj/data/shapes.py) at
 # 96 px on a 6x6 grid, a SigLIP-shaped ViT with 16 px patches (one per cell: a 6x6 grid, N = 36 tokens) and a
 # Llama-shaped LM, both pretrained in stage 0 (mmproj/stage0.py) and loaded through cfg.init.

@@ -16,7 +16,7 @@ import jax
 from etils import epath
 
 from mmproj import qformer_stage1, stage0
-from mmproj.data import shapes
+from mmproj.data import worlds
 from mmproj.eval import vqa
 from mmproj.train import paths, trainer
 
@@ -79,9 +79,10 @@ def run(cfg, workdir: str) -> dict:
   baseline = str(cfg.baseline or '').lower()
   if baseline not in ('blind', '', 'none'):
     raise ValueError(f'baseline={cfg.baseline!r}: the only baseline is "blind" ("" or "none" for no baseline)')
-  if cfg.data.name != 'shapes':
+  if cfg.data.name not in worlds.WORLDS:
     if baseline == 'blind':
-      raise ValueError(f'baseline="blind" is evaluated in the shapes world only (data.name={cfg.data.name!r})')
+      raise ValueError(f'baseline="blind" is evaluated in the procedural worlds only {worlds.WORLDS} '
+                       f'(data.name={cfg.data.name!r})')
     main = trainer.train(cfg, workdir)
     results = {'steps': int(cfg.train.steps), 'train_seconds': round(main.train_seconds, 1),
                'last_metrics': _last_metrics(workdir)}
@@ -93,7 +94,7 @@ def run(cfg, workdir: str) -> dict:
   main = trainer.train(cfg, workdir, name='[image] ' if baseline == 'blind' else '')
   accuracy, cap_loss = _evaluate(main, cfg)
   results = {'vqa_accuracy': accuracy, 'caption_loss': cap_loss, 'steps': int(cfg.train.steps),
-             'train_seconds': round(main.train_seconds, 1), 'chance': shapes.chance_levels(cfg.data)}
+             'train_seconds': round(main.train_seconds, 1), 'chance': worlds.world(cfg.data).chance_levels(cfg.data)}
   if baseline == 'blind':
     blind = trainer.train(blind_config(cfg), paths.join(workdir, 'blind'), name='[blind] ')
     blind_accuracy, blind_loss = _evaluate(blind, cfg)

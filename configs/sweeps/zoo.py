@@ -1,7 +1,7 @@
 """Sweep: every connector of configs/scenes.py (frozen stage-0 ViT, pretrained LM, scenes world) and the blind
 baseline from the same LM, 3 seeds: the projector zoo table.
 
-  python experiments/sweep.py configs/sweeps/zoo.py --workdir runs/sweeps/zoo                       # 63 runs
+  python experiments/sweep.py configs/sweeps/zoo.py --workdir runs/sweeps/zoo                       # 51 runs
   python experiments/sweep.py configs/sweeps/zoo.py --workdir runs/sweeps/zoo --collect --out experiments/results
   python experiments/sweep.py configs/sweeps/zoo.py:smoke --workdir /tmp/zoo-sweep                  # 1 run
 

@@ -1,4 +1,4 @@
-"""Evaluation in the shapes world: greedy-decoded answers scored by exact match per question family, and the
+"""Evaluation in a procedural world (mmproj/data/worlds.py): greedy-decoded answers scored by exact match per question family, and the
 teacher-forced caption loss (mean NLL per caption token)."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _to_device(batch: dict, sharding) -> dict[str, jax.Array]:
 def vqa_accuracy(setup, params, tokenizer, *, split: str = 'test', batch_size: int = 250,
                  max_new_tokens: int = 6, max_examples: int | None = None) -> dict[str, Any]:
   """Exact-match accuracy overall and per family, as fractions in [0, 1]."""
-  from mmproj.data import pipeline, shapes
+  from mmproj.data import pipeline, worlds
 
   cfg = setup.cfg
   eos_id = tokenizer.token_to_id('<eos>')
@@ -49,7 +49,7 @@ def vqa_accuracy(setup, params, tokenizer, *, split: str = 'test', batch_size: i
         correct[family] += hit
         total[family] += 1
   result = {'overall': sum(correct.values()) / max(sum(total.values()), 1)}
-  for family in shapes.families(cfg.data):
+  for family in worlds.world(cfg.data).families(cfg.data):
     result[family] = correct[family] / total[family] if total[family] else float('nan')
   return result
 

@@ -24,7 +24,7 @@ Grids: an image encoder's tokens come with grid=(h, w) (row-major); an audio enc
       (h, w) grid, from num_output_tokens (which model validation calls) and from __call__, before any compile.
 """
 
-from mmproj.projectors.registry import (REGISTRY, build, check_choice, check_int, check_positive, get,
+from mmproj.projectors.registry import (MODALITY, REGISTRY, build, check_choice, check_int, check_positive, get,
                                        num_output_tokens, param_count, register, validate)
 
 # Projector families register themselves on import.
@@ -48,5 +48,5 @@ from mmproj.projectors import voxtral as voxtral
 from mmproj.projectors import granite_speech as granite_speech
 from mmproj.projectors import audio_flamingo3 as audio_flamingo3
 
-__all__ = ['REGISTRY', 'build', 'check_choice', 'check_int', 'check_positive', 'get', 'num_output_tokens', 'param_count',
+__all__ = ['MODALITY', 'REGISTRY', 'build', 'check_choice', 'check_int', 'check_positive', 'get', 'num_output_tokens', 'param_count',
            'register', 'validate']

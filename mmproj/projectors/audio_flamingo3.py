@@ -35,7 +35,7 @@ from mmproj.projectors.qwen2_audio import AUDIO_NORMS, pooled_length
 from mmproj.projectors.registry import check_choice, check_int, check_positive, register
 
 
-@register('audio_flamingo3')
+@register('audio_flamingo3', modality='audio')
 class AudioFlamingo3Projector(nn.Module):
   """Temporal average pool, optional LayerNorm, Linear-act-Linear: [B, T, Dv] -> [B, T // pool_stride, Dt]."""
 

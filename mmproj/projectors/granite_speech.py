@@ -41,7 +41,7 @@ from mmproj.projectors.qformer import QFormer
 from mmproj.projectors.registry import check_choice, check_int, check_positive, register
 
 
-@register('granite_speech')
+@register('granite_speech', modality='audio')
 class GraniteSpeechProjector(nn.Module):
   """Window-level Q-Former: [B, T, Dv] -> [B, ceil(T / window_size) * window_size / downsample_rate, Dt]."""
 

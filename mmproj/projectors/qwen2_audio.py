@@ -42,7 +42,7 @@ def pooled_length(n: int, stride: int, what: str) -> int:
   return n // stride
 
 
-@register('qwen2_audio')
+@register('qwen2_audio', modality='audio')
 class Qwen2AudioProjector(nn.Module):
   """Temporal average pool, optional LayerNorm, one Linear: [B, T, Dv] -> [B, T // pool_stride, Dt]."""
 

@@ -7,6 +7,10 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 REGISTRY: dict[str, type] = {}
+# name -> the media the family was published for ('image' | 'audio' | 'video'); the zoo of that modality lists it
+# (configs/scenes.py and configs/zoo.py, configs/audio_tones.py, configs/video_motion.py). Other media may still
+# fit its math (mmproj/projectors/__init__.py says which families take 1-D audio grids).
+MODALITY: dict[str, str] = {}
 
 # cfg keys handled by the registry itself rather than passed to the projector class.
 _RESERVED = ('name', 'in_dim', 'out_dim')
@@ -42,12 +46,15 @@ def check_positive(key: str, value: Any, *, optional: bool = False) -> float | N
   return value
 
 
-def register(name: str) -> Callable[[type], type]:
-  """Class decorator: `@register('mlp') class MLPProjector(nn.Module): ...`."""
+def register(name: str, modality: str = 'image') -> Callable[[type], type]:
+  """Class decorator: `@register('mlp') class MLPProjector(nn.Module): ...`; `modality` as in MODALITY."""
   def decorator(cls: type) -> type:
     if name in REGISTRY:
       raise ValueError(f'projector {name!r} is already registered ({REGISTRY[name].__name__})')
+    if modality not in ('image', 'audio', 'video'):
+      raise ValueError(f'projector {name!r}: modality {modality!r} is not image, audio or video')
     REGISTRY[name] = cls
+    MODALITY[name] = modality
     return cls
   return decorator
 

@@ -41,7 +41,7 @@ def stacked_length(n: int, k: int, what: str) -> int:
   return n // k
 
 
-@register('voxtral')
+@register('voxtral', modality='audio')
 class VoxtralProjector(nn.Module):
   """Stack k consecutive frames, then Linear-act-Linear: [B, T, Dv] -> [B, T / stack_factor, Dt]."""
 
