@@ -33,7 +33,10 @@ ZOO = {
     'gated_xattn': dict(name='gated_xattn', every=1, heads=4, ff_mult=2),  # Flamingo: the LM cross-attends, M = 1
     'ldp': dict(name='ldp'),  # MobileVLM: token MLP + depthwise-conv blocks (stride 2), M = 9
     'ldpv2': dict(name='ldpv2'),  # MobileVLM V2: token MLP, 2x2 avg pool, positional conv, M = 9
+    'frame_concat': dict(name='frame_concat'),  # per-frame mlp + a time-marker token per frame, M = 37
     'linear': dict(name='linear'),  # LLaVA: one affine map per patch, M = 36
+    'llava_next_video': dict(name='llava_next_video'),  # per-frame 2x2 avg pool + MLP, M = 9
+    'llava_onevision_video': dict(name='llava_onevision_video'),  # MLP, bilinear 2x down, newline, M = 10
     'mlp': dict(name='mlp', depth=2),  # LLaVA-1.5 mlp2x_gelu, M = 36
     'patch_merger': dict(name='patch_merger', spatial_merge_size=2),  # Qwen2-VL: 2x2 merge + MLP, M = 9
     'perceiver': dict(name='perceiver', num_latents=9, depth=2, num_heads=4, head_dim=32),  # Flamingo, M = 9
@@ -46,6 +49,11 @@ ZOO = {
     'qwen_vl_resampler': dict(name='qwen_vl_resampler', num_queries=9, num_heads=4),  # Qwen-VL, M = 9
     'tokenpacker': dict(name='tokenpacker', scale=2, num_heads=4),  # TokenPacker: region attention, M = 9
 }
+
+# Connectors built for video (F frames of tokens; here one frame, num_frames=1). They train like the others, but
+# the zoo table (configs/sweeps/zoo.py) leaves them out: on single images they reduce to the image connectors above
+# plus a pooling or one extra token, and the table's cells stay the ones already run.
+VIDEO_CONNECTORS = ('frame_concat', 'llava_next_video', 'llava_onevision_video')
 
 # Every entry in every variant, and each stage option once, so that tests/test_configs.py builds them all.
 VARIANTS = tuple(f'{name},{v}' if v else name for name in ZOO for v in config_lib.VARIANTS) + (

@@ -43,7 +43,10 @@ ZOO = {
     'gated_xattn': (8, dict(name='gated_xattn', every=1, heads=4, ff_mult=2)),  # Flamingo: LM cross-attends, M = 1
     'ldp': (8, dict(name='ldp')),  # MobileVLM: token MLP + depthwise-conv blocks (stride 2), M = 9
     'ldpv2': (8, dict(name='ldpv2')),  # MobileVLM V2: token MLP, 2x2 avg pool, positional conv, M = 9
+    'frame_concat': (8, dict(name='frame_concat')),  # per-frame mlp + a time-marker token per frame, M = 37
     'linear': (8, dict(name='linear')),  # LLaVA: one affine map per patch, M = 36
+    'llava_next_video': (8, dict(name='llava_next_video')),  # per-frame 2x2 avg pool + MLP, M = 9
+    'llava_onevision_video': (8, dict(name='llava_onevision_video')),  # MLP, bilinear 2x down, newline, M = 10
     'mlp': (8, dict(name='mlp', depth=2)),  # LLaVA-1.5 mlp2x_gelu, M = 36
     'patch_merger': (8, dict(name='patch_merger', spatial_merge_size=2)),  # Qwen2-VL: 2x2 merge + MLP, M = 9
     'perceiver': (8, dict(name='perceiver', num_latents=9, depth=2, num_heads=4, head_dim=24)),  # Flamingo, M = 9

@@ -1,5 +1,5 @@
-"""Sweep: every connector of configs/scenes.py (frozen stage-0 ViT, pretrained LM, scenes world) and the blind
-baseline from the same LM, 3 seeds: the projector zoo table.
+"""Sweep: every image connector of configs/scenes.py (frozen stage-0 ViT, pretrained LM, scenes world; not its
+VIDEO_CONNECTORS) and the blind baseline from the same LM, 3 seeds: the projector zoo table.
 
   python experiments/sweep.py configs/sweeps/zoo.py --workdir runs/sweeps/zoo                       # 51 runs
   python experiments/sweep.py configs/sweeps/zoo.py --workdir runs/sweeps/zoo --collect --out experiments/results
@@ -16,7 +16,7 @@ from mmproj import config_lib
 
 def get_config(arg: str = ''):
   smoke = config_lib.parse_variant(arg, 'configs/sweeps/zoo.py')
-  names = ['mlp'] if smoke else list(scenes.ZOO)
+  names = ['mlp'] if smoke else [n for n in scenes.ZOO if n not in scenes.VIDEO_CONNECTORS]
   variant = ',smoke' if smoke else ''
   c = ml_collections.ConfigDict()
   c.name = 'zoo_smoke' if smoke else 'zoo'

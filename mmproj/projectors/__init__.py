@@ -33,6 +33,9 @@ from mmproj.projectors import c_abstractor as c_abstractor
 from mmproj.projectors import d_abstractor as d_abstractor
 from mmproj.projectors import ldp as ldp
 from mmproj.projectors import ldpv2 as ldpv2
+from mmproj.projectors import llava_next_video as llava_next_video
+from mmproj.projectors import llava_onevision_video as llava_onevision_video
+from mmproj.projectors import frame_concat as frame_concat
 
 __all__ = ['REGISTRY', 'build', 'check_choice', 'check_int', 'check_positive', 'get', 'num_output_tokens', 'param_count',
            'register', 'validate']
