@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parity_utils import assert_close, randomize_, seeded, to_torch
+from parity_utils import ATOL, assert_close, randomize_, seeded, to_torch
 
 from mmproj import convert, projectors
 from mmproj.encoders import ViT
@@ -174,7 +174,7 @@ def test_frame_concat_layout():
     block = y[:, f * (m + 1):(f + 1) * (m + 1)]
     np.testing.assert_array_equal(block[:, 0], np.broadcast_to(params['time_markers'][f], (B, DT)))
     assert_close(block[:, 1:], _apply(inner, params['frame_projector'], x[:, f * hw:(f + 1) * hw], grid),
-                 atol=1e-6, what=f'frame {f}')
+                 what=f'frame {f}')
 
 
 def test_bilinear_resize_matches_torch_interpolate():
@@ -207,7 +207,7 @@ def test_vit_video_is_frames_folded_into_the_batch():
   assert grid == (3, 3) and tokens.shape == (B, 3 * 9, 6)
   for f in range(3):
     image_tokens, _ = vit.apply(params, video[:, f])
-    np.testing.assert_allclose(tokens[:, f * 9:(f + 1) * 9], image_tokens, atol=1e-6)
+    np.testing.assert_allclose(tokens[:, f * 9:(f + 1) * 9], image_tokens, atol=ATOL)
 
 
 def test_vit_temporal_patches():
@@ -221,10 +221,10 @@ def test_vit_temporal_patches():
   assert grid == (3, 3) and tokens.shape == (B, 3 * 9, 6)
   for g in range(3):
     group_tokens, _ = vit.apply(params, video[:, 2 * g:2 * g + 2])
-    np.testing.assert_allclose(tokens[:, g * 9:(g + 1) * 9], group_tokens, atol=1e-6)
+    np.testing.assert_allclose(tokens[:, g * 9:(g + 1) * 9], group_tokens, atol=ATOL)
   image_tokens, _ = vit.apply(params, video[:, 0])
   still_tokens, _ = vit.apply(params, jnp.repeat(video[:, :1], 2, axis=1))
-  np.testing.assert_allclose(image_tokens, still_tokens, atol=1e-6)
+  np.testing.assert_allclose(image_tokens, still_tokens, atol=ATOL)
   with pytest.raises(ValueError, match=r'F=5 frames.*model\.encoder\.temporal_patch_size=2'):
     vit.apply(params, video[:, :5])
   assert vit.matmul_flops()['embed'] == 2 * 9 * (3 * 2 * 9) * 6
@@ -287,7 +287,7 @@ def test_qwen2_vl_patch_embed_parity(t):
   # our layout helper agrees with the processor's own flattening on a still video (an image repeated t times)
   still = np.repeat(np.asarray(x)[:, None], t, axis=1).transpose(0, 1, 4, 2, 3)
   np.testing.assert_allclose(_qwen_video_patches(still, p, m, t).reshape(-1, 3 * t * p * p), pixel_values,
-                             atol=1e-6)   # the same layout; normalised by us vs by the processor
+                             atol=ATOL)   # the same layout; normalised by us vs by the processor
   groups = video.reshape(B * 3, t, hh, ww, 3)
   ours, _ = embed.apply({'params': params}, jnp.asarray(groups))                               # [B*F', h*w, D]
   ours = np.asarray(ours).reshape(B, 3 * grid[0] * grid[1], d)                                  # groups in order
@@ -436,7 +436,7 @@ def test_perceiver_on_vit_video_tokens():
   vit_params = nn.unbox(vit.init(jax.random.key(0), video))
   tokens, grid = vit.apply(vit_params, video)                                     # [B, F*h*w, D]
   per_frame = jnp.concatenate([vit.apply(vit_params, video[:, f])[0] for f in range(frames)], axis=1)
-  np.testing.assert_allclose(tokens, per_frame, atol=1e-6)
+  np.testing.assert_allclose(tokens, per_frame, atol=ATOL)
 
   cfg = dict(name='perceiver', num_latents=4, depth=1, num_heads=2, head_dim=3, max_frames=5)
   timed = projectors.build(cfg, in_dim=d, out_dim=DT)
