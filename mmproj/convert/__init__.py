@@ -36,6 +36,7 @@ from mmproj.convert import qwen2_vl as qwen2_vl
 from mmproj.convert import gemma3 as gemma3
 from mmproj.convert import perceiver as perceiver
 from mmproj.convert import audio as audio
+from mmproj.convert import llava_video as llava_video
 from mmproj.convert import llama as llama_convert
 from mmproj.convert import vision as vision
 from mmproj.convert import whisper as whisper

@@ -228,6 +228,9 @@ def _vit_config(cfg_encoder: Any) -> dict:
   cfg = encoder_fields(cfg_encoder)
   if cfg['name'] != 'vit':
     raise ValueError(f"model.encoder.name={cfg['name']!r}: only the 'vit' encoder exports to CLIP / SigLIP")
+  if cfg['temporal_patch_size'] != 1:
+    raise ValueError(f"model.encoder.temporal_patch_size={cfg['temporal_patch_size']}: CLIP / SigLIP towers embed "
+                     'one frame per patch (1)')
   return cfg
 
 

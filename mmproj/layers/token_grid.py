@@ -1,5 +1,6 @@
 """Grid operations on row-major encoder tokens, shared by the locality-keeping projectors (pixel_shuffle,
-patch_merger, avg_pool) and the audio connectors.
+patch_merger, avg_pool), the audio connectors and the video connectors (llava_next_video,
+llava_onevision_video, frame_concat).
 
 Encoder tokens arrive as x [B, N, D] with N = h * w in row-major order (token r * w + c is patch (r, c)) for an
 image grid (h, w), or N = T in time order for an audio grid (T,). `check_grid` / `require_2d` are for the
@@ -23,6 +24,15 @@ kernel = stride), otherwise torch AdaptiveAvgPool2d bins: along an axis of lengt
 [floor(i n / m), ceil((i + 1) n / m)) (neighbouring bins overlap by at most one patch). Plain means of slices, no
 matmul, so the result does not depend on the backend's matmul precision.
 
+`bilinear_resize`: torch `interpolate(mode='bilinear', align_corners=False)` to a given size, without antialiasing
+(jax.image.resize antialiases when it downsamples): along an axis of n resized to m, output i samples the source
+coordinate max(0, (i + 1/2) n/m - 1/2) by linear interpolation between its two neighbours (the upper one clamped
+to n - 1). Two weighted slices per axis, no matmul.
+
+Video tokens (mmproj's convention) are F frames in time order, each row-major: x [B, F*h*w, D] with grid (h, w) of
+one frame. `check_frames` checks that count against a projector's `num_frames`; `space_to_depth(..., frames=F)`
+merges blocks inside each frame.
+
 `norm_layer`: the optional per-token norm the projectors put before their MLP ('none' | 'layernorm' | 'rmsnorm').
 """
 
@@ -31,6 +41,7 @@ from typing import Any
 
 import einops
 import jax.numpy as jnp
+import numpy as np
 
 from mmproj.layers.norms import LayerNorm, RMSNorm
 
@@ -72,6 +83,20 @@ def check_tokens(x, grid, what: str) -> int:
   return n
 
 
+def check_frames(x, grid, num_frames: int, what: str) -> tuple[int, int]:
+  """(h, w) after checking that x [B, N, D] holds N = num_frames * h * w tokens (num_frames frames of grid (h, w));
+  ValueError naming `what`, the grid and model.projector.num_frames otherwise."""
+  if grid is None or len(grid) != 2:
+    raise ValueError(f'{what} needs grid=(h, w) of one frame of the encoder tokens, got grid={grid!r}')
+  h, w = int(grid[0]), int(grid[1])
+  if x.ndim != 3 or x.shape[1] != num_frames * h * w:
+    n = x.shape[1] if x.ndim == 3 else None
+    held = f'{n // (h * w)} frames' if n is not None and h * w and n % (h * w) == 0 else 'not a whole number of frames'
+    raise ValueError(f'{what}: tokens of shape {tuple(x.shape)} hold {held} of grid {h}x{w}, but '
+                     f'model.projector.num_frames={num_frames} (expected {num_frames * h * w} tokens)')
+  return h, w
+
+
 def check_divisible(grid, s: int, field: str, what: str) -> None:
   """ValueError naming `model.projector.{field}` and the grid unless s divides both h and w (and for a 1-D grid)."""
   h, w = require_2d(grid, what)
@@ -79,10 +104,11 @@ def check_divisible(grid, s: int, field: str, what: str) -> None:
     raise ValueError(f'{what}: the encoder grid {h}x{w} is not divisible by model.projector.{field}={s}')
 
 
-def space_to_depth(x, grid: tuple[int, int], s: int):
-  """x [B, h*w, D] (row-major) -> [B, (h/s)*(w/s), s*s*D] (row-major blocks, channels (i, j, d))."""
+def space_to_depth(x, grid: tuple[int, int], s: int, frames: int = 1):
+  """x [B, F*h*w, D] (F frames, each row-major) -> [B, F*(h/s)*(w/s), s*s*D] (each frame's blocks row-major,
+  channels (i, j, d)); blocks never straddle two frames."""
   h, w = grid
-  return einops.rearrange(x, 'b (R i C j) d -> b (R C) (i j d)', R=h // s, i=s, C=w // s, j=s)
+  return einops.rearrange(x, 'b (f R i C j) d -> b (f R C) (i j d)', f=frames, R=h // s, i=s, C=w // s, j=s)
 
 
 def windows_to_depth(x, s: int):
@@ -126,6 +152,31 @@ def avg_pool_2d(x, grid: tuple[int, int], out_grid: tuple[int, int]):
   else:  # adaptive bins; a rectangle's mean is the mean over its rows of the means over its columns
     y = jnp.stack([xf[:, a:b].mean(axis=1) for a, b in _bins(h, oh)], axis=1)       # [B, oh, w, D]
     y = jnp.stack([y[:, :, a:b].mean(axis=2) for a, b in _bins(w, ow)], axis=2)     # [B, oh, ow, D]
+  return einops.rearrange(y, 'b p q d -> b (p q) d').astype(x.dtype)               # [B, oh*ow, D]
+
+
+def _linear_taps(n: int, m: int):
+  """torch's bilinear (align_corners=False) taps along an axis of n resized to m: (lower index [m], upper index [m],
+  weight of the upper [m]) as numpy, computed in float32 from the ratio n/m as torch does for a float32 input
+  given an explicit size."""
+  scale = np.float32(n) / np.float32(m)
+  src = np.maximum(scale * (np.arange(m, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+  lower = np.minimum(np.floor(src).astype(np.int64), n - 1)
+  upper = np.minimum(lower + 1, n - 1)
+  return lower, upper, (src - lower.astype(np.float32)).astype(np.float32)
+
+
+def bilinear_resize(x, grid: tuple[int, int], out_grid: tuple[int, int]):
+  """x [B, h*w, D] (row-major) -> [B, oh*ow, D], torch interpolate(mode='bilinear', align_corners=False, no
+  antialias) per channel; computed in float32, returns x's dtype."""
+  (h, w), (oh, ow) = grid, out_grid
+  xf = einops.rearrange(x.astype(jnp.float32), 'b (h w) d -> b h w d', h=h, w=w)    # [B, h, w, D]
+  lo, hi, lam = _linear_taps(h, oh)
+  lam = jnp.asarray(lam)[None, :, None, None]
+  y = xf[:, lo] * (1 - lam) + xf[:, hi] * lam                                        # [B, oh, w, D]
+  lo, hi, lam = _linear_taps(w, ow)
+  lam = jnp.asarray(lam)[None, None, :, None]
+  y = y[:, :, lo] * (1 - lam) + y[:, :, hi] * lam                                    # [B, oh, ow, D]
   return einops.rearrange(y, 'b p q d -> b (p q) d').astype(x.dtype)               # [B, oh*ow, D]
 
 

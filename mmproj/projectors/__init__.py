@@ -47,6 +47,9 @@ from mmproj.projectors import qwen2_audio as qwen2_audio
 from mmproj.projectors import voxtral as voxtral
 from mmproj.projectors import granite_speech as granite_speech
 from mmproj.projectors import audio_flamingo3 as audio_flamingo3
+from mmproj.projectors import llava_next_video as llava_next_video
+from mmproj.projectors import llava_onevision_video as llava_onevision_video
+from mmproj.projectors import frame_concat as frame_concat
 
 __all__ = ['MODALITY', 'REGISTRY', 'build', 'check_choice', 'check_int', 'check_positive', 'get', 'num_output_tokens', 'param_count',
            'register', 'validate']

@@ -19,12 +19,20 @@ Input order (`input_order`):
               reference's [seq, Dv] input for one image is x[None]; grid=(h, w) is still required for checking.
 Either way the output tokens are the windows in row-major order over the (h/m, w/m) grid.
 
-  tokens in -> out:  N = h*w -> M = (h/m) * (w/m)
+Video / temporal patches: x [B, F*h*w, Dv] holds F frames (with a temporal_patch_size > 1 ViT, F temporal patch
+groups, Qwen2-VL's grid_t) of grid (h, w) in time order, each in the input order above (Qwen2-VL's video sequence
+is its grid_t groups one after another, each in window order); windows never straddle two frames, and the output
+is each frame's (h/m)*(w/m) merged tokens, frames in time order. `num_frames` = F is a field (token counts are
+known before the call) and is checked against the tokens: N must be num_frames*h*w (ValueError naming
+model.projector.num_frames).
+
+  tokens in -> out:  N = F*h*w -> M = F * (h/m) * (w/m)     (F = num_frames, 1 for an image)
   params:            H = in_dim * m^2;  norm: 2*in_dim ('layernorm') | in_dim ('rmsnorm')
                      + (H*H + H) + (H*out_dim + out_dim)
   spatial locality:  kept — output token (R, C) depends only on its m x m window (rows R*m..R*m+m-1, columns
-                     C*m..C*m+m-1): the norm is per patch, the MLP per merged token
-  shapes:            x [B, h*w, Dv] -> norm [B, h*w, Dv] ('norm': [Dv]) -> [B, M, H] -> linear_1 [H, H]
+                     C*m..C*m+m-1): the norm is per patch, the MLP per merged token; temporal locality: kept
+                     (each output token belongs to one frame / temporal group)
+  shapes:            x [B, F*h*w, Dv] -> norm [B, F*h*w, Dv] ('norm': [Dv]) -> [B, M, H] -> linear_1 [H, H]
                      ('embed', 'mlp') -> [B, M, H] -> linear_2 [H, Dt] ('mlp', 'embed') -> y [B, M, Dt]
 """
 
@@ -34,7 +42,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmproj.layers import ACTIVATIONS, dense, get_activation
-from mmproj.layers.token_grid import (check_divisible, check_grid, norm_layer, norm_params, space_to_depth,
+from mmproj.layers.token_grid import (check_divisible, check_frames, norm_layer, norm_params, space_to_depth,
                                    windows_to_depth)
 from mmproj.projectors.registry import check_choice, check_int, register
 
@@ -43,7 +51,7 @@ INPUT_ORDERS = ('row_major', 'windowed')
 
 @register('patch_merger')
 class PatchMergerProjector(nn.Module):
-  """Per-patch norm, m x m merge, MLP(H, H, Dt): [B, h*w, Dv] -> [B, (h/m)*(w/m), Dt]."""
+  """Per-patch norm, m x m merge, MLP(H, H, Dt): [B, F*h*w, Dv] -> [B, F*(h/m)*(w/m), Dt]."""
 
   in_dim: int
   out_dim: int
@@ -52,21 +60,22 @@ class PatchMergerProjector(nn.Module):
   norm_eps: float = 1e-6
   act: str = 'gelu'             # between the two linears (nn.GELU, exact erf)
   input_order: str = 'row_major'
+  num_frames: int = 1           # F: frames (temporal patch groups) of grid (h, w) in x; 1 = an image
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, grid=None, deterministic: bool = True):    # x [B, h*w, Dv]
+  def __call__(self, x, *, grid=None, deterministic: bool = True):    # x [B, F*h*w, Dv]
     del deterministic  # no dropout
     m = self.spatial_merge_size
-    grid = check_grid(x, grid, 'patch_merger projector')
+    grid = check_frames(x, grid, self.num_frames, 'patch_merger projector')
     check_divisible(grid, m, 'spatial_merge_size', 'patch_merger projector')
     if x.shape[-1] != self.in_dim:
       raise ValueError(f'patch_merger projector expects in_dim={self.in_dim}, got tokens of width {x.shape[-1]}')
-    x = norm_layer(self.norm, self.norm_eps, self.dtype)(x)            # [B, h*w, Dv]  (per patch: order-free)
+    x = norm_layer(self.norm, self.norm_eps, self.dtype)(x)            # [B, F*h*w, Dv]  (per patch: order-free)
     if self.input_order == 'windowed':
-      x = windows_to_depth(x, m)                                        # [B, M, H]
+      x = windows_to_depth(x, m)                                        # [B, M, H]  (windows inside each frame)
     else:
-      x = space_to_depth(x, grid, m)                                    # [B, M, H]
+      x = space_to_depth(x, grid, m, self.num_frames)                   # [B, M, H]
     hidden = self.in_dim * m * m
     x = dense(hidden, ('embed', 'mlp'), use_bias=True, dtype=self.dtype, name='linear_1')(x)      # [B, M, H]
     x = get_activation(self.act)(x)                                                                # [B, M, H]
@@ -78,12 +87,13 @@ class PatchMergerProjector(nn.Module):
     check_choice('norm', self.norm, ('layernorm', 'rmsnorm'))
     check_choice('act', self.act, ACTIVATIONS)
     check_choice('input_order', self.input_order, INPUT_ORDERS)
+    check_int('num_frames', self.num_frames)
 
   @nn.nowrap
   def num_output_tokens(self, grid) -> int:
     m = self.spatial_merge_size
     check_divisible(grid, m, 'spatial_merge_size', 'patch_merger projector')
-    return (grid[0] // m) * (grid[1] // m)
+    return self.num_frames * (grid[0] // m) * (grid[1] // m)
 
   @nn.nowrap
   def param_count(self) -> int:
