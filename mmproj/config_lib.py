@@ -140,19 +140,20 @@ def tones_experiment(arg: str, *, name: str, projector: dict, steps: int = 800,
   return c
 
 
-def motion_experiment(arg: str, *, name: str, projector: dict, steps: int = 800,
+def motion_experiment(arg: str, *, name: str, projector: dict, encoder: dict | None = None, steps: int = 800,
                       baseline: str = 'blind') -> mlc.ConfigDict:
   """A small ViT (each frame on its own) + projector + Llama-shaped LM trained from scratch in the motion world
-  (mmproj/data/motion.py): 8 frames of 48 px on a 3x3 grid, 16 px patches -> 8 x 9 = 72 encoder tokens.
-  arg: '' (full budget) or 'smoke'."""
+  (mmproj/data/motion.py): 8 frames of 48 px on a 3x3 board, 12 px patches -> a 4x4 grid per frame, 8 x 16 = 128
+  encoder tokens. model.num_frames follows data.num_frames. encoder: overrides of the ViT's fields (e.g.
+  temporal_patch_size). arg: '' (full budget) or 'smoke'."""
   smoke = parse_variant(arg, f'configs/{name}.py')
   c = shapes_experiment(arg, name=name, projector=projector, steps=steps, baseline=baseline)
   c.data = dict(name='motion', data_dir='~/.cache/mmproj/data', image_size=48, grid=3, num_frames=8,
                 max_objects=3, max_move=1, num_train=512 if smoke else 10_000, num_test=64 if smoke else 500,
                 seed=0, text_len=64, turns=8, isolate_turns=True, caption_prob=1.0, worker_count=0, read_threads=1,
                 bad_records='error')
-  c.model = model_config(image_token_id=3, projector=projector, modality='video', encoder=c.model.encoder.to_dict(),
-                         lm=c.model.lm.to_dict())
+  c.model = model_config(image_token_id=3, projector=projector, modality='video',
+                         encoder=dict(c.model.encoder.to_dict(), patch_size=12, **(encoder or {})), lm=c.model.lm.to_dict())
   c.model.num_frames = c.data.get_ref('num_frames')
   return c
 

@@ -91,6 +91,26 @@ def _check_vit(enc: Any) -> None:
     raise ValueError(f'model.encoder.image_std={list(std)!r} must be positive')
 
 
+def _check_video(c: Any, enc: Any, lm_width: int) -> None:
+  """model.num_frames against the encoder's temporal patches, and the projector's token count on a whole video
+  (a per-image connector reads one frame's grid and would count h*w tokens): traced abstractly, nothing compiles."""
+  frames, t = c.get('num_frames'), enc.temporal_patch_size
+  if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+    raise ValueError(f"model.num_frames={frames!r}: a video model needs the frames per example, an int >= 1")
+  _divisible('model.num_frames', frames, 'model.encoder.temporal_patch_size', t)
+  grid = encoder_grid(c)
+  proj = projectors.build(c.projector, in_dim=enc.width, out_dim=lm_width)
+  x = jax.ShapeDtypeStruct((1, encoder_tokens(c), enc.width), jnp.float32)           # one video's tokens
+  out = jax.eval_shape(lambda x: proj.init_with_output(jax.random.key(0), x, grid=grid)[0], x)
+  expected = projectors.num_output_tokens(c.projector, grid)
+  if out.shape[1] != expected:
+    raise ValueError(
+        f'model.projector.name={c.projector.name!r} maps one video ({frames // t} frames of {grid[0]}x{grid[1]} '
+        f'tokens) to {out.shape[1]} tokens but counts {expected} from one frame\'s grid: use a video connector '
+        f'(llava_next_video, llava_onevision_video, frame_concat around a per-frame one, patch_merger with '
+        f'num_frames) or one whose output does not depend on the token count (perceiver, qformer, cross_attention)')
+
+
 def validate(cfg_model: Any) -> None:
   """Checks cfg.model before anything is traced; raises ValueError naming the offending field. Tower fields are
   read from the modules they build, so a field a config leaves out has the module's default."""
@@ -136,6 +156,8 @@ def validate(cfg_model: Any) -> None:
   check_scan(enc.scan_layers, 'model.encoder.scan_layers')
   check_remat(enc.remat, 'model.encoder.remat')
   projectors.validate(c.projector, in_dim=enc.width, out_dim=lm.width)
+  if modality(c) == 'video':
+    _check_video(c, enc, lm.width)
   if injects_into_lm(c):
     projectors.build(c.projector, in_dim=enc.width, out_dim=lm.width).check_injection(lm.depth)
     if lm.scan_layers:
@@ -155,9 +177,18 @@ def encoder_grid(cfg_model: Any) -> tuple[int, ...]:
   return tuple(build_encoder(cfg_model.encoder).output_grid())
 
 
+def encoder_passes(cfg_model: Any) -> int:
+  """Encoder passes per example: 1 for an image or a clip of audio; a video's frames, or its groups of
+  model.encoder.temporal_patch_size frames (Qwen2-VL's temporal patches), each go through the tower."""
+  if modality(cfg_model) != 'video':
+    return 1
+  return int(cfg_model.num_frames) // build_encoder(cfg_model.encoder).temporal_patch_size
+
+
 def encoder_tokens(cfg_model: Any) -> int:
-  """Encoder tokens N of one example: h*w patches of an image, T frames of audio."""
-  return math.prod(encoder_grid(cfg_model))
+  """Encoder tokens N of one example: h*w patches of an image, F'*h*w of a video (F' frames or temporal groups, in
+  time order), T frames of audio."""
+  return encoder_passes(cfg_model) * math.prod(encoder_grid(cfg_model))
 
 
 def injects_into_lm(cfg_model: Any) -> bool:

@@ -276,6 +276,9 @@ REGISTRY_CFGS = {
     'voxtral': dict(name='voxtral', stack_factor=3),
     'granite_speech': dict(name='granite_speech', window_size=6, downsample_rate=2, **QFORMER),
     'audio_flamingo3': dict(name='audio_flamingo3'),
+    'llava_next_video': dict(name='llava_next_video', num_frames=3),
+    'llava_onevision_video': dict(name='llava_onevision_video', num_frames=3),
+    'frame_concat': dict(name='frame_concat', num_frames=3),
 }
 ACCEPTS_1D = {'linear', 'mlp', 'gated_xattn', 'qformer', 'avg_pool', 'perceiver', 'cross_attention', 'qwen2_audio',
               'voxtral', 'granite_speech', 'audio_flamingo3'}

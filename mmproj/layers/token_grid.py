@@ -86,9 +86,7 @@ def check_tokens(x, grid, what: str) -> int:
 def check_frames(x, grid, num_frames: int, what: str) -> tuple[int, int]:
   """(h, w) after checking that x [B, N, D] holds N = num_frames * h * w tokens (num_frames frames of grid (h, w));
   ValueError naming `what`, the grid and model.projector.num_frames otherwise."""
-  if grid is None or len(grid) != 2:
-    raise ValueError(f'{what} needs grid=(h, w) of one frame of the encoder tokens, got grid={grid!r}')
-  h, w = int(grid[0]), int(grid[1])
+  h, w = require_2d(grid, what)
   if x.ndim != 3 or x.shape[1] != num_frames * h * w:
     n = x.shape[1] if x.ndim == 3 else None
     held = f'{n // (h * w)} frames' if n is not None and h * w and n % (h * w) == 0 else 'not a whole number of frames'

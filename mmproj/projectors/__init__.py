@@ -19,8 +19,9 @@ Grids: an image encoder's tokens come with grid=(h, w) (row-major); an audio enc
       gated_xattn (with a resampler that accepts them; the default linear does), and the audio connectors
       qwen2_audio, voxtral, granite_speech, audio_flamingo3 (which read any grid's tokens as one sequence).
   needs a 2-D (h, w) grid: pixel_shuffle, patch_merger, c_abstractor, d_abstractor, ldp, ldpv2, tokenpacker
-      (space-to-depth, convolutions, 2-D pools or regions of the patch map) and qwen_vl_resampler (its 2-D sin-cos
-      key positions are resized to (h, w)). They raise a ValueError naming the projector and saying it needs a 2-D
+      (space-to-depth, convolutions, 2-D pools or regions of the patch map), qwen_vl_resampler (its 2-D sin-cos
+      key positions are resized to (h, w)) and the video connectors llava_next_video, llava_onevision_video,
+      frame_concat (frames of an (h, w) grid). They raise a ValueError naming the projector and saying it needs a 2-D
       (h, w) grid, from num_output_tokens (which model validation calls) and from __call__, before any compile.
 """
 

@@ -38,7 +38,7 @@ import einops
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmproj.layers.token_grid import check_frames
+from mmproj.layers.token_grid import check_frames, require_2d
 from mmproj.projectors.registry import check_int, instantiate, register
 
 DEFAULT_FRAME_PROJECTOR = {'name': 'mlp'}
@@ -116,8 +116,9 @@ class FrameConcatProjector(nn.Module):
 
   @nn.nowrap
   def num_output_tokens(self, grid) -> int:
+    grid = require_2d(grid, 'frame_concat projector')
     inner = self._frame_projector(None, None, parent=None)
-    return self.num_frames * (inner.num_output_tokens(tuple(grid)) + 1)
+    return self.num_frames * (inner.num_output_tokens(grid) + 1)
 
   @nn.nowrap
   def param_count(self) -> int:

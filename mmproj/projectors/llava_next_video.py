@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmproj.layers import ACTIVATIONS, dense
-from mmproj.layers.token_grid import check_divisible, check_frames, space_to_depth
+from mmproj.layers.token_grid import check_divisible, check_frames, space_to_depth, require_2d
 from mmproj.projectors.mlp import dense_stack, dense_stack_param_count
 from mmproj.projectors.registry import check_choice, check_int, register
 
@@ -87,6 +87,7 @@ class LlavaNextVideoProjector(nn.Module):
 
   @nn.nowrap
   def num_output_tokens(self, grid) -> int:
+    grid = require_2d(grid, 'llava_next_video projector')
     s = self.spatial_pool_stride
     check_divisible(grid, s, 'spatial_pool_stride', 'llava_next_video projector')
     return self.num_frames * (grid[0] // s) * (grid[1] // s)

@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmproj.layers import ACTIVATIONS
-from mmproj.layers.token_grid import bilinear_resize, check_frames
+from mmproj.layers.token_grid import bilinear_resize, check_frames, require_2d
 from mmproj.projectors.mlp import dense_stack, dense_stack_param_count
 from mmproj.projectors.registry import check_choice, check_int, register
 
@@ -85,7 +85,7 @@ class LlavaOnevisionVideoProjector(nn.Module):
 
   @nn.nowrap
   def num_output_tokens(self, grid) -> int:
-    oh, ow = pooled_grid(grid)
+    oh, ow = pooled_grid(require_2d(grid, 'llava_onevision_video projector'))
     return self.num_frames * oh * ow + int(self.newline)
 
   @nn.nowrap

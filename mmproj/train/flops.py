@@ -168,10 +168,11 @@ def step_flops(cfg, *, labels: Any) -> dict[str, Any]:
   merged, media_flows, media_len = c.use_image and not model_lib.injects_into_lm(c), False, 0
   if c.use_image:
     e, e_trains = encoder.matmul_flops(), tr('encoder')
-    image['encoder_fwd'] = e['embed'] + e['blocks'] * (e['weights'] + e['attention'])
+    items = model_lib.encoder_passes(c)           # a video's frames (temporal groups) each go through the tower
+    image['encoder_fwd'] = items * (e['embed'] + e['blocks'] * (e['weights'] + e['attention']))
     if e_trains:
-      image['encoder_bwd'] = e['embed'] + e['blocks'] * 2 * (e['weights'] + e['attention'])
-      image['encoder_remat'] = e['blocks'] * _recompute(encoder.remat, e, True)
+      image['encoder_bwd'] = items * (e['embed'] + e['blocks'] * 2 * (e['weights'] + e['attention']))
+      image['encoder_remat'] = items * e['blocks'] * _recompute(encoder.remat, e, True)
     image['projector_fwd'], image['projector_bwd'] = _projector(c, labels, e_trains)
     media_flows = e_trains or tr('projector')
     if not merged:

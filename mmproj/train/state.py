@@ -121,6 +121,8 @@ def check_media(cfg) -> None:
                        f'{encoder.num_samples()} (model.encoder.chunk_length={encoder.chunk_length} s at 16 kHz)')
   elif shape[-3] != encoder.image_size:
     raise ValueError(f'data.image_size={shape[-3]} does not match model.encoder.image_size={encoder.image_size}')
+  if key == 'video' and shape[0] != cfg.model.num_frames:
+    raise ValueError(f'data.num_frames={shape[0]} does not match model.num_frames={cfg.model.num_frames}')
 
 
 def validate(cfg) -> None:
