@@ -22,7 +22,8 @@ VARIANTS = ('', 'smoke')  # '' = the full CPU budget; 'smoke' = tiny data and st
 
 def model_config(*, lm: dict, encoder: dict | None = None, projector: dict | None = None, image_token_id: int = 0,
                  use_image: bool = True, dtype: str = 'float32', param_dtype: dict | None = None,
-                 remat: str = 'none', kernels: dict | None = None, modality: str = 'image') -> mlc.ConfigDict:
+                 remat: str = 'none', kernels: dict | None = None, modality: str = 'image',
+                 num_frames: int | None = None) -> mlc.ConfigDict:
   """cfg.model with every model-level field; the one place they default. The towers' own fields default in their
   modules (mmproj/encoders/vit.py ViT, mmproj/lm/llama.py Llama); their memory levers are added here:
   scan_layers=False and remat=None (= model.remat).
@@ -30,6 +31,7 @@ def model_config(*, lm: dict, encoder: dict | None = None, projector: dict | Non
     use_image       False: the blind baseline (LM only, no encoder or projector)
     modality        the media the encoder reads, and their batch key: 'image' | 'video' (a ViT), 'audio'
                     (a Whisper-shaped encoder); mmproj/model.py MODALITIES
+    num_frames      video only: frames per example (the token counts depend on it)
     dtype           compute dtype, 'float32' | 'bfloat16'
     param_dtype     {'encoder', 'projector', 'lm'}: the dtype each tower's params are stored in, 'float32' or, for
                     a frozen tower, 'bfloat16' (half the memory; trained params and optimizer state stay float32)
@@ -41,6 +43,8 @@ def model_config(*, lm: dict, encoder: dict | None = None, projector: dict | Non
   c = mlc.ConfigDict()
   c.use_image = use_image
   c.modality = modality
+  if num_frames is not None:
+    c.num_frames = num_frames
   c.image_token_id = image_token_id
   c.dtype = dtype
   c.param_dtype = {'encoder': 'float32', 'projector': 'float32', 'lm': 'float32', **(param_dtype or {})}
@@ -126,7 +130,7 @@ def tones_experiment(arg: str, *, name: str, projector: dict, steps: int = 800,
                      baseline: str = 'blind') -> mlc.ConfigDict:
   """A small Whisper-shaped encoder + projector + Llama-shaped LM trained from scratch in the tones world
   (mmproj/data/tones.py): 2 s clips at 16 kHz, 80 mel bins, 200 frames -> T = 100 encoder tokens.
-  arg: '' (full budget) or 'smoke'."""
+  model.encoder.chunk_length follows data.clip_seconds. arg: '' (full budget) or 'smoke'."""
   smoke = parse_variant(arg, f'configs/{name}.py')
   c = shapes_experiment(arg, name=name, projector=projector, steps=steps, baseline=baseline)
   c.data = dict(name='tones', data_dir='~/.cache/mmproj/data', clip_seconds=2.0, min_events=1, max_events=4,
@@ -137,6 +141,7 @@ def tones_experiment(arg: str, *, name: str, projector: dict, steps: int = 800,
       encoder=dict(name='whisper', num_mel_bins=80, chunk_length=2.0, width=96, depth=3, num_heads=4, mlp_dim=384,
                    output_layer=-1, final_norm=True, pool_stride=1),
       lm=c.model.lm.to_dict())
+  c.model.encoder.chunk_length = c.data.get_ref('clip_seconds')     # the encoder reads the world's whole clips
   return c
 
 
@@ -152,7 +157,7 @@ def motion_experiment(arg: str, *, name: str, projector: dict, encoder: dict | N
                 max_objects=3, max_move=1, num_train=512 if smoke else 10_000, num_test=64 if smoke else 500,
                 seed=0, text_len=64, turns=8, isolate_turns=True, caption_prob=1.0, worker_count=0, read_threads=1,
                 bad_records='error')
-  c.model = model_config(image_token_id=3, projector=projector, modality='video',
+  c.model = model_config(image_token_id=3, projector=projector, modality='video', num_frames=c.data.num_frames,
                          encoder=dict(c.model.encoder.to_dict(), patch_size=12, **(encoder or {})), lm=c.model.lm.to_dict())
   c.model.num_frames = c.data.get_ref('num_frames')
   return c

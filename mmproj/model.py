@@ -101,7 +101,11 @@ def _check_video(c: Any, enc: Any, lm_width: int) -> None:
   grid = encoder_grid(c)
   proj = projectors.build(c.projector, in_dim=enc.width, out_dim=lm_width)
   x = jax.ShapeDtypeStruct((1, encoder_tokens(c), enc.width), jnp.float32)           # one video's tokens
-  out = jax.eval_shape(lambda x: proj.init_with_output(jax.random.key(0), x, grid=grid)[0], x)
+  try:
+    out = jax.eval_shape(lambda x: proj.init_with_output(jax.random.key(0), x, grid=grid)[0], x)
+  except ValueError as e:                 # the projector's own message, without JAX's traceback note
+    raise ValueError(f'{str(e).splitlines()[0]} (model.projector.name={c.projector.name!r} on a video of '
+                     f'model.num_frames={frames})') from None
   expected = projectors.num_output_tokens(c.projector, grid)
   if out.shape[1] != expected:
     raise ValueError(

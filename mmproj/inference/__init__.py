@@ -99,11 +99,11 @@ def restore_for_inference(path: str, step: int | None = None, *, mesh: Mapping[s
 
 
 def _load_workdir(path: str, step: int | None) -> Bundle:
-  from mmproj.data import llava_json
+  from mmproj.data import llava_json, worlds
   from mmproj.data import tokenizer as tokenizer_lib
 
   model, params, tokenizer, cfg, step = restore_for_inference(path, step)
-  if cfg.data.get('name', 'shapes') in WORLDS:
+  if worlds.name_of(cfg.data) in worlds.WORLDS:
     return Bundle(model=model, params=params, tokenizer=tokenizer, config=cfg, step=step, prompt_format='shapes',
                   stop_ids=(tokenizer_lib.EOS_ID,), pad_id=tokenizer_lib.PAD_ID, path=path)
   eos = tokenizer.token_to_id(llava_json.config_value(cfg.data, 'eos_token'))
@@ -273,6 +273,7 @@ def prepare_images(bundle: Bundle, images: Sequence[np.ndarray]) -> np.ndarray:
 def prepare_media(bundle: Bundle, media: Sequence[np.ndarray]) -> tuple[str, np.ndarray]:
   """One item per prompt -> (batch key, the model's input): images uint8 [H, W, 3] (prepare_images), audio float
   waveforms [S] at 16 kHz (cut or zero-padded to the encoder's clip, as in training), videos uint8 [F, H, W, 3]."""
+  from mmproj.encoders import build_encoder
   from mmproj.model import modality
   kind = modality(bundle.config.model)
   if kind == 'image':

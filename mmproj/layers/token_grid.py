@@ -72,12 +72,16 @@ def grid_tokens(grid, what: str) -> int:
   return math.prod(int(g) for g in grid)
 
 
-def check_tokens(x, grid, what: str) -> int:
-  """N after checking that x [B, N, D] holds the tokens of a 1-D (T,) or 2-D (h, w) grid (None: any N)."""
+def check_tokens(x, grid, what: str, frames: bool = False) -> int:
+  """N after checking that x [B, N, D] holds the tokens of a 1-D (T,) or 2-D (h, w) grid (None: any N); with
+  frames=True, of any whole number of such grids (a video's frames, in time order)."""
   if x.ndim != 3:
     raise ValueError(f'{what}: tokens must be [B, N, D], got shape {tuple(x.shape)}')
   n = x.shape[1]
-  if grid is not None and grid_tokens(grid, what) != n:
+  if grid is not None and frames and n % grid_tokens(grid, what):
+    raise ValueError(f'{what}: x has {n} tokens (shape {tuple(x.shape)}), not a whole number of frames of grid '
+                     f'{tuple(grid)}')
+  if grid is not None and not frames and grid_tokens(grid, what) != n:
     raise ValueError(f'{what}: grid {tuple(grid)} has {grid_tokens(grid, what)} cells but x has {n} tokens '
                      f'(shape {tuple(x.shape)})')
   return n

@@ -240,7 +240,7 @@ class QFormerProjector(QFormerFields):
     q, d = self.num_query_tokens, self.hidden_dim
     if dv != self.in_dim:
       raise ValueError(f'qformer projector expects in_dim={self.in_dim}, got tokens of width {dv}')
-    check_tokens(x, grid, 'qformer projector')   # (h, w) or an audio (T,) grid: the queries read any token set
+    check_tokens(x, grid, 'qformer projector', frames=True)   # the queries read any token set: (h, w), (T,), frames
     if not self.language_projection and self.out_dim != d:
       raise ValueError(f'model.projector.language_projection=False needs out_dim == hidden_dim ({d}), '
                        f'got out_dim={self.out_dim}')

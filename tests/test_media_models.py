@@ -1,0 +1,113 @@
+"""Audio and video end to end through the one trainer: configs/audio_tones.py and configs/video_motion.py shrunk to
+seconds, trained, evaluated next to the blind baseline (experiment.run), resumed, reloaded with mmproj.load and
+asked questions with mmproj.generate on raw waveforms / frames; and the config checks that name the field."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import mmproj
+from experiment_utils import load_config
+from mmproj import experiment, model as model_lib
+from mmproj.data import worlds
+from mmproj.train import state, trainer
+
+
+def _tiny(config: str, data_dir: str, **data):
+  cfg = load_config(config, 'smoke')
+  cfg.data.update(data_dir=data_dir, num_train=32, num_test=8, **data)
+  cfg.model.encoder.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+  cfg.model.lm.update(width=32, depth=1, num_heads=4, num_kv_heads=2, mlp_dim=64)
+  cfg.train.update(steps=6, batch_size=8, warmup_steps=2)
+  cfg.checkpoint.update(every=3, async_save=False)
+  cfg.log_every = 2
+  cfg.eval.update(batch_size=8, max_examples=8)
+  return cfg
+
+
+TINY = {
+    'audio': lambda d: _tiny('configs/audio_tones.py', d, clip_seconds=1.0, max_events=2),
+    'video': lambda d: _tiny('configs/video_motion.py', d, num_frames=4),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('modality', sorted(TINY))
+def test_trains_evaluates_resumes_and_generates(modality, tmp_path):
+  cfg = TINY[modality](str(tmp_path / 'data'))
+  workdir = str(tmp_path / 'run')
+  results = experiment.run(cfg, workdir)
+  families = worlds.world(cfg.data).families(cfg.data)
+  assert set(results['vqa_accuracy']) == {'overall', *families}
+  assert set(results['blind_vqa_accuracy']) == {'overall', *families}
+  assert np.isfinite(results['caption_loss']) and set(results['chance']) == {'overall', *families}
+
+  # Resume: two more steps continue from step 6 (a checkpoint of the media model, restored).
+  cfg.train.steps = 8
+  resumed = trainer.train(cfg, workdir)
+  assert int(resumed.state.step) == 8
+
+  bundle = mmproj.load(workdir)
+  assert model_lib.modality(bundle.config.model) == modality
+  source = worlds.world(cfg.data).data_source(cfg.data, 'test')
+  rec = worlds.world(cfg.data).decode_record(source[0])
+  media = rec[modality]                                   # float32 [S] waveform | uint8 [F, H, W, 3]
+  texts = mmproj.generate(bundle, [media, media], [rec['questions'][0]] * 2, max_new_tokens=3)
+  assert len(texts) == 2 and texts[0] == texts[1]
+  vocab = set(bundle.tokenizer.get_vocab())
+  assert all(word in vocab for word in texts[0].split())
+
+
+def test_a_modality_the_encoder_does_not_read_is_refused():
+  cfg = load_config('configs/audio_tones.py', 'smoke')
+  cfg.model.modality = 'image'
+  with pytest.raises(ValueError, match=r"model.encoder.name='whisper' does not read model.modality='image'"):
+    model_lib.validate(cfg.model)
+  cfg.model.modality = 'smell'
+  with pytest.raises(ValueError, match=r"model.modality='smell' is not one of"):
+    model_lib.validate(cfg.model)
+
+
+def test_the_data_must_match_the_model(tmp_path):
+  cfg = load_config('configs/audio_tones.py', 'smoke')
+  cfg = cfg.copy_and_resolve_references()         # (the encoder's chunk_length follows data.clip_seconds)
+  cfg.data.update(clip_seconds=1.0, max_events=2)
+  with pytest.raises(ValueError, match=r'16000 samples \(data.clip_seconds\).*32000.*chunk_length=2.0'):
+    state.validate(cfg)
+  cfg = load_config('configs/video_motion.py', 'smoke').copy_and_resolve_references()  # (num_frames is linked)
+  cfg.model.num_frames = cfg.model.projector.num_frames = 6
+  with pytest.raises(ValueError, match=r'data.num_frames=8 does not match model.num_frames=6'):
+    state.validate(cfg)
+  cfg = load_config('configs/audio_tones.py', 'smoke')
+  cfg.model.modality, cfg.model.encoder = 'video', load_config('configs/video_motion.py', 'smoke').model.encoder
+  cfg.model.num_frames, cfg.model.projector = 8, dict(name='perceiver', num_latents=4)
+  with pytest.raises(ValueError, match=r"data.name='tones' gives audio but model.modality='video'"):
+    state.validate(cfg)
+
+
+def test_a_per_image_connector_on_video_is_refused_before_compiling():
+  cfg = load_config('configs/video_motion.py', 'smoke')
+  cfg.model.projector = dict(name='mlp', depth=2)
+  with pytest.raises(ValueError, match=r"model.projector.name='mlp' maps one video \(8 frames of 4x4 tokens\) to "
+                                       r"128 tokens but counts 16"):
+    model_lib.validate(cfg.model)
+  cfg.model.projector = dict(name='llava_next_video', num_frames=4)
+  with pytest.raises(ValueError, match=r'model.projector.num_frames=4'):
+    model_lib.validate(cfg.model)
+  cfg.model.num_frames = 7
+  cfg.model.encoder.temporal_patch_size = 2
+  with pytest.raises(ValueError, match=r'model.num_frames=7 is not divisible by model.encoder.temporal_patch_size=2'):
+    model_lib.validate(cfg.model)
+
+
+@pytest.mark.parametrize('config', ['configs/audio_tones.py', 'configs/video_motion.py'])
+def test_every_zoo_entry_counts_its_tokens(config):
+  """Each connector entry validates and its token count is what the config's docstring promises (M <= 100)."""
+  from configs import audio_tones, video_motion
+  module = audio_tones if 'audio' in config else video_motion
+  for name in module.ZOO:
+    cfg = load_config(config, name)
+    model_lib.validate(cfg.model)
+    m = model_lib.num_image_tokens(cfg.model)
+    assert 1 <= m <= 100, (name, m)
