@@ -111,3 +111,18 @@ def test_every_zoo_entry_counts_its_tokens(config):
     model_lib.validate(cfg.model)
     m = model_lib.num_image_tokens(cfg.model)
     assert 1 <= m <= 100, (name, m)
+
+
+@pytest.mark.parametrize('sweep,cells', [('audio', 10), ('video', 9)])
+def test_the_sweeps_list_every_connector_and_the_blind_baseline_for_three_seeds(sweep, cells, tmp_path, capsys):
+  """configs/sweeps/{audio,video}.py: one launch line per connector of the zoo and the blind baseline, per seed (the
+  runs themselves are the configs' own, trained end to end above)."""
+  import sys
+  from experiment_utils import REPO
+  sys.path.insert(0, os.path.join(REPO, 'experiments'))
+  import sweep as sweep_tool  # pylint: disable=g-import-not-at-top
+  assert sweep_tool.main([f'configs/sweeps/{sweep}.py', '--workdir', str(tmp_path), '--print-commands']) == 0
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('./launch.sh')]
+  assert len(lines) == 3 * cells
+  config = 'audio_tones' if sweep == 'audio' else 'video_motion'
+  assert sum(f'configs/{config}.py:' in l and '--config.model.use_image=False' in l for l in lines) == 3
