@@ -78,6 +78,21 @@ def trained_workdir(shapes_data_dir, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope='session')
+def media_runs(tmp_path_factory) -> dict:
+  """{'audio' | 'video': (cfg, workdir, results)}: tiny runs of configs/audio_tones.py and configs/video_motion.py
+  through experiment.run (trained, evaluated next to the blind baseline), once per test session."""
+  from experiment_utils import tiny_media_experiment
+  from mmproj import experiment
+
+  runs = {}
+  for modality in ('audio', 'video'):
+    root = tmp_path_factory.mktemp(modality)
+    cfg = tiny_media_experiment(modality, str(root / 'data'))
+    runs[modality] = cfg, str(root / 'run'), experiment.run(cfg, str(root / 'run'))
+  return runs
+
+
+@pytest.fixture(scope='session')
 def stage0_smoke(tmp_path_factory):
   """The stage-0 smoke towers (configs/stage0/scenes.py:smoke), built once per test session:
   (recipe with tmp cache_dir and data_dir, directories(recipe))."""

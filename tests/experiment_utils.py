@@ -41,6 +41,25 @@ def tiny_experiment(data_dir: str):
   return cfg
 
 
+def tiny_media_experiment(modality: str, data_dir: str):
+  """configs/audio_tones.py or configs/video_motion.py (modality 'audio' | 'video') at the smoke budget, shrunk to
+  seconds: 1 s clips of at most 2 sounds, or 4 frames; one-block towers; 6 steps."""
+  if modality == 'audio':
+    cfg = load_config('configs/audio_tones.py', 'smoke')
+    cfg.data.update(clip_seconds=1.0, max_events=2)
+  else:
+    cfg = load_config('configs/video_motion.py', 'smoke')
+    cfg.data.num_frames = 4
+  cfg.data.update(data_dir=data_dir, num_train=32, num_test=8)
+  cfg.model.encoder.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+  cfg.model.lm.update(width=32, depth=1, num_heads=4, num_kv_heads=2, mlp_dim=64)
+  cfg.train.update(steps=6, batch_size=8, warmup_steps=2)
+  cfg.checkpoint.update(every=3, async_save=False)
+  cfg.log_every = 2
+  cfg.eval.update(batch_size=8, max_examples=8)
+  return cfg
+
+
 def python_env(num_devices: int | None = None) -> dict[str, str]:
   # MMPROJ_VENV: launch.sh run from a test uses the environment the tests run in.
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='3', MMPROJ_VENV=sys.prefix)
