@@ -380,6 +380,23 @@ def sweep_cells(config: str, axes: dict[str, Sequence[Any]], *, fixed: dict[str,
   return cells
 
 
+def zoo_sweep(arg: str, *, name: str, config: str, names: Sequence[str], smoke_entry: str) -> mlc.ConfigDict:
+  """A connector table's sweep: every entry `names` of the zoo config `config` (configs/X.py, entries NAME) and the
+  blind baseline on the first one's budget, seeds 0-2, no per-run baseline; arg 'smoke': `smoke_entry` at its
+  smoke budget, seed 0 (the sweep tool end to end in tests)."""
+  smoke = parse_variant(arg, f'configs/sweeps/{name}.py')
+  names = [smoke_entry] if smoke else list(names)
+  variant = ',smoke' if smoke else ''
+  c = mlc.ConfigDict()
+  c.name = f'{name}_smoke' if smoke else name
+  c.seeds = [0] if smoke else [0, 1, 2]
+  c.cells = [dict(name=n, config=f'{config}:{n}{variant}', overrides={'baseline': 'none'}) for n in names]
+  if not smoke:
+    c.cells.append(dict(name='blind', config=f'{config}:{names[0]}',
+                        overrides={'baseline': 'none', 'model.use_image': False}))
+  return c
+
+
 def llava_cells(name: str, entry: str, *, frozen_lm: bool = False, one_stage: bool = False,
                 overrides: dict[str, Any] | None = None, start: str | None = None, smoke: bool = False,
                 where: str = 'configs/scenes.py') -> list[dict]:

@@ -44,9 +44,7 @@ the clip is stored as uint8 [F, H, W, 3] bytes under 'video'. `prepare(cfg.data)
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,12 +52,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tokenizers
 from etils import epath
-from tensorflow_datasets.proto import tf_example_pb2  # TFDS's copy of the proto: no TensorFlow needed
 
 from mmproj.data import shapes
 from mmproj.data import tokenizer as tokenizer_lib
-from mmproj.data.file_lock import file_lock
-from mmproj.data.shapes import COLORS, NUMBERS, SHAPES, SIZES, SPLITS, get_field, local_dir
+from mmproj.data import worlds
+from mmproj.data.shapes import COLORS, NUMBERS, SHAPES, SIZES, SPLITS
+from mmproj.data.worlds import get_field
 
 FAMILIES = ('direction', 'order', 'moved', 'count', 'change')
 EVENTS = ('none', 'move', 'appear', 'disappear', 'change')
@@ -372,7 +370,7 @@ def tfds_example(c: MotionWorldConfig, split: str, index: int) -> dict[str, Any]
 # ----------------------------------------------------------------------------------------------- TFDS builder
 
 
-class MotionWorld(tfds.core.GeneratorBasedBuilder):
+class MotionWorld(worlds.GeneratedSplits, tfds.core.GeneratorBasedBuilder):
   """TFDS builder for the motion world (array_record; records in index order, disable_shuffling=True)."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -382,76 +380,33 @@ class MotionWorld(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'index': tfds.features.Scalar(dtype=np.int32),
-            'video': tfds.features.Tensor(shape=(c.num_frames, c.image_size, c.image_size, 3), dtype=np.uint8,
-                                          encoding=tfds.features.Encoding.BYTES),
-            'caption': tfds.features.Text(),
-            'questions': tfds.features.Sequence(tfds.features.Text()),
-            'answers': tfds.features.Sequence(tfds.features.Text()),
-            'families': tfds.features.Sequence(tfds.features.Text()),
-            'objects': tfds.features.Tensor(shape=(None, len(OBJECT_FIELDS)), dtype=np.int32),
-        }),
-        disable_shuffling=True,  # record i of a split is generate_example(split, i)
-    )
+    return worlds.dataset_info(self, __doc__, 'video', (c.num_frames, c.image_size, c.image_size, 3), np.uint8,
+                               'objects', len(OBJECT_FIELDS))
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    # self.data_dir is the build's temporary directory: the tokenizer is renamed into place with the data.
-    tokenizer_lib.save(make_tokenizer(), os.path.join(self.data_dir, tokenizer_lib.FILENAME))
-    c = self.builder_config
-    return {'train': self._generate_examples('train', c.num_train),
-            'test': self._generate_examples('test', c.num_test)}
+  def _make_tokenizer(self) -> tokenizers.Tokenizer:
+    return make_tokenizer()
 
-  def _generate_examples(self, split: str, num: int):
-    c = self.builder_config
-    for i in range(num):
-      yield i, tfds_example(c, split, i)
+  def _make_example(self, split: str, index: int) -> dict[str, Any]:
+    return tfds_example(self.builder_config, split, index)
 
 
 # ----------------------------------------------------------------------------------------------- prepare / read
 
 
-def _root(data_cfg: Any) -> str:
-  data_dir = get_field(data_cfg, 'data_dir', None)
-  if not data_dir:
-    raise ValueError('data.data_dir: must be set (where the motion world is built)')
-  return local_dir('data.data_dir', data_dir)
-
-
 def builder(data_cfg: Any) -> MotionWorld:
-  """The TFDS builder for cfg.data (nothing is built)."""
-  return MotionWorld(config=config_from(data_cfg), data_dir=_root(data_cfg), file_format='array_record')
+  """The TFDS builder for cfg.data under data.data_dir (nothing is built)."""
+  return worlds.make_builder(MotionWorld, config_from(data_cfg), data_cfg, 'motion')
 
 
 def is_prepared(data_cfg: Any) -> bool:
   """True when the dataset and its tokenizer.json are complete on disk."""
-  b = builder(data_cfg)
-  return b.data_path.exists() and (b.data_path / tokenizer_lib.FILENAME).exists()
+  return worlds.is_built(builder(data_cfg))
 
 
 def prepare(data_cfg: Any) -> tuple[str, tokenizers.Tokenizer]:
-  """Builds the world on first use under data.data_dir and returns (dataset dir, tokenizer).
-
-  A no-op when already built. TFDS generates into `incomplete.*` and renames the directory at the end, so an
-  interrupted build never reads as complete; its leftovers are removed by the next prepare().
-  """
-  b = builder(data_cfg)
-  path = b.data_path  # <data_dir>/motion_world/<config name>/<version>
-  tok_path = path / tokenizer_lib.FILENAME
-  if not (path.exists() and tok_path.exists()):
-    with file_lock(os.path.join(_root(data_cfg), f'.{b.name}.{b.builder_config.name}.lock')):
-      if not path.exists():
-        for stale in path.parent.glob(f'incomplete.*_{path.name}'):  # left by killed builds
-          stale.rmtree(missing_ok=True)
-        b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-      if not tok_path.exists():
-        tokenizer_lib.save(make_tokenizer(), tok_path)
-  return os.fspath(path), tokenizer_lib.load(tok_path)
+  """Builds the world once under data.data_dir (worlds.build: locked, resumable after a killed build) and returns
+  (dataset dir, tokenizer)."""
+  return worlds.build(builder(data_cfg), make_tokenizer)
 
 
 def media_spec(data_cfg: Any) -> tuple[tuple[int, int, int, int], Any]:
@@ -463,56 +418,28 @@ def media_spec(data_cfg: Any) -> tuple[tuple[int, int, int, int], Any]:
 def data_source(data_cfg: Any, split: str):
   """Random-access source of decoded records of a prepared split: tfds.data_source over array_record, each
   record parsed by `ParsedSource` (the values TFDS's decoder gives)."""
-  if split not in SPLITS:
-    raise ValueError(f'split must be one of {tuple(SPLITS)}, got {split!r}')
-  if not is_prepared(data_cfg):
-    raise FileNotFoundError(f'motion world {config_from(data_cfg).name} is not built under {_root(data_cfg)}; '
-                            'call mmproj.data.motion.prepare(cfg.data) first')
   c = config_from(data_cfg)
-  source = tfds.data_source(MotionWorld.name, split=split, data_dir=_root(data_cfg), download=False,
-                            builder_kwargs={'config': c, 'file_format': 'array_record'})
-  raw = getattr(source, 'data_source', None)   # the serialized records under TFDS's decoder
-  return ParsedSource(raw, (c.num_frames, c.image_size, c.image_size, 3)) if raw is not None else source
+  return worlds.open_split(MotionWorld, c, data_cfg, split, 'motion',
+                           lambda raw: ParsedSource(raw, (c.num_frames, c.image_size, c.image_size, 3)))
 
 
-class ParsedSource:
-  """A split's records parsed straight from their serialized tf.train.Example (protobuf's own parser, as
-  shapes.ParsedSource) into what TFDS's decoder returns for MotionWorld's features: index int, video uint8
-  [F, S, S, 3], caption bytes, questions / answers / families lists of bytes, objects int32 [n, len(OBJECT_FIELDS)].
-  A record that does not parse raises protobuf's DecodeError, a missing field KeyError naming it, a video of the
-  wrong size ValueError naming the field."""
+class ParsedSource(worlds.ParsedRecords):
+  """A split's records parsed as TFDS's decoder would for MotionWorld's features (worlds.ParsedRecords): the text
+  fields, video uint8 [F, S, S, 3] and objects int32 [n, len(OBJECT_FIELDS)]; a video of the wrong size raises
+  ValueError naming the field."""
 
   def __init__(self, raw: Any, video_shape: tuple[int, int, int, int]):
-    # Holds only picklable state (grain's worker processes pickle the dataset): the raw source and the shape.
-    self._raw, self._video_shape = raw, tuple(video_shape)
+    super().__init__(raw)
+    self._video_shape = tuple(video_shape)
 
-  def __len__(self) -> int:
-    return len(self._raw)
-
-  def __repr__(self) -> str:
-    return f'ParsedSource({self._raw!r})'
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    fields = tf_example_pb2.Example.FromString(self._raw[index]).features.feature
-
-    def values(key: str, kind: str):
-      if key not in fields:                 # (indexing a proto map would insert an empty entry)
-        raise KeyError(key)
-      return getattr(fields[key], kind).value
-
-    (video,) = values('video', 'bytes_list')
+  def _parse(self, fields: Any) -> dict[str, Any]:
+    video = worlds.field_value(fields, 'video', 'bytes_list')
     if len(video) != int(np.prod(self._video_shape)):
       raise ValueError(f"field 'video': {len(video)} bytes, expected {self._video_shape} uint8")
-    (index_value,) = values('index', 'int64_list')
-    (caption_value,) = values('caption', 'bytes_list')
+    objects = worlds.field_values(fields, 'objects', 'int64_list')
     return {
-        'index': int(index_value),
         'video': np.frombuffer(video, np.uint8).reshape(self._video_shape).copy(),   # writable, as TFDS's
-        'caption': caption_value,
-        'questions': list(values('questions', 'bytes_list')),
-        'answers': list(values('answers', 'bytes_list')),
-        'families': list(values('families', 'bytes_list')),
-        'objects': np.array(values('objects', 'int64_list'), np.int32).reshape(-1, len(OBJECT_FIELDS)),
+        'objects': np.array(objects, np.int32).reshape(-1, len(OBJECT_FIELDS)),
     }
 
 
@@ -534,14 +461,4 @@ def decode_record(record: Mapping[str, Any]) -> dict[str, Any]:
 def chance_levels(data_cfg: Any, split: str = 'test') -> dict[str, float]:
   """Per family (and 'overall'): the exact-match accuracy on `split` of always giving the family's most frequent
   answer in that split, what a model that ignores the video and the question's wording scores at best."""
-  source = data_source(data_cfg, split)
-  answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-  for i in range(len(source)):
-    rec = decode_record(source[i])
-    for family, answer in zip(rec['families'], rec['answers']):
-      answers[family][answer] += 1
-  hits = {f: c.most_common(1)[0][1] for f, c in answers.items()}
-  total = {f: sum(c.values()) for f, c in answers.items()}
-  out = {'overall': sum(hits.values()) / max(sum(total.values()), 1)}
-  out.update({f: hits[f] / total[f] if f in total else float('nan') for f in FAMILIES})
-  return out
+  return worlds.chance_levels(data_source(data_cfg, split), decode_record, FAMILIES)

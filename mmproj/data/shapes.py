@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,10 +41,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tokenizers
 from etils import epath
-from tensorflow_datasets.proto import tf_example_pb2  # TFDS's copy of the proto: no TensorFlow needed
 
 from mmproj.data import tokenizer as tokenizer_lib
-from mmproj.data.file_lock import file_lock
+from mmproj.data import worlds
+from mmproj.data.worlds import get_field, local_dir  # shared by the worlds; here too for stage0, llava_json, ...
 
 FAMILIES = ('existence', 'color', 'shape', 'count', 'position', 'relation')
 SHAPES = ('square', 'circle', 'triangle', 'cross')
@@ -196,13 +195,6 @@ def validate(c: Any) -> None:
     fail('seed', f'must be in [0, 2**32), got {c.seed}')
   if c.jitter < 0:
     fail('jitter', f'must be >= 0, got {c.jitter}')
-
-
-def get_field(data_cfg: Any, key: str, default: Any) -> Any:
-  """data_cfg.key for a ConfigDict, dict or attribute object; `default` when absent."""
-  if isinstance(data_cfg, Mapping):
-    return data_cfg.get(key, default)
-  return getattr(data_cfg, key, default) if hasattr(data_cfg, key) else default
 
 
 def config_from(data_cfg: Any) -> ShapesWorldConfig:
@@ -497,7 +489,7 @@ def tfds_example(c: ShapesWorldConfig, split: str, index: int) -> dict[str, Any]
 # ----------------------------------------------------------------------------------------------- TFDS builder
 
 
-class ShapesWorld(tfds.core.GeneratorBasedBuilder):
+class ShapesWorld(worlds.GeneratedSplits, tfds.core.GeneratorBasedBuilder):
   """TFDS builder for the shapes world (array_record; records in index order, disable_shuffling=True)."""
 
   VERSION = tfds.core.Version('1.2.0')
@@ -511,36 +503,13 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.image_size
-    i32 = lambda: tfds.features.Scalar(dtype=np.int32)
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'index': i32(),
-            'image': tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES),
-            'caption': tfds.features.Text(),
-            'questions': tfds.features.Sequence(tfds.features.Text()),
-            'answers': tfds.features.Sequence(tfds.features.Text()),
-            'families': tfds.features.Sequence(tfds.features.Text()),
-            # One int32 row per object, columns OBJECT_FIELDS (one feature decodes ~5x faster than seven).
-            'objects': tfds.features.Tensor(shape=(None, len(OBJECT_FIELDS)), dtype=np.int32),
-        }),
-        disable_shuffling=True,  # record i of a split is generate_example(split, i)
-    )
+    return worlds.dataset_info(self, __doc__, 'image', (s, s, 3), np.uint8, 'objects', len(OBJECT_FIELDS))
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    # self.data_dir is the build's temporary directory here, so the tokenizer is renamed into place atomically
-    # together with the data.
-    tokenizer_lib.save(make_tokenizer(self.builder_config.world), os.path.join(self.data_dir, tokenizer_lib.FILENAME))
-    c = self.builder_config
-    return {'train': self._generate_examples('train', c.num_train),
-            'test': self._generate_examples('test', c.num_test)}
+  def _make_tokenizer(self) -> tokenizers.Tokenizer:
+    return make_tokenizer(self.builder_config.world)
 
-  def _generate_examples(self, split: str, num: int):
-    c = self.builder_config
-    for i in range(num):
-      yield i, tfds_example(c, split, i)
+  def _make_example(self, split: str, index: int) -> dict[str, Any]:
+    return tfds_example(self.builder_config, split, index)
 
 
 # ----------------------------------------------------------------------------------------------- prepare / read
@@ -557,53 +526,21 @@ class _QuietCustomConfig(logging.Filter):
 logging.getLogger('absl').addFilter(_QuietCustomConfig())
 
 
-def local_dir(field: str, value: Any) -> str:
-  """A data directory as an absolute local path. A URL (gs://...) is refused, naming the field: array_record
-  writes and reads its files through local file descriptors (workdirs may be URLs: mmproj/train/paths.py)."""
-  value = os.fspath(value)
-  if '://' in value:
-    raise ValueError(f'{field}={value!r}: the data dir must be a local path (or a gcsfuse mount of the bucket): '
-                     'array_record writes and reads its files through local file descriptors')
-  return os.path.abspath(os.path.expanduser(value))
-
-
-def _root(data_cfg: Any) -> str:
-  data_dir = get_field(data_cfg, 'data_dir', None)
-  if not data_dir:
-    raise ValueError('data.data_dir: must be set (where the shapes world is built)')
-  return local_dir('data.data_dir', data_dir)
-
-
 def builder(data_cfg: Any) -> ShapesWorld:
-  """The TFDS builder for cfg.data (nothing is built)."""
-  return ShapesWorld(config=config_from(data_cfg), data_dir=_root(data_cfg), file_format='array_record')
+  """The TFDS builder for cfg.data under data.data_dir (nothing is built)."""
+  return worlds.make_builder(ShapesWorld, config_from(data_cfg), data_cfg, 'shapes')
 
 
 def is_prepared(data_cfg: Any) -> bool:
   """True when the dataset and its tokenizer.json are complete on disk."""
-  b = builder(data_cfg)
-  return b.data_path.exists() and (b.data_path / tokenizer_lib.FILENAME).exists()
+  return worlds.is_built(builder(data_cfg))
 
 
 def prepare(data_cfg: Any) -> tuple[str, tokenizers.Tokenizer]:
-  """Builds the world on first use under data.data_dir and returns (dataset dir, tokenizer).
-
-  A no-op when already built. TFDS generates into `incomplete.*` and renames the directory at the end, so an
-  interrupted build never reads as complete; its leftovers are removed by the next prepare().
-  """
+  """Builds the world once under data.data_dir (worlds.build: locked, resumable after a killed build) and returns
+  (dataset dir, tokenizer)."""
   b = builder(data_cfg)
-  path = b.data_path  # <data_dir>/shapes_world/<config name>/<version>
-  tok_path = path / tokenizer_lib.FILENAME
-  if not (path.exists() and tok_path.exists()):
-    with file_lock(os.path.join(_root(data_cfg), f'.{b.name}.{b.builder_config.name}.lock')):
-      if not path.exists():
-        for stale in path.parent.glob(f'incomplete.*_{path.name}'):  # left by killed builds
-          stale.rmtree(missing_ok=True)
-        b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-      if not tok_path.exists():  # dataset built by an older version of this file
-        tokenizer_lib.save(make_tokenizer(b.builder_config.world), tok_path)
-  return os.fspath(path), tokenizer_lib.load(tok_path)
+  return worlds.build(b, functools.partial(make_tokenizer, b.builder_config.world))
 
 
 def media_spec(data_cfg: Any) -> tuple[tuple[int, int, int], Any]:
@@ -615,60 +552,27 @@ def media_spec(data_cfg: Any) -> tuple[tuple[int, int, int], Any]:
 def data_source(data_cfg: Any, split: str):
   """Random-access source of decoded records of a prepared split: tfds.data_source over array_record, each
   record parsed by `ParsedSource` (the same values TFDS's decoder gives, ~8x faster)."""
-  if split not in SPLITS:
-    raise ValueError(f'split must be one of {tuple(SPLITS)}, got {split!r}')
-  if not is_prepared(data_cfg):
-    raise FileNotFoundError(f'shapes world {config_from(data_cfg).name} is not built under {_root(data_cfg)}; '
-                            'call mmproj.data.shapes.prepare(cfg.data) first')
-  source = tfds.data_source(ShapesWorld.name, split=split, data_dir=_root(data_cfg), download=False,
-                            builder_kwargs={'config': config_from(data_cfg), 'file_format': 'array_record'})
-  raw = getattr(source, 'data_source', None)   # the serialized records under TFDS's decoder
-  return ParsedSource(raw, config_from(data_cfg).image_size) if raw is not None else source
+  c = config_from(data_cfg)
+  return worlds.open_split(ShapesWorld, c, data_cfg, split, 'shapes', lambda raw: ParsedSource(raw, c.image_size))
 
 
-class ParsedSource:
-  """A split's records parsed straight from their serialized tf.train.Example (protobuf's own parser) into what
-  TFDS's decoder returns for ShapesWorld's features: index int, image uint8 [s, s, 3], caption bytes,
-  questions / answers / families lists of bytes, objects int32 [n, len(OBJECT_FIELDS)].
-
-  Why: TFDS's generic NumPy decoder (flatten / parse / per-feature conversion / nest, all Python) was most of a
-  record's read cost, the largest item of the training loader's profile (`python -m benchmarks --only
-  pipeline/shapes`; figures in BENCHMARKS.md); protobuf's parser is several times faster. A record that does not parse raises (protobuf's DecodeError), a
-  missing field KeyError, a wrong-sized image ValueError naming the field: the loader's bad-record handling
-  (data.bad_records) sees the same faults as under TFDS's decoder. tests/test_data.py checks that both decoders
-  agree on every record of a built split."""
+class ParsedSource(worlds.ParsedRecords):
+  """A split's records parsed as TFDS's decoder would for ShapesWorld's features (worlds.ParsedRecords): the text
+  fields, image uint8 [s, s, 3] and objects int32 [n, len(OBJECT_FIELDS)]; a wrong-sized image raises ValueError
+  naming the field. tests/test_data.py checks that both decoders agree on every record of a built split."""
 
   def __init__(self, raw: Any, image_size: int):
-    # Holds only picklable state (grain's worker processes pickle the dataset): the raw source and the shape.
-    self._raw, self._image_shape = raw, (image_size, image_size, 3)
+    super().__init__(raw)
+    self._image_shape = (image_size, image_size, 3)
 
-  def __len__(self) -> int:
-    return len(self._raw)
-
-  def __repr__(self) -> str:
-    return f'ParsedSource({self._raw!r})'
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    fields = tf_example_pb2.Example.FromString(self._raw[index]).features.feature
-
-    def values(key: str, kind: str):
-      if key not in fields:                 # (indexing a proto map would insert an empty entry)
-        raise KeyError(key)
-      return getattr(fields[key], kind).value
-
-    (image,) = values('image', 'bytes_list')
+  def _parse(self, fields: Any) -> dict[str, Any]:
+    image = worlds.field_value(fields, 'image', 'bytes_list')
     if len(image) != int(np.prod(self._image_shape)):
       raise ValueError(f"field 'image': {len(image)} bytes, expected {self._image_shape} uint8")
-    (index_value,) = values('index', 'int64_list')
-    (caption,) = values('caption', 'bytes_list')
+    objects = worlds.field_values(fields, 'objects', 'int64_list')
     return {
-        'index': int(index_value),
         'image': np.frombuffer(image, np.uint8).reshape(self._image_shape).copy(),   # writable, as TFDS's
-        'caption': caption,
-        'questions': list(values('questions', 'bytes_list')),
-        'answers': list(values('answers', 'bytes_list')),
-        'families': list(values('families', 'bytes_list')),
-        'objects': np.array(values('objects', 'int64_list'), np.int32).reshape(-1, len(OBJECT_FIELDS)),
+        'objects': np.array(objects, np.int32).reshape(-1, len(OBJECT_FIELDS)),
     }
 
 
@@ -690,15 +594,4 @@ def decode_record(record: Mapping[str, Any]) -> dict[str, Any]:
 def chance_levels(data_cfg: Any, split: str = 'test') -> dict[str, float]:
   """Per family (and 'overall'): the exact-match accuracy on `split` of always giving the family's most frequent
   answer in that split, what a model that ignores the image and the question's wording scores at best."""
-  import collections
-  source = data_source(data_cfg, split)
-  answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-  for i in range(len(source)):
-    rec = decode_record(source[i])
-    for family, answer in zip(rec['families'], rec['answers']):
-      answers[family][answer] += 1
-  hits = {f: c.most_common(1)[0][1] for f, c in answers.items()}
-  total = {f: sum(c.values()) for f, c in answers.items()}
-  out = {'overall': sum(hits.values()) / max(sum(total.values()), 1)}
-  out.update({f: hits[f] / total[f] if f in total else float('nan') for f in families(data_cfg)})
-  return out
+  return worlds.chance_levels(data_source(data_cfg, split), decode_record, families(data_cfg))

@@ -34,9 +34,7 @@ background noise. The clip is stored as int16 PCM bytes and decoded to float32 i
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,11 +42,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tokenizers
 from etils import epath
-from tensorflow_datasets.proto import tf_example_pb2  # TFDS's copy of the proto: no TensorFlow needed
 
 from mmproj.data import shapes
 from mmproj.data import tokenizer as tokenizer_lib
-from mmproj.data.file_lock import file_lock
+from mmproj.data import worlds
 
 FAMILIES = ('count', 'order', 'timbre', 'timing', 'loudness', 'pitch')
 SAMPLE_RATE = 16_000  # Hz: the codebase's audio convention ('audio' float32 [B, S] at 16 kHz)
@@ -378,7 +375,7 @@ def tfds_example(c: TonesWorldConfig, split: str, index: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- TFDS builder
 
 
-class TonesWorld(tfds.core.GeneratorBasedBuilder):
+class TonesWorld(worlds.GeneratedSplits, tfds.core.GeneratorBasedBuilder):
   """TFDS builder for the tones world (array_record; records in index order, disable_shuffling=True)."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -386,77 +383,33 @@ class TonesWorld(tfds.core.GeneratorBasedBuilder):
   code_path = epath.Path(__file__)  # as in shapes.ShapesWorld: TFDS's packaged-builder lookup needs a backport
 
   def _info(self) -> tfds.core.DatasetInfo:
-    i32 = lambda: tfds.features.Scalar(dtype=np.int32)
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'index': i32(),
-            'audio': tfds.features.Tensor(shape=(self.builder_config.num_samples,), dtype=np.int16,
-                                          encoding=tfds.features.Encoding.BYTES),
-            'caption': tfds.features.Text(),
-            'questions': tfds.features.Sequence(tfds.features.Text()),
-            'answers': tfds.features.Sequence(tfds.features.Text()),
-            'families': tfds.features.Sequence(tfds.features.Text()),
-            'events': tfds.features.Tensor(shape=(None, len(EVENT_FIELDS)), dtype=np.int32),
-        }),
-        disable_shuffling=True,  # record i of a split is generate_example(split, i)
-    )
+    return worlds.dataset_info(self, __doc__, 'audio', (self.builder_config.num_samples,), np.int16, 'events',
+                               len(EVENT_FIELDS))
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    # self.data_dir is the build's temporary directory here: the tokenizer is renamed into place with the data.
-    tokenizer_lib.save(make_tokenizer(), os.path.join(self.data_dir, tokenizer_lib.FILENAME))
-    c = self.builder_config
-    return {'train': self._generate_examples('train', c.num_train),
-            'test': self._generate_examples('test', c.num_test)}
+  def _make_tokenizer(self) -> tokenizers.Tokenizer:
+    return make_tokenizer()
 
-  def _generate_examples(self, split: str, num: int):
-    c = self.builder_config
-    for i in range(num):
-      yield i, tfds_example(c, split, i)
+  def _make_example(self, split: str, index: int) -> dict[str, Any]:
+    return tfds_example(self.builder_config, split, index)
 
 
 # ----------------------------------------------------------------------------------------------- prepare / read
 
 
-def _root(data_cfg: Any) -> str:
-  data_dir = shapes.get_field(data_cfg, 'data_dir', None)
-  if not data_dir:
-    raise ValueError('data.data_dir: must be set (where the tones world is built)')
-  return shapes.local_dir('data.data_dir', data_dir)
-
-
 def builder(data_cfg: Any) -> TonesWorld:
-  """The TFDS builder for cfg.data (nothing is built)."""
-  return TonesWorld(config=config_from(data_cfg), data_dir=_root(data_cfg), file_format='array_record')
+  """The TFDS builder for cfg.data under data.data_dir (nothing is built)."""
+  return worlds.make_builder(TonesWorld, config_from(data_cfg), data_cfg, 'tones')
 
 
 def is_prepared(data_cfg: Any) -> bool:
   """True when the dataset and its tokenizer.json are complete on disk."""
-  b = builder(data_cfg)
-  return b.data_path.exists() and (b.data_path / tokenizer_lib.FILENAME).exists()
+  return worlds.is_built(builder(data_cfg))
 
 
 def prepare(data_cfg: Any) -> tuple[str, tokenizers.Tokenizer]:
-  """Builds the world on first use under data.data_dir and returns (dataset dir, tokenizer).
-
-  A no-op when already built. TFDS generates into `incomplete.*` and renames the directory at the end, so an
-  interrupted build never reads as complete; its leftovers are removed by the next prepare().
-  """
-  b = builder(data_cfg)
-  path = b.data_path  # <data_dir>/tones_world/<config name>/<version>
-  tok_path = path / tokenizer_lib.FILENAME
-  if not (path.exists() and tok_path.exists()):
-    with file_lock(os.path.join(_root(data_cfg), f'.{b.name}.{b.builder_config.name}.lock')):
-      if not path.exists():
-        for stale in path.parent.glob(f'incomplete.*_{path.name}'):  # left by killed builds
-          stale.rmtree(missing_ok=True)
-        b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-      if not tok_path.exists():
-        tokenizer_lib.save(make_tokenizer(), tok_path)
-  return os.fspath(path), tokenizer_lib.load(tok_path)
+  """Builds the world once under data.data_dir (worlds.build: locked, resumable after a killed build) and returns
+  (dataset dir, tokenizer)."""
+  return worlds.build(builder(data_cfg), make_tokenizer)
 
 
 def media_spec(data_cfg: Any) -> tuple[tuple[int], Any]:
@@ -464,67 +417,33 @@ def media_spec(data_cfg: Any) -> tuple[tuple[int], Any]:
   return (config_from(data_cfg).num_samples,), np.float32
 
 
-def data_source(data_cfg: Any, split: str) -> ParsedSource:
+def data_source(data_cfg: Any, split: str):
   """Random-access source of decoded records of a prepared split: tfds.data_source over array_record, each
   record parsed by `ParsedSource`."""
-  if split not in SPLITS:
-    raise ValueError(f'split must be one of {tuple(SPLITS)}, got {split!r}')
   c = config_from(data_cfg)
-  if not is_prepared(data_cfg):
-    raise FileNotFoundError(f'tones world {c.name} is not built under {_root(data_cfg)}; '
-                            'call mmproj.data.tones.prepare(cfg.data) first')
-  source = tfds.data_source(TonesWorld.name, split=split, data_dir=_root(data_cfg), download=False,
-                            builder_kwargs={'config': c, 'file_format': 'array_record'})
-  return ParsedSource(source.data_source, c.num_samples)
+  return worlds.open_split(TonesWorld, c, data_cfg, split, 'tones', lambda raw: ParsedSource(raw, c.num_samples))
 
 
-class ParsedSource:
-  """A split's records parsed straight from their serialized tf.train.Example (protobuf's own parser): index int,
-  audio float32 [S] in [-1, 1), caption bytes, questions / answers / families lists of bytes, events int32
-  [n, len(EVENT_FIELDS)]. Text stays bytes as under TFDS's decoder; the audio is TFDS's int16 scaled to float.
-
-  A record that does not parse raises (protobuf's DecodeError), a missing field KeyError naming it, a wrong-sized
-  audio or events field ValueError naming it: the loader's bad-record handling (data.bad_records) relies on it."""
+class ParsedSource(worlds.ParsedRecords):
+  """A split's records parsed straight from their serialized tf.train.Example (worlds.ParsedRecords): the text
+  fields as bytes as under TFDS's decoder, audio float32 [S] in [-1, 1) (TFDS's int16 scaled to float) and events
+  int32 [n, len(EVENT_FIELDS)]; a wrong-sized audio or events field raises ValueError naming it."""
 
   def __init__(self, raw: Any, num_samples: int):
-    # Holds only picklable state (grain's worker processes pickle the dataset): the raw source and the length.
-    self._raw, self._num_samples = raw, num_samples
+    super().__init__(raw)
+    self._num_samples = num_samples
 
-  def __len__(self) -> int:
-    return len(self._raw)
-
-  def __repr__(self) -> str:
-    return f'ParsedSource({self._raw!r})'
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    fields = tf_example_pb2.Example.FromString(self._raw[index]).features.feature
-
-    def values(key: str, kind: str):
-      if key not in fields:                 # (indexing a proto map would insert an empty entry)
-        raise KeyError(key)
-      return getattr(fields[key], kind).value
-
-    def one(key: str, kind: str):
-      v = values(key, kind)
-      if len(v) != 1:
-        raise ValueError(f'field {key!r}: {len(v)} values, expected 1')
-      return v[0]
-
-    audio = one('audio', 'bytes_list')
+  def _parse(self, fields: Any) -> dict[str, Any]:
+    audio = worlds.field_value(fields, 'audio', 'bytes_list')
     if len(audio) != 2 * self._num_samples:
       raise ValueError(f"field 'audio': {len(audio)} bytes, expected {self._num_samples} int16 samples "
                        f'({2 * self._num_samples} bytes)')
-    events = values('events', 'int64_list')
+    events = worlds.field_values(fields, 'events', 'int64_list')
     if len(events) % len(EVENT_FIELDS):
       raise ValueError(f"field 'events': {len(events)} values, not a multiple of {len(EVENT_FIELDS)} "
                        f'({EVENT_FIELDS})')
     return {
-        'index': int(one('index', 'int64_list')),
         'audio': pcm_to_float(np.frombuffer(audio, '<i2')),                      # [S] float32
-        'caption': one('caption', 'bytes_list'),
-        'questions': list(values('questions', 'bytes_list')),
-        'answers': list(values('answers', 'bytes_list')),
-        'families': list(values('families', 'bytes_list')),
         'events': np.array(events, np.int32).reshape(-1, len(EVENT_FIELDS)),    # [n, 6]
     }
 
@@ -548,14 +467,4 @@ def decode_record(record: Mapping[str, Any]) -> dict[str, Any]:
 def chance_levels(data_cfg: Any, split: str = 'test') -> dict[str, float]:
   """Per family (and 'overall'): the exact-match accuracy on `split` of always giving the family's most frequent
   answer in that split, what a model that ignores the audio and the question's wording scores at best."""
-  source = data_source(data_cfg, split)
-  answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-  for i in range(len(source)):
-    rec = source[i]
-    for family, answer in zip(rec['families'], rec['answers']):
-      answers[family.decode()][answer.decode()] += 1
-  hits = {f: c.most_common(1)[0][1] for f, c in answers.items()}
-  total = {f: sum(c.values()) for f, c in answers.items()}
-  out = {'overall': sum(hits.values()) / max(sum(total.values()), 1)}
-  out.update({f: hits[f] / total[f] if f in total else float('nan') for f in FAMILIES})
-  return out
+  return worlds.chance_levels(data_source(data_cfg, split), decode_record, FAMILIES)
