@@ -380,20 +380,21 @@ def sweep_cells(config: str, axes: dict[str, Sequence[Any]], *, fixed: dict[str,
   return cells
 
 
-def zoo_sweep(arg: str, *, name: str, config: str, names: Sequence[str], smoke_entry: str) -> mlc.ConfigDict:
+def zoo_sweep(arg: str, *, name: str, config: str, names: Sequence[str], smoke_entry: str,
+              budget: dict[str, Any] | None = None) -> mlc.ConfigDict:
   """A connector table's sweep: every entry `names` of the zoo config `config` (configs/X.py, entries NAME) and the
-  blind baseline on the first one's budget, seeds 0-2, no per-run baseline; arg 'smoke': `smoke_entry` at its
-  smoke budget, seed 0 (the sweep tool end to end in tests)."""
+  blind baseline on the first one's budget, seeds 0-2, no per-run baseline, `budget` overrides (e.g. train.steps)
+  on every run; arg 'smoke': `smoke_entry` at its smoke budget, seed 0 (the sweep tool end to end in tests)."""
   smoke = parse_variant(arg, f'configs/sweeps/{name}.py')
   names = [smoke_entry] if smoke else list(names)
   variant = ',smoke' if smoke else ''
   c = mlc.ConfigDict()
   c.name = f'{name}_smoke' if smoke else name
   c.seeds = [0] if smoke else [0, 1, 2]
-  c.cells = [dict(name=n, config=f'{config}:{n}{variant}', overrides={'baseline': 'none'}) for n in names]
+  fixed = {'baseline': 'none', **({} if smoke else budget or {})}
+  c.cells = [dict(name=n, config=f'{config}:{n}{variant}', overrides=dict(fixed)) for n in names]
   if not smoke:
-    c.cells.append(dict(name='blind', config=f'{config}:{names[0]}',
-                        overrides={'baseline': 'none', 'model.use_image': False}))
+    c.cells.append(dict(name='blind', config=f'{config}:{names[0]}', overrides={**fixed, 'model.use_image': False}))
   return c
 
 
