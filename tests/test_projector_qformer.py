@@ -277,7 +277,7 @@ def test_bad_call_errors():
   with pytest.raises(ValueError, match='language_projection=False'):
     projectors.build(dict(TINY, language_projection=False, out_dim=11), in_dim=13, out_dim=11)
   module = projectors.build(TINY, in_dim=13, out_dim=11)
-  with pytest.raises(ValueError, match=r'grid \(2, 3\) has 6 cells'):
+  with pytest.raises(ValueError, match=r'x has 7 tokens .*not a whole number of frames of grid \(2, 3\)'):
     module.init(jax.random.PRNGKey(0), x, grid=(2, 3))
   with pytest.raises(ValueError, match='text_input=False'):
     module.init(jax.random.PRNGKey(0), x, grid=(1, 7), text_ids=ids)

@@ -95,7 +95,7 @@ class LogInterval:
     self.pending.append(metrics)
     self.steps += 1
     self.tokens += int(local_batch['input_mask'].sum()) * self.processes
-    self.images += len(local_batch['tokens']) * self.processes    # examples (images, clips, videos)
+    self.images += len(local_batch['input_mask']) * self.processes   # examples (images, clips, videos)
 
   def clear(self) -> None:
     self.pending = []
