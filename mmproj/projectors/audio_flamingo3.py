@@ -29,9 +29,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmproj.layers import ACTIVATIONS
-from mmproj.layers.token_grid import check_tokens, grid_tokens, norm_layer, norm_params, pool_frames
+from mmproj.layers.token_grid import grid_tokens, norm_params
 from mmproj.projectors.mlp import dense_stack, dense_stack_param_count
-from mmproj.projectors.qwen2_audio import AUDIO_NORMS, pooled_length
+from mmproj.projectors.qwen2_audio import AUDIO_NORMS, pool_and_norm, pooled_length
 from mmproj.projectors.registry import check_choice, check_int, check_positive, register
 
 
@@ -51,15 +51,8 @@ class AudioFlamingo3Projector(nn.Module):
   @nn.compact
   def __call__(self, x, *, grid=None, deterministic: bool = True):    # x [B, T, Dv]
     del deterministic  # no dropout
-    what = 'audio_flamingo3 projector'
-    n = check_tokens(x, grid, what)
-    if x.shape[-1] != self.in_dim:
-      raise ValueError(f'{what} expects in_dim={self.in_dim}, got tokens of width {x.shape[-1]}')
-    pooled_length(n, self.pool_stride, what)
-    x = pool_frames(x, self.pool_stride)                                # [B, M, Dv]
-    norm = norm_layer(self.norm, self.norm_eps, self.dtype)
-    if norm is not None:
-      x = norm(x)                                                       # [B, M, Dv]
+    x = pool_and_norm(x, grid, in_dim=self.in_dim, pool_stride=self.pool_stride, norm=self.norm,
+                      norm_eps=self.norm_eps, dtype=self.dtype, what='audio_flamingo3 projector')   # [B, M, Dv]
     return dense_stack(x, self.out_dim, 2, self.act, self.use_bias, self.dtype)   # [B, M, Dt]
 
   @nn.nowrap

@@ -34,6 +34,19 @@ from mmproj.projectors.registry import check_choice, check_int, check_positive, 
 AUDIO_NORMS = ('none', 'layernorm')
 
 
+def pool_and_norm(x, grid, *, in_dim: int, pool_stride: int, norm: str, norm_eps: float, dtype, what: str):
+  """The front Qwen2-Audio and Audio Flamingo 3 share, called inside their compact __call__ (the norm is their
+  submodule): x [B, T, Dv] checked against grid and in_dim -> mean of runs of pool_stride frames -> optional norm
+  -> [B, T // pool_stride, Dv]."""
+  n = check_tokens(x, grid, what)
+  if x.shape[-1] != in_dim:
+    raise ValueError(f'{what} expects in_dim={in_dim}, got tokens of width {x.shape[-1]}')
+  pooled_length(n, pool_stride, what)
+  x = pool_frames(x, pool_stride)                                       # [B, M, Dv]
+  layer = norm_layer(norm, norm_eps, dtype)
+  return x if layer is None else layer(x)                               # [B, M, Dv]
+
+
 def pooled_length(n: int, stride: int, what: str) -> int:
   """floor(n / stride) frames after pool_frames; ValueError naming model.projector.pool_stride when that is 0."""
   if n < stride:
@@ -56,15 +69,8 @@ class Qwen2AudioProjector(nn.Module):
   @nn.compact
   def __call__(self, x, *, grid=None, deterministic: bool = True):    # x [B, T, Dv]
     del deterministic  # no dropout
-    what = 'qwen2_audio projector'
-    n = check_tokens(x, grid, what)
-    if x.shape[-1] != self.in_dim:
-      raise ValueError(f'{what} expects in_dim={self.in_dim}, got tokens of width {x.shape[-1]}')
-    pooled_length(n, self.pool_stride, what)
-    x = pool_frames(x, self.pool_stride)                                # [B, M, Dv]
-    norm = norm_layer(self.norm, self.norm_eps, self.dtype)
-    if norm is not None:
-      x = norm(x)                                                       # [B, M, Dv]
+    x = pool_and_norm(x, grid, in_dim=self.in_dim, pool_stride=self.pool_stride, norm=self.norm,
+                      norm_eps=self.norm_eps, dtype=self.dtype, what='qwen2_audio projector')   # [B, M, Dv]
     return dense(self.out_dim, ('embed', 'mlp'), use_bias=True, dtype=self.dtype, name='linear')(x)  # [B, M, Dt]
 
   @nn.nowrap
