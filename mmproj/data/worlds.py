@@ -8,6 +8,7 @@ differs (its builder class and config, its name, its tokenizer, its record parse
 module imports no world module and no TFDS at import time (mmproj/data/__init__.py and pipeline.py import it)."""
 from __future__ import annotations
 
+import abc
 import collections
 import functools
 import importlib
@@ -183,7 +184,7 @@ def field_value(fields: Any, key: str, kind: str) -> Any:
   return v[0]
 
 
-class ParsedRecords:
+class ParsedRecords(abc.ABC):
   """What the worlds' ParsedSource classes share: a split's records parsed straight from their serialized
   tf.train.Example by protobuf's own parser (several times faster than TFDS's generic decoder, the largest item of
   the training loader's profile) into what TFDS's decoder returns: index int, caption bytes, questions / answers /
@@ -213,9 +214,9 @@ class ParsedRecords:
         'families': list(field_values(fields, 'families', 'bytes_list')),
     }
 
+  @abc.abstractmethod
   def _parse(self, fields: Any) -> dict[str, Any]:
     """The world's own fields of a record (its media, its annotation array) from the features.feature map."""
-    raise NotImplementedError
 
 
 def chance_levels(source: Any, decode: Callable[[Any], Mapping[str, Any]], families: Sequence[str]
