@@ -87,6 +87,8 @@ def key(recipe: Any) -> str:
   r['lm'] = {**r['lm'], 'data': {k: v for k, v in r['lm']['data'].items() if k != 'data_dir'}}
   if r['vision'].get('caption_order') == 'reading':   # what recipes written before the field meant: same towers
     r['vision'] = {k: v for k, v in r['vision'].items() if k != 'caption_order'}
+  if r['lm'].get('model', {}).get('modality') == 'image':   # likewise model.modality (added with audio and video)
+    r['lm'] = {**r['lm'], 'model': {k: v for k, v in r['lm']['model'].items() if k != 'modality'}}
   return hashlib.sha256(json.dumps(r, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

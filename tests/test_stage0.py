@@ -46,6 +46,14 @@ def test_key_ignores_where_things_are_stored_but_not_the_recipe(stage0_smoke):
   shuffled = recipe.copy_and_resolve_references()
   shuffled.vision.caption_order = 'shuffled'
   assert stage0.key(older) == stage0.key(recipe) != stage0.key(shuffled)
+  # So is model.modality='image' of the LM's run (a field added with audio and video): the cached towers stay found.
+  assert recipe.lm.model.modality == 'image'
+  before = recipe.copy_and_resolve_references()
+  del before.lm.model['modality']
+  assert stage0.key(before) == stage0.key(recipe)
+  # The full recipe's key is the one its towers were built under (a stable figure: a changed key rebuilds them).
+  from mmproj import config_lib
+  assert stage0.key(config_lib.stage0_recipe(False)) == '3aad27d13d5f'
 
 
 def test_hf_directories_load_in_transformers_and_mmproj_with_equal_outputs(stage0_smoke):
