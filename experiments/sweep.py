@@ -268,7 +268,8 @@ def _read_json(path: str) -> dict:
 
 
 def _model_facts(workdir: str) -> tuple[int | None, int | None]:
-  """(visual tokens M, projector parameters) of a run, from its config.json."""
+  """(visual tokens M, projector parameters) of a run, from its config.json (a model with an output side: its
+  output projector's parameters)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return None, None
@@ -276,6 +277,8 @@ def _model_facts(workdir: str) -> tuple[int | None, int | None]:
 
   from mmproj import config_lib, model as model_lib
   cfg_model = config_lib.model_config(**ml_collections.ConfigDict(_read_json(path)).model.to_dict())
+  if model_lib.has_output(cfg_model):
+    return model_lib.num_image_tokens(cfg_model), model_lib.output_projector_param_count(cfg_model)
   return model_lib.num_image_tokens(cfg_model), model_lib.projector_param_count(cfg_model)
 
 
@@ -288,10 +291,21 @@ def _losses(workdir: str) -> dict[int, float]:
   return {int(r['step']): float(r['loss']) for r in records if 'loss' in r}
 
 
+def _figures(results: dict, metric: str) -> dict[str, float]:
+  """results.json's figures at a dotted path ('vqa_accuracy', 'draw.pipeline'): {name: value}."""
+  node = results
+  for key in metric.split('.'):
+    node = node.get(key, {}) if isinstance(node, dict) else {}
+  return {k: float(v) for k, v in node.items() if isinstance(v, (int, float))}
+
+
 def gather(sweep, runs: list[Run], copy_to: str | None = None) -> list[dict]:
   """One row per cell: {cell, seeds, accuracy: {family: [per seed]}, tokens, params, chance: {family: level},
   curve: {step: mean loss}}; each finished run's results.json, config.json and metrics.jsonl copied under
-  copy_to/<cell>/seed<seed>/."""
+  copy_to/<cell>/seed<seed>/. The figures are results.json's sweep.metric (default 'vqa_accuracy'); a sweep
+  with reference_metric (e.g. 'draw.reference') gets a last row REFERENCE_CELL with those figures of its first
+  cell's runs (a reference every run evaluates, such as the generator on its own)."""
+  metric, reference = sweep.get('metric', 'vqa_accuracy'), sweep.get('reference_metric')
   rows = []
   for cell in sweep.cells:
     mine = [r for r in runs if r.cell == cell['name'] and r.done]
@@ -299,8 +313,8 @@ def gather(sweep, runs: list[Run], copy_to: str | None = None) -> list[dict]:
     curves, tokens, params, chance = [], None, None, {}
     for r in mine:
       results = _read_json(os.path.join(r.workdir, 'results.json'))
-      for family, value in results.get('vqa_accuracy', {}).items():
-        accuracy.setdefault(family, []).append(float(value))
+      for family, value in _figures(results, metric).items():
+        accuracy.setdefault(family, []).append(value)
       chance = chance or results.get('chance') or {}
       curves.append(_losses(r.workdir))
       if tokens is None:
@@ -316,10 +330,20 @@ def gather(sweep, runs: list[Run], copy_to: str | None = None) -> list[dict]:
     curve = {s: sum(c[s] for c in curves) / len(curves) for s in steps}
     rows.append(dict(cell=cell['name'], seeds=[r.seed for r in mine], accuracy=accuracy, tokens=tokens,
                      params=params, chance=chance, curve=curve))
+  if reference and sweep.cells:
+    mine = [r for r in runs if r.cell == sweep.cells[0]['name'] and r.done]
+    accuracy = {}
+    for r in mine:
+      for family, value in _figures(_read_json(os.path.join(r.workdir, 'results.json')), reference).items():
+        accuracy.setdefault(family, []).append(value)
+    rows.append(dict(cell=REFERENCE_CELL, seeds=[r.seed for r in mine], accuracy=accuracy, tokens=None, params=None,
+                     chance={}, curve={}))
   return rows
 
 
 BASELINE_CELL = 'blind'   # a cell of this name is the baseline the other cells are compared with, seed by seed
+METRIC_TEXT = 'Exact-match accuracy (%)'   # what the figures are (sweep.metric_text)
+REFERENCE_CELL = 'reference'   # the row of sweep.reference_metric; with it, the baseline of the differences
 
 
 def _cell_text(values: list[float]) -> str:
@@ -339,9 +363,9 @@ def paired_differences(row: dict, base: dict, family: str) -> list[float]:
 def markdown(sweep, rows: list[dict], command: str) -> str:
   families = list(dict.fromkeys(f for r in rows for f in r['accuracy']))
   lines = [f'# Sweep: {sweep.name}', '', f'Command: `{command}`  ',
-           f'Seeds: {", ".join(map(str, sweep.seeds))}. Exact-match accuracy (%) on the test split, mean ± 95% '
-           't-interval over the seeds finished (one seed: no interval); M = visual tokens the LM reads; params = '
-           'the projector\'s parameters.', '',
+           f'Seeds: {", ".join(map(str, sweep.seeds))}. {sweep.get("metric_text", METRIC_TEXT)} on the test split, '
+           'mean ± 95% t-interval over the seeds finished (one seed: no interval); M = visual tokens the LM reads; '
+           'params = the projector\'s parameters.', '',
            '| cell | M | params | seeds | ' + ' | '.join(families) + ' |', '|' + '---|' * (len(families) + 4)]
   for r in rows:
     cells = [_cell_text([100 * v for v in r['accuracy'].get(family, [])]) for family in families]
@@ -352,9 +376,10 @@ def markdown(sweep, rows: list[dict], command: str) -> str:
   if chance:
     lines.append('| chance (most frequent answer) | | | | '
                  + ' | '.join(f'{100 * chance[f]:.1f}' if f in chance else '' for f in families) + ' |')
-  base = next((r for r in rows if r['cell'] == BASELINE_CELL and r['seeds']), None)
+  base_cell = REFERENCE_CELL if sweep.get('reference_metric') else BASELINE_CELL
+  base = next((r for r in rows if r['cell'] == base_cell and r['seeds']), None)
   if base is not None:
-    lines += ['', f'Difference from the {BASELINE_CELL} baseline (percentage points, paired by seed, mean ± 95% '
+    lines += ['', f'Difference from the {base_cell} baseline (percentage points, paired by seed, mean ± 95% '
               't-interval; * = the interval excludes 0):', '',
               '| cell | ' + ' | '.join(families) + ' |', '|' + '---|' * (len(families) + 1)]
     for r in rows:

@@ -23,7 +23,7 @@ VARIANTS = ('', 'smoke')  # '' = the full CPU budget; 'smoke' = tiny data and st
 def model_config(*, lm: dict, encoder: dict | None = None, projector: dict | None = None, image_token_id: int = 0,
                  use_image: bool = True, dtype: str = 'float32', param_dtype: dict | None = None,
                  remat: str = 'none', kernels: dict | None = None, modality: str = 'image',
-                 num_frames: int | None = None) -> mlc.ConfigDict:
+                 num_frames: int | None = None, output: dict | None = None) -> mlc.ConfigDict:
   """cfg.model with every model-level field; the one place they default. The towers' own fields default in their
   modules (mmproj/encoders/vit.py ViT, mmproj/lm/llama.py Llama); their memory levers are added here:
   scan_layers=False and remat=None (= model.remat).
@@ -38,6 +38,8 @@ def model_config(*, lm: dict, encoder: dict | None = None, projector: dict | Non
     remat           'none' | 'dots' | 'minimal' | 'full' for both towers (mmproj/layers/scan.py)
     kernels         {'dense', 'attention'}: implementations (mmproj/layers/kernels.py); 'auto' = plain XLA, or
                     cuDNN attention on a GPU in bf16
+    output          the output side (mmproj/model.py): {num_signal_tokens, signal_token_id, projector (an output
+                    projector, mmproj/output_projectors), generator (the generator's fields, mmproj/generators)}
   """
   levers = dict(scan_layers=False, remat=None)
   c = mlc.ConfigDict()
@@ -54,6 +56,8 @@ def model_config(*, lm: dict, encoder: dict | None = None, projector: dict | Non
   if use_image or encoder is not None:
     c.encoder = {**levers, **encoder}
     c.projector = dict(projector)
+  if output:
+    c.output = dict(output)
   return c
 
 
@@ -224,6 +228,45 @@ def stage0_recipe(smoke: bool = False) -> mlc.ConfigDict:
   return r
 
 
+# The draw world of the output side (issue 22): the scenes world at 32 px on a 2x2 grid (16 px cells, the
+# quickstart's cell size), 1-2 objects, no glyphs, so a caption is at most 10 words ("large red circle top left
+# small blue square bottom right"). These are the world's own fields; a data pipeline adds its row fields
+# (text_len, turns, ...) around them, e.g. dict(scenes_data(smoke), **draw_world(smoke)).
+def draw_world(smoke: bool = False) -> dict:
+  return dict(name='shapes', world='scenes', data_dir='~/.cache/mmproj/data', image_size=32, grid=2, jitter=1,
+              num_train=64 if smoke else 20_000, num_test=16 if smoke else 500, min_objects=1, max_objects=2,
+              max_glyphs=0, seed=0)
+
+
+def generator_recipe(smoke: bool = False) -> mlc.ConfigDict:
+  """What mmproj/stage0_generator.py trains: the draw world's "given" generator (mmproj/generators: a causal text
+  encoder + a rectified-flow DiT, trained jointly, GLIDE-style), and how its report samples. smoke: toy sizes and
+  a few steps (tests)."""
+  r = mlc.ConfigDict()
+  r.cache_dir = '~/.cache/mmproj/stage0'
+  r.data = draw_world(smoke)
+  # text_len 16: a two-object caption is 12 tokens with <bos> and <eos>. vocab_size: the scenes LM's (the world's
+  # tokenizer uses 70 ids).
+  r.generator = dict(vocab_size=96, text_len=16, text_width=32 if smoke else 128, text_depth=1 if smoke else 2,
+                     text_heads=2 if smoke else 4, text_mlp_dim=64 if smoke else 512, image_size=32, patch_size=4,
+                     width=32 if smoke else 128, depth=1 if smoke else 4, num_heads=2 if smoke else 4,
+                     mlp_dim=64 if smoke else 512, pooled_text=True, time_sampling='logit_normal',
+                     prediction='data')
+  # 5000 steps at batch 64: ~0.65 s a step measured while a sweep held both cores of the 2-core CPU host, about
+  # half that idle, so the whole build (world, training, report) takes ~30 min there (~57 min beside a sweep).
+  r.train = dict(steps=30 if smoke else 5000, batch_size=8 if smoke else 64, learning_rate=1e-3,
+                 warmup_steps=2 if smoke else 200, end_lr_frac=0.05, b1=0.9, b2=0.99, weight_decay=0.01,
+                 grad_clip=1.0,
+                 caption_dropout=0.1,     # a caption's cond is replaced by the null conditioning (for CFG)
+                 ema_decay=0.999,         # the saved params are this EMA of the trained ones
+                 seed=0, log_every=5 if smoke else 100, checkpoint_every=15 if smoke else 250)
+  # The report's samples: one image per test caption (num_images of them; None = all), at the guidance scale a
+  # generator is used with, and at guidance 1 (no CFG) beside it.
+  r.sample = dict(steps=4 if smoke else 25, guidance=3.0, num_images=mlc.config_dict.placeholder(int),
+                  batch_size=16 if smoke else 100, seed=0)
+  return r
+
+
 # Options of a connector run between the stage-0 towers (configs/scenes.py:NAME[,OPTION]...). Without a stage
 # option a run is one stage whose training rows hold the image's caption and then question turns.
 #   align      LLaVA's stage 1 (feature alignment): captions only, ALIGN_STEPS steps, the LM frozen, so only the
@@ -280,6 +323,56 @@ def scenes_experiment(options: str | Sequence[str], *, name: str, projector: dic
     c.init.lm = None                   # the LM plays no part; its vocabulary sizes the Q-Former's text side
     c.train.learning_rate = 1e-3       # a from-scratch post-LN BERT with its own heads, as the stage-0 towers
   return c
+
+
+# The output side (configs/draw.py:NAME[,OPTION]...): text -> image through signal tokens, an output projector and
+# the stage-0 generator (mmproj/stage0_generator.py), between which the stage-0 LM (frozen) is asked to draw.
+#   align      NExT-GPT's / GILL's stage 1: the output projector's conditioning regressed (MSE) onto the
+#              generator's own text encoding of the caption; the signal rows and the output projector train
+#   generate   stage 2: the generator's flow-matching loss on the record's image through the output projector
+#              (the generator frozen); start it from an align run with --config.init.output=<that run's workdir>
+#   train_lm   the LM trains too (both stages keep it frozen otherwise)
+#   smoke      toy towers, generator and budget (tests)
+DRAW_OPTIONS = ('smoke', 'align', 'generate', 'train_lm')
+DRAW_SIGNAL_TOKENS = 4        # K, GILL's r = 8 at laptop scale
+
+
+def draw_experiment(options: str | Sequence[str], *, name: str, projector: dict, steps: int = 600,
+                    batch_size: int = 64) -> mlc.ConfigDict:
+  """An output projector between the stage-0 LM and the stage-0 generator, trained on the draw task
+  (mmproj/data/draw.py) in the generator's world. options: a subset of DRAW_OPTIONS with exactly one of align /
+  generate (or one comma-separated string)."""
+  options = tuple(filter(None, options.split(','))) if isinstance(options, str) else tuple(options)
+  where = f'configs/{name}.py'
+  if any(o not in DRAW_OPTIONS for o in options) or len({'align', 'generate'} & set(options)) != 1:
+    raise ValueError(f'{where}: options {options}: each one of {DRAW_OPTIONS}, exactly one of align / generate')
+  smoke = 'smoke' in options
+  generator = generator_recipe(smoke)
+  c = _scenes_run(smoke, name=name, use_image=False, projector=None, steps=steps, batch_size=batch_size)
+  c.baseline = 'none'
+  # Rows: <bos> draw <caption, <= 10 words> <sep> [IMG0]..[IMG3] <eos> = 17 tokens at most.
+  c.data = dict(generator.data.to_dict(), task='draw', signal_tokens=DRAW_SIGNAL_TOKENS,
+                gen_text_len=generator.generator.text_len, text_len=20, worker_count=0, read_threads=1,
+                bad_records='error')
+  c.model = model_config(image_token_id=3, use_image=False, lm=c.model.lm.to_dict(),
+                         output=dict(num_signal_tokens=DRAW_SIGNAL_TOKENS, signal_token_id=SCENE_DRAW_VOCAB_SIZE,
+                                     projector=dict(projector), generator=generator.generator.to_dict()))
+  c.model.output.num_signal_tokens = c.data.get_ref('signal_tokens')
+  c.stage0 = stage0_recipe(smoke)
+  c.generator = generator
+  c.init = dict(encoder=None, lm='stage0', projector=None, output=None, generator='stage0')
+  c.train.trainable = ['output/.*'] + (['lm/.*'] if 'train_lm' in options else [])
+  c.train.frozen = ['generator/.*']
+  c.train.output_loss = 'align' if 'align' in options else 'generate'
+  c.train.output_loss_weight = 1.0
+  c.eval = dict(batch_size=16 if smoke else 100, max_examples=16 if smoke else 500,
+                draw_steps=generator.sample.steps, draw_guidance=generator.sample.guidance, draw_seed=0)
+  return c
+
+
+# The scenes tokenizer's ids (mmproj/data/shapes.py SCENE_VOCAB_SIZE: 6 specials + 64 words) and then the draw
+# task's word 'draw' (mmproj/data/draw.py): [IMG0] is the next id. Checked against the tokenizer by the trainer.
+SCENE_DRAW_VOCAB_SIZE = 71
 
 
 def parse_arg(arg: str, where: str, **defaults) -> mlc.ConfigDict:
@@ -378,6 +471,15 @@ def sweep_cells(config: str, axes: dict[str, Sequence[Any]], *, fixed: dict[str,
     label = ','.join([name] * bool(name) + [f'{k}={v}' for k, v in chosen.items()])
     cells.append(dict(name=label.replace('/', '_') or 'base', config=config, overrides={**(fixed or {}), **chosen}))
   return cells
+
+
+def sweep_base(name: str, smoke: bool) -> mlc.ConfigDict:
+  """A sweep config's name ('<name>_smoke' for the smoke variant) and seeds (0-2; smoke: 0); the caller adds
+  cells (and optionally metric / reference_metric: experiments/sweep.py)."""
+  c = mlc.ConfigDict()
+  c.name = f'{name}_smoke' if smoke else name
+  c.seeds = [0] if smoke else [0, 1, 2]
+  return c
 
 
 def zoo_sweep(arg: str, *, name: str, config: str, names: Sequence[str], smoke_entry: str,

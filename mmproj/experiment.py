@@ -5,7 +5,10 @@ between the two is what the projector carries. It trains in WORKDIR/blind/.
 Shapes-world runs are evaluated by VQA accuracy and caption loss; other data (LLaVA-format JSON) reports the
 training loss of the last log interval (evaluate those with mmproj.load + mmproj.generate). A config with
 objective='qformer_stage1' is BLIP-2's first stage instead (mmproj/qformer_stage1.py: the Q-Former alone on the
-frozen ViT; default objective: 'lm', the multimodal LM's next-token loss).
+frozen ViT; default objective: 'lm', the multimodal LM's next-token loss). A draw-task run (data.task='draw', a
+model with an output side) is evaluated by text -> image match rates (mmproj/eval/draw.py) next to the generator
+driven by its own text encoder, and writes a grid of its pictures to WORKDIR/draw_samples.png (a column per
+caption of results.json's sample_captions: the pipeline's picture over the reference's).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import math
 import jax
 from etils import epath
 
-from mmproj import qformer_stage1, stage0
+from mmproj import qformer_stage1, stage0, stage0_generator
 from mmproj.data import worlds
 from mmproj.eval import vqa
 from mmproj.train import paths, trainer
@@ -71,6 +74,7 @@ def _write_results(workdir: str, results: dict) -> str:
 def run(cfg, workdir: str) -> dict:
   workdir = paths.resolve(workdir)          # a local directory or a URL (gs://bucket/run): mmproj/train/paths.py
   cfg = stage0.resolve_init(cfg)            # cfg.init 'stage0' entries: the towers of cfg.stage0, built if missing
+  cfg = stage0_generator.resolve_init(cfg)  # ... and the generator of cfg.generator
   objective = cfg.get('objective', 'lm')
   if objective == qformer_stage1.OBJECTIVE:
     return qformer_stage1.run(cfg, workdir)
@@ -91,6 +95,8 @@ def run(cfg, workdir: str) -> dict:
       print(f'trained {results["steps"]} steps in {results["train_seconds"]:.0f}s; last log: '
             f'{results["last_metrics"]}\nresults: {path}', flush=True)
     return results
+  if cfg.data.get('task') == 'draw':
+    return _run_draw(cfg, workdir)
   main = trainer.train(cfg, workdir, name='[image] ' if baseline == 'blind' else '')
   accuracy, cap_loss = _evaluate(main, cfg)
   results = {'vqa_accuracy': accuracy, 'caption_loss': cap_loss, 'steps': int(cfg.train.steps),
@@ -103,5 +109,34 @@ def run(cfg, workdir: str) -> dict:
   if jax.process_index() == 0:
     path = _write_results(workdir, results)
     print(format_table(results), flush=True)
+    print(f'results: {path}', flush=True)
+  return results
+
+
+def format_draw_table(results: dict) -> str:
+  pipe, ref = results['draw']['pipeline'], results['draw']['reference']
+  header = f'{"attribute":<10} {"pipeline":>9} {"reference":>9} {"gap":>7}'
+  lines = [header, '-' * len(header)]
+  lines += [f'{k:<10} {pipe[k]:>9.1%} {ref[k]:>9.1%} {100 * (pipe[k] - ref[k]):>+6.1f}p' for k in pipe]
+  d = results['draw']
+  lines.append(f'signal tokens emitted: first {d["signal_first"]:.1%}, all {d["signal_exact"]:.1%}; conditioning '
+               f'MSE to the text encoder\'s {d["condition_mse"]:.4f}; {d["examples"]} test captions')
+  lines.append(f'steps: {results["steps"]}, train time: {results["train_seconds"]:.0f}s')
+  return '\n'.join(lines)
+
+
+def _run_draw(cfg, workdir: str) -> dict:
+  from mmproj.eval import draw
+  main = trainer.train(cfg, workdir)
+  figures = draw.draw_accuracy(main.setup, main.state.params, main.tokenizer, batch_size=int(cfg.eval.batch_size),
+                               max_examples=cfg.eval.max_examples, steps=int(cfg.eval.draw_steps),
+                               guidance=float(cfg.eval.draw_guidance), seed=int(cfg.eval.draw_seed))
+  samples = figures.pop('samples')
+  results = {'draw': figures, 'sample_captions': samples['captions'], 'steps': int(cfg.train.steps), 'train_seconds': round(main.train_seconds, 1),
+             'last_metrics': _last_metrics(workdir)}
+  if jax.process_index() == 0:
+    path = _write_results(workdir, results)
+    epath.Path(paths.join(workdir, 'draw_samples.png')).write_bytes(draw.samples_png(samples))
+    print(format_draw_table(results), flush=True)
     print(f'results: {path}', flush=True)
   return results

@@ -10,6 +10,16 @@ use_image=False), stored in cfg.model.param_dtype.<tower> (float32; a frozen tow
 compute runs in cfg.model.dtype; logits come back float32.
 With encoder_trainable=False the encoder output goes through stop_gradient, so no backward pass runs through it.
 
+The output side (model.output, NExT-GPT / GILL; has_output): the LM emits K signal tokens [IMG0]..[IMGk-1]
+(ids model.output.signal_token_id + k) whose embedding rows and vocabulary-head rows are their own parameters
+(params['output']: signal_embed, signal_head [K, Dt]), so they train while the LM stays frozen; the LM's last
+hidden states at those K positions go through an output projector (mmproj/output_projectors,
+params['output']['projector']) into the conditioning [B, L, Dc] of a given generator (mmproj/generators,
+params['generator'], always frozen), in place of its own text encoder's encoding of a caption:
+
+  tokens [B, T] ... <sep> [IMG0] .. [IMGk-1] --LM--> hidden at the K signal positions [B, K, Dt]
+      --output projector--> cond [B, L, Dc] --generator (flow matching, CFG)--> image [B, S, S, 3]
+
 A projector that declares `injects_into_lm = True` (gated_xattn, Flamingo) is wired differently: nothing is merged.
 Each image has one <image> marker in the row (num_image_tokens = 1), which keeps its text embedding; the
 projector's tokens are media [B, T_img, M, Dt] that the LM's gated cross-attention blocks (params under 'lm')
@@ -26,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmproj import projectors
+from mmproj import generators, output_projectors, projectors
 from mmproj.encoders import ENCODERS, build_encoder
 from mmproj.layers import ACTIVATIONS, kernels as kernels_lib
 from mmproj.layers.gated_cross_attention import media_index
@@ -38,7 +48,7 @@ from mmproj.layers.partitioning import constrain
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # model.modality (the batch key of the media) -> the encoder that reads it.
 MODALITIES = {'image': 'vit', 'video': 'vit', 'audio': 'whisper'}
-TOWERS = ('encoder', 'projector', 'lm')   # the top-level keys of the params
+TOWERS = ('encoder', 'projector', 'lm', 'output', 'generator')   # the top-level keys of the params
 
 
 def param_dtypes(cfg_model: Any) -> dict[str, Any]:
@@ -140,6 +150,8 @@ def validate(cfg_model: Any) -> None:
     raise ValueError(f'model.lm.sliding_window={lm.sliding_window} must be None or >= 1')
   check_remat(lm.remat, 'model.lm.remat')
   check_scan(lm.scan_layers, 'model.lm.scan_layers')
+  if c.get('output') is not None and (c.output.get('num_signal_tokens') or c.output.get('projector')):
+    _check_output(c, lm)
 
   if not c.use_image:
     return
@@ -200,6 +212,43 @@ def injects_into_lm(cfg_model: Any) -> bool:
   return bool(cfg_model.use_image) and getattr(projectors.get(cfg_model.projector.name), 'injects_into_lm', False)
 
 
+def has_output(cfg_model: Any) -> bool:
+  """True when cfg.model has an output side (model.output with num_signal_tokens > 0)."""
+  out = cfg_model.get('output') if hasattr(cfg_model, 'get') else None
+  return bool(out) and int(out.get('num_signal_tokens', 0) or 0) > 0
+
+
+def output_modules(cfg_model: Any, dtype: Any = jnp.float32) -> tuple[Any, Any]:
+  """(OutputSide, generator) modules of cfg.model's output side (unbound: usable for their methods)."""
+  c = cfg_model.output
+  gen = generators.build(c.generator, dtype=dtype)
+  length, dim = gen.text_len, gen.text_width
+  side = OutputSide(num_signal_tokens=int(c.num_signal_tokens), width=int(cfg_model.lm.width),
+                    projector_config=_frozen(dict(c.projector)), out_len=length, out_dim=dim, dtype=dtype)
+  return side, gen
+
+
+def _check_output(c: Any, lm: Any) -> None:
+  """model.output: signal ids inside the LM's vocabulary, the output projector's and the generator's fields."""
+  out = c.output
+  k, first = out.get('num_signal_tokens'), out.get('signal_token_id')
+  for field, value in (('num_signal_tokens', k), ('signal_token_id', first)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f'model.output.{field}={value!r} must be an int >= 1')
+  if first + k > lm.vocab_size:
+    raise ValueError(f'model.output.signal_token_id={first} + num_signal_tokens={k} exceeds model.lm.vocab_size='
+                     f'{lm.vocab_size}')
+  if c.use_image and first <= c.image_token_id < first + k:
+    raise ValueError(f'model.image_token_id={c.image_token_id} is one of the signal tokens (model.output.'
+                     f'signal_token_id={first}, num_signal_tokens={k})')
+  try:
+    gen = generators.build(out.generator)
+  except ValueError as e:                                   # 'generator.<field>: ...' -> 'model.output.generator...'
+    raise ValueError(f'model.output.{e}') from None
+  length, dim = gen.text_len, gen.text_width
+  output_projectors.validate(out.projector, in_dim=lm.width, num_signal_tokens=k, out_len=length, out_dim=dim)
+
+
 def num_image_tokens(cfg_model: Any) -> int:
   """<image> placeholders per example: M visual tokens for a merging projector, 1 marker for an injecting one
   (gated_xattn), 0 for the blind baseline."""
@@ -220,6 +269,17 @@ def projector_param_count(cfg_model: Any) -> int:
   if injects_into_lm(c):
     n += projectors.build(c.projector, in_dim=c.encoder.width, out_dim=c.lm.width).injected_param_count(c.lm.depth)
   return n
+
+
+def output_projector_param_count(cfg_model: Any) -> int:
+  """Parameters of the output side that trains: the output projector and the signal tokens' embedding and head
+  rows (2 K Dt). 0 without an output side."""
+  if not has_output(cfg_model):
+    return 0
+  out = cfg_model.output
+  gen = generators.build(out.generator)
+  k, width = int(out.num_signal_tokens), int(cfg_model.lm.width)
+  return output_projectors.param_count(out.projector, width, k, gen.text_len, gen.text_width) + 2 * k * width
 
 
 def merge_visual_tokens(text_embeds, visual, tokens, image_token_id: int, input_mask=None):
@@ -258,6 +318,51 @@ def towers(cfg_model: Any) -> tuple[Any, Any, Any]:
   return encoder, projector, lm
 
 
+class OutputSide(nn.Module):
+  """The model's own output-side parameters: signal-token embedding and head rows, and the output projector.
+
+    signal_embed [K, Dt]   the input embeddings of [IMG0]..[IMGk-1] (replacing the LM's rows for those ids)
+    signal_head  [K, Dt]   their rows of the vocabulary projection (replacing the LM head's)
+    projector              hidden states at the signal tokens [B, K, Dt] -> conditioning [B, L, Dc]
+  GILL trains exactly these with the LM frozen (its [IMG] input and output embeddings and GILLMapper)."""
+  num_signal_tokens: int
+  width: int
+  projector_config: Any           # cfg.model.output.projector
+  out_len: int
+  out_dim: int
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    init = nn.initializers.normal(0.02)
+    self.signal_embed = self.param('signal_embed', init, (self.num_signal_tokens, self.width), jnp.float32)
+    self.signal_head = self.param('signal_head', init, (self.num_signal_tokens, self.width), jnp.float32)
+    self.projector = output_projectors.build(self.projector_config, in_dim=self.width,
+                                             num_signal_tokens=self.num_signal_tokens, out_len=self.out_len,
+                                             out_dim=self.out_dim, dtype=self.dtype)
+
+  def embed(self, signal_index):
+    """signal_index int [B, T] (k for [IMGk], anything elsewhere) -> rows of signal_embed [B, T, Dt]."""
+    k = jnp.clip(signal_index, 0, self.num_signal_tokens - 1)
+    return jnp.take(self.signal_embed, k, axis=0).astype(self.dtype)
+
+  def logits(self, normed):
+    """The LM's final-normed hidden states [..., Dt] -> the K signal tokens' logits [..., K] float32."""
+    return jnp.einsum('...d,kd->...k', normed.astype(self.dtype), self.signal_head.astype(self.dtype)
+                      ).astype(jnp.float32)
+
+  def condition(self, signal_states, deterministic: bool = True):
+    """[B, K, Dt] -> [B, L, Dc]."""
+    return self.projector(signal_states, deterministic=deterministic)
+
+
+def signal_positions(tokens, first_id: int, num: int):
+  """Where each row's signal tokens are: (positions int [B, K] of [IMG0]..[IMGk-1], present bool [B]: the row has
+  all K). A row without them gets position 0 for the missing ones (its `present` is False)."""
+  hits = tokens[:, None, :] == (first_id + jnp.arange(num))[None, :, None]         # [B, K, T]
+  positions = jnp.argmax(hits, axis=-1).astype(jnp.int32)                            # [B, K]: first occurrence
+  return positions, jnp.all(jnp.any(hits, axis=-1), axis=-1)
+
+
 def _with_kernels(method):
   """Runs a MultimodalLM method under its kernel choice (model.kernels, mmproj/layers/kernels.py)."""
   @functools.wraps(method)
@@ -288,8 +393,29 @@ class MultimodalLM(nn.Module):
   def injects(self) -> bool:
     return injects_into_lm(self.config)
 
+  @property
+  def has_output(self) -> bool:
+    return has_output(self.config)
+
   def setup(self):
     self.encoder, self.projector, self.lm = towers(self.config)
+    if self.has_output:
+      self.output, self.generator = output_modules(self.config, self.dtype)
+
+  def _signal_index(self, tokens):
+    """tokens [B, T] -> (is_signal bool [B, T], k int [B, T]: which [IMGk] it is, 0 elsewhere)."""
+    k = jnp.asarray(tokens) - int(self.config.output.signal_token_id)
+    is_signal = (k >= 0) & (k < int(self.config.output.num_signal_tokens))
+    return is_signal, jnp.where(is_signal, k, 0)
+
+  @_with_kernels
+  def embed_text(self, tokens):
+    """Token ids [B, T] -> embeddings [B, T, Dt]: the LM's table, and the output side's rows for signal tokens."""
+    x = self.lm.embed(tokens)                                                # [B, T, Dt]
+    if not self.has_output:
+      return x
+    is_signal, k = self._signal_index(tokens)
+    return jnp.where(is_signal[..., None], self.output.embed(k), x)
 
   @_with_kernels
   def encode(self, media, deterministic: bool = True):
@@ -323,7 +449,7 @@ class MultimodalLM(nn.Module):
     embeddings (markers included) and the media go to the LM's cross-attention.
     """
     tokens = jnp.asarray(batch['tokens'])
-    x = constrain(self.lm.embed(tokens), 'act_batch', 'act_seq', 'act_embed')  # [B, L, Dt]
+    x = constrain(self.embed_text(tokens), 'act_batch', 'act_seq', 'act_embed')  # [B, L, Dt]
     if not self.config.use_image:
       return x, None, None
     visual = self.encode(batch[modality(self.config)], deterministic)       # [B, M, Dt] | [B, T_img, M, Dt]
@@ -348,15 +474,39 @@ class MultimodalLM(nn.Module):
     segment_ids = batch.get('segment_ids')
     out, _ = self.lm(x, jnp.asarray(batch['positions']), jnp.asarray(batch['input_mask']),
                      segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
-                     media=media, media_index=index, return_hidden=return_hidden)
+                     media=media, media_index=index, return_hidden=True)
+    out = constrain(out, 'act_batch', 'act_seq', 'act_embed')               # [B, L, Dt]
+    if self.has_output and self.is_initializing():          # create the output side's and generator's params
+      self.signal_condition(out, jnp.asarray(batch['tokens']))
+      g = self.generator
+      self.generator(jnp.zeros((1, g.text_len), jnp.int32), jnp.zeros((1, g.image_size, g.image_size, 3)),
+                     jnp.zeros((1,)))
     if return_hidden:
-      return constrain(out, 'act_batch', 'act_seq', 'act_embed')            # [B, L, Dt]
-    return constrain(out, 'act_batch', 'act_seq', 'act_vocab')              # [B, L, V]
+      return out
+    return self.head(out)                                                    # [B, L, V]
 
   @_with_kernels
   def head(self, hidden):
-    """The LM's final norm + vocabulary projection: hidden [B, K, Dt] -> logits [B, K, V] float32."""
-    return constrain(self.lm.head(hidden), 'act_batch', 'act_seq', 'act_vocab')
+    """The LM's final norm + vocabulary projection: hidden [B, K, Dt] -> logits [B, K, V] float32 (the signal
+    tokens' logits from the output side's rows)."""
+    logits = self.lm.head(hidden)
+    if self.has_output:
+      first, k = int(self.config.output.signal_token_id), int(self.config.output.num_signal_tokens)
+      logits = logits.at[..., first:first + k].set(self.output.logits(self.lm.norm(hidden)))
+    return constrain(logits, 'act_batch', 'act_seq', 'act_vocab')
+
+  @_with_kernels
+  def signal_condition(self, hidden, tokens, deterministic: bool = True):
+    """The generator's conditioning from the LM's last hidden states [B, T, Dt] at each row's signal tokens
+    (tokens [B, T]) -> (cond [B, L, Dc], present bool [B]: the row holds all K signal tokens)."""
+    out = self.config.output
+    positions, present = signal_positions(jnp.asarray(tokens), int(out.signal_token_id), int(out.num_signal_tokens))
+    states = jnp.take_along_axis(hidden, positions[..., None], axis=1)       # [B, K, Dt]
+    return self.output.condition(states, deterministic), present
+
+  def text_condition(self, gen_text):
+    """The generator's own text encoder on caption ids gen_text [B, L] -> cond [B, L, Dc] (the alignment target)."""
+    return self.generator.encode_text(gen_text)
 
   @_with_kernels
   def prefill(self, batch, cache_len: int, deterministic: bool = True):
@@ -371,9 +521,9 @@ class MultimodalLM(nn.Module):
     if cache_len < length:
       raise ValueError(f'cache_len={cache_len} is shorter than the prompt length {length}')
     cache = self.lm.init_cache(b, cache_len)
-    logits, cache = self.lm(x, jnp.asarray(batch['positions']), jnp.asarray(batch['input_mask']), cache,
-                            media=media, media_index=index)
-    return logits[:, -1], cache                                              # [B, V]
+    hidden, cache = self.lm(x, jnp.asarray(batch['positions']), jnp.asarray(batch['input_mask']), cache,
+                            media=media, media_index=index, return_hidden=True)
+    return self.head(hidden[:, -1]), cache                                   # [B, V]
 
   @_with_kernels
   def decode_step(self, token, cache):
@@ -382,10 +532,10 @@ class MultimodalLM(nn.Module):
     The token's position is the number of real tokens already in the cache (positions = cumsum(mask) - 1).
     """
     token = jnp.asarray(token)[:, None]                                      # [B, 1]
-    x = self.lm.embed(token)                                                 # [B, 1, Dt]
+    x = self.embed_text(token)                                               # [B, 1, Dt]
     positions = jnp.sum(cache['mask'], axis=1, dtype=jnp.int32)[:, None]     # [B, 1]
-    logits, cache = self.lm(x, positions, jnp.ones_like(token, jnp.int32), cache)
-    return logits[:, 0], cache                                               # [B, V]
+    hidden, cache = self.lm(x, positions, jnp.ones_like(token, jnp.int32), cache, return_hidden=True)
+    return self.head(hidden[:, 0]), cache                                    # [B, V]
 
 
 def build_model(cfg_model: Any, *, encoder_trainable: bool = True, platform: str | None = None) -> MultimodalLM:

@@ -26,9 +26,9 @@ from mmproj import config_lib  # noqa: E402
 
 # The modules that take longest, first: with two workers (.ci/run: --dist loadscope --no-loadscope-reorder) each
 # module runs on one worker, and one started last would run alone at the end while the other worker idles.
-SLOW_FIRST = ('test_projector_configs', 'test_findings', 'test_stage0', 'test_faults', 'test_scan_remat',
-              'test_train', 'test_multiprocess', 'test_cloud_workdir', 'test_sweep', 'test_bench', 'test_attention_maps',
-              'test_sharding', 'test_llava_training', 'test_no_pickle')
+SLOW_FIRST = ('test_projector_configs', 'test_findings', 'test_stage0', 'test_generator', 'test_faults',
+              'test_scan_remat', 'test_train', 'test_multiprocess', 'test_cloud_workdir', 'test_sweep', 'test_bench',
+              'test_attention_maps', 'test_sharding', 'test_llava_training', 'test_no_pickle')
 
 
 def pytest_collection_modifyitems(items):
@@ -90,6 +90,34 @@ def media_runs(tmp_path_factory) -> dict:
     cfg = tiny_media_experiment(modality, str(root / 'data'))
     runs[modality] = cfg, str(root / 'run'), experiment.run(cfg, str(root / 'run'))
   return runs
+
+
+@pytest.fixture(scope='session')
+def draw_dirs(tmp_path_factory):
+  """(data dir, a generator directory holding the smoke recipe's generator with random weights), once per session."""
+  import jax
+
+  from experiment_utils import load_config
+  from mmproj import generators
+  cfg = load_config('configs/draw.py', 'mlp,align,smoke')
+  gen = generators.build(cfg.model.output.generator)
+  gen_dir = str(tmp_path_factory.mktemp('generator') / 'generator')
+  generators.save(gen_dir, cfg.model.output.generator, generators.init_params(gen, jax.random.key(0)))
+  return str(tmp_path_factory.mktemp('draw_data')), gen_dir
+
+
+@pytest.fixture(scope='session')
+def draw_runs(draw_dirs, tmp_path_factory):
+  """Tiny runs of configs/draw.py through experiment.run: stage 1 (align) in ROOT/align and stage 2 (generate,
+  from stage 1's output side) in ROOT/generate -> (ROOT, align results, generate results)."""
+  from experiment_utils import tiny_draw
+  from mmproj import experiment
+  data_dir, gen_dir = draw_dirs
+  root = tmp_path_factory.mktemp('draw_runs')
+  align_results = experiment.run(tiny_draw(data_dir, gen_dir, 'align'), str(root / 'align'))
+  generate = tiny_draw(data_dir, gen_dir, 'generate')
+  generate.init.output = str(root / 'align')
+  return root, align_results, experiment.run(generate, str(root / 'generate'))
 
 
 @pytest.fixture(scope='session')

@@ -60,6 +60,21 @@ def tiny_media_experiment(modality: str, data_dir: str):
   return cfg
 
 
+def tiny_draw(data_dir: str, generator_dir: str | None, stage: str = 'align', name: str = 'mlp'):
+  """configs/draw.py at the smoke budget, shrunk further: a one-block random LM (init.lm None), the generator in
+  generator_dir (None: a random one), 6 steps."""
+  cfg = load_config('configs/draw.py', f'{name},{stage},smoke')
+  cfg.data.update(data_dir=data_dir, num_train=32, num_test=8)
+  cfg.model.lm.update(width=32, depth=1, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
+  cfg.init.lm = None
+  cfg.init.generator = generator_dir
+  cfg.train.update(steps=6, batch_size=8, warmup_steps=2)
+  cfg.checkpoint.update(every=3, async_save=False)
+  cfg.log_every = 2
+  cfg.eval.update(batch_size=8, max_examples=8, draw_steps=2)
+  return cfg
+
+
 def python_env(num_devices: int | None = None) -> dict[str, str]:
   # MMPROJ_VENV: launch.sh run from a test uses the environment the tests run in.
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='3', MMPROJ_VENV=sys.prefix)

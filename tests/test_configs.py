@@ -31,7 +31,8 @@ def test_config_builds(path, arg):
   s = trainer.setup(cfg, jax.devices()[:1])
   n_params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
   assert n_params > 0
-  expected = {'lm'} | ({'encoder', 'projector'} if cfg.model.use_image else set())
+  expected = ({'lm'} | ({'encoder', 'projector'} if cfg.model.use_image else set())
+              | ({'output', 'generator'} if cfg.model.get('output') else set()))
   assert set(s.abstract_state.params) == expected
 
 

@@ -85,7 +85,7 @@ def traced_step_flops(cfg) -> int:
     merged = list(leaves)
     for i, leaf in zip(trained, trained_leaves):
       merged[i] = leaf
-    return loss_sums(jax.tree.unflatten(treedef, merged), batch, jax.random.key(0))[0]
+    return loss_sums(jax.tree.unflatten(treedef, merged), batch, jax.random.key(0))['nll']
 
   return flops.jaxpr_matmul_flops(jax.value_and_grad(loss), [leaves[i] for i in trained], leaves, batch)
 

@@ -1,10 +1,11 @@
 """The library reads top to bottom: every import of an mmproj module (at module level or inside a function) runs
 down this order, never up it, and no modules import each other in a cycle.
 
-  layers, config_lib -> encoders / projectors / lm -> model -> data -> convert -> eval -> train
-                     -> stage0 -> qformer_stage1 -> experiment / inference -> main / the package root
+  layers, config_lib -> encoders / projectors / output_projectors / lm / generators -> model -> data -> convert -> eval -> train
+                     -> stage0 -> stage0_generator / qformer_stage1 -> experiment / inference -> main / the package root
 
-A package may import its own modules; packages of one rank (encoders, projectors, lm) may not import each other.
+A package may import its own modules; packages of one rank (encoders, projectors, output_projectors, lm, generators)
+may not import each other.
 Importing the library must not import torch or transformers (they are test and benchmark extras).
 """
 from __future__ import annotations
@@ -18,14 +19,15 @@ from experiment_utils import REPO, python_env
 
 ORDER = (
     ('layers', 'config_lib'),     # config_lib: cfg fields and the config loader, pure (imports no mmproj module)
-    ('encoders', 'projectors', 'lm'),
+    ('encoders', 'projectors', 'output_projectors', 'lm', 'generators'),
     ('model',),
     ('data',),
     ('convert',),
     ('eval',),
     ('train',),
     ('stage0',),              # the pretrained towers: trained with train, read by experiment through cfg.init
-    ('qformer_stage1',),      # BLIP-2's stage 1 on the stage-0 ViT (its data read as stage0 reads it)
+    ('qformer_stage1',        # BLIP-2's stage 1 on the stage-0 ViT (its data read as stage0 reads it)
+     'stage0_generator'),     # the draw world's generator, a stage-0 artifact of the output side
     ('experiment', 'inference'),
     ('main', ''),             # '' = the package root, mmproj/__init__.py
 )

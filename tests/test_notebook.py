@@ -32,7 +32,7 @@ def _text(cell) -> str:
 
 
 @pytest.mark.slow
-def test_notebook_runs_on_a_trained_workdir(trained_workdir, media_runs, tmp_path, monkeypatch):
+def test_notebook_runs_on_a_trained_workdir(trained_workdir, media_runs, draw_runs, tmp_path, monkeypatch):
   """Executes every cell with nbclient in a kernel of this interpreter (a kernelspec written to a temporary
   JUPYTER_PATH, whose argv is sys.executable, so no user- or system-wide 'python3' kernel is picked up)."""
   from ipykernel.kernelspec import install
@@ -43,6 +43,7 @@ def test_notebook_runs_on_a_trained_workdir(trained_workdir, media_runs, tmp_pat
   monkeypatch.setenv('MMPROJ_CHECKPOINT', trained_workdir)        # its config.json holds the test data_dir
   monkeypatch.setenv('MMPROJ_AUDIO_CHECKPOINT', media_runs['audio'][1])
   monkeypatch.setenv('MMPROJ_VIDEO_CHECKPOINT', media_runs['video'][1])
+  monkeypatch.setenv('MMPROJ_DRAW_CHECKPOINT', str(draw_runs[0] / 'generate'))
   monkeypatch.setenv('MPLBACKEND', 'module://matplotlib_inline.backend_inline')
   monkeypatch.delenv('MMPROJ_GIT_URL', raising=False)
 
@@ -61,6 +62,8 @@ def test_notebook_runs_on_a_trained_workdir(trained_workdir, media_runs, tmp_pat
   table = _text(code[3]).splitlines()
   assert table[0].split() == ['image', 'question', 'model', 'truth'] and len(table) > 5
   assert 'attention maps: (4, 3, 3)' in text                       # lm_attention_to_image on the 3x3 grid
-  assert any('image/png' in out.get('data', {}) for out in code[-3].outputs)     # the attention maps
+  assert any('image/png' in out.get('data', {}) for out in code[-4].outputs)     # the attention maps
   assert 'audio accuracy: ' in text and 'video accuracy: ' in text and "media shown: ['audio', 'video']" in text
-  assert any('image/png' in out.get('data', {}) for out in code[-1].outputs)     # the log-mel and the frames
+  assert any('image/png' in out.get('data', {}) for out in code[-2].outputs)     # the log-mel and the frames
+  assert 'draw: ' in text and 'output projector mlp' in text and 'drawings shown: ' in text
+  assert any('image/png' in out.get('data', {}) for out in code[-1].outputs)     # the drawings

@@ -22,14 +22,29 @@ def _module(data_cfg: Any):
 
 
 def prepare(data_cfg: Any):
-  """Builds the dataset once (under data.data_dir) -> (dataset dir, tokenizers.Tokenizer)."""
-  return _module(data_cfg).prepare(data_cfg)
+  """Builds the dataset once (under data.data_dir) -> (dataset dir, tokenizers.Tokenizer); the draw task's
+  tokenizer is the world's with its words and signal tokens appended (mmproj/data/draw.py)."""
+  directory, tok = _module(data_cfg).prepare(data_cfg)
+  if _is_draw(data_cfg):
+    from mmproj.data import draw
+    draw.check(data_cfg)
+    tok = draw.extend_tokenizer(tok, data_cfg)
+  return directory, tok
+
+
+def _is_draw(data_cfg: Any) -> bool:
+  get = data_cfg.get if hasattr(data_cfg, 'get') else lambda k, d=None: getattr(data_cfg, k, d)
+  return get('task', None) == 'draw'
+
 
 
 def train_loader(data_cfg: Any, tok, **kwargs):
   """The infinite, shuffled, per-process training loader (see mmproj.data.pipeline.train_loader for the
   contract; LLaVA data: mmproj.data.llava_json.train_loader)."""
   module = _module(data_cfg)
+  if _is_draw(data_cfg):
+    from mmproj.data import draw
+    return draw.train_loader(data_cfg, tok, **kwargs)
   if module.__name__.rsplit('.', 1)[-1] in WORLDS:
     from mmproj.data import pipeline
     return pipeline.train_loader(data_cfg, tok, **kwargs)

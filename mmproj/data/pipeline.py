@@ -232,7 +232,7 @@ class SampleText(grain.transforms.RandomMap):
 def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: int, global_batch_size: int,
                  seed: int, process_index: int | None = None, process_count: int | None = None,
                  worker_count: int | None = None, worker_buffer_size: int = 1, read_threads: int | None = None,
-                 split: str = 'train') -> grain.IterDataset:
+                 split: str = 'train', row_maker: Any = None) -> grain.IterDataset:
   """Infinite, shuffled (by `seed`, reshuffled every epoch) training batches for one process.
 
   The order is global (mmproj.data.sampling): global batch k holds stream positions [k*B, (k+1)*B) of one seeded
@@ -245,6 +245,8 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
   ahead of the consumer; building a row is Python-bound, so more threads only contend for the GIL: one thread made
   more rows/s than two on 2 cores, BENCHMARKS.md).
   data.bad_records: 'error' (default) | 'skip' (module docstring; 'skip' adds the int32 field bad_records).
+  row_maker: the record -> row transform (a grain RandomMap with blank_row()); default the QA / caption rows
+  (SampleText) described above (the draw task's: mmproj/data/draw.py).
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -275,9 +277,9 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
   bad_records = sampling.check_bad_records(_cfg(data_cfg, 'bad_records'))
   world = worlds.world(data_cfg)
   source = world.data_source(data_cfg, split)
-  row = SampleText(tok, num_image_tokens, _text_len(data_cfg), caption_prob, split, turns,
-                   bool(_cfg(data_cfg, 'isolate_turns')), media_spec(data_cfg), world.families(data_cfg),
-                   world.CAPTION_QUESTION)
+  row = row_maker or SampleText(tok, num_image_tokens, _text_len(data_cfg), caption_prob, split, turns,
+                                bool(_cfg(data_cfg, 'isolate_turns')), media_spec(data_cfg), world.families(data_cfg),
+                                world.CAPTION_QUESTION)
   return sampling.train_dataset(source, row, global_batch_size=global_batch_size, seed=int(seed),
                                 process_index=process_index, process_count=process_count, read_threads=read_threads,
                                 worker_count=worker_count, worker_buffer_size=worker_buffer_size, split=split,

@@ -49,6 +49,37 @@ def build(words: Iterable[str], max_vocab_size: int = MAX_VOCAB_SIZE) -> tokeniz
   return tok
 
 
+def extend(tok: tokenizers.Tokenizer, *, words: Iterable[str] = (), specials: Iterable[str] = (),
+           max_vocab_size: int = MAX_VOCAB_SIZE) -> tokenizers.Tokenizer:
+  """`tok` with `words` (ordinary words) and then `specials` (added tokens matched before pre-tokenization and
+  dropped by decode(skip_special_tokens=True), e.g. signal tokens such as [IMG0]) appended after its last id, so
+  that every id `tok` had keeps its meaning: a pretrained LM's embedding rows stay valid and the new rows are
+  the ones a run trains. A word or special `tok` already has is an error, as is exceeding max_vocab_size."""
+  vocab = dict(tok.get_vocab(with_added_tokens=True))
+  words, specials = list(words), list(specials)
+  for w in words + specials:
+    if w in vocab or (words + specials).count(w) > 1:
+      raise ValueError(f'token {w!r} is already in the vocabulary (or given twice)')
+  for w in words:
+    if [p for p, _ in pre_tokenizers.Whitespace().pre_tokenize_str(w)] != [w]:
+      raise ValueError(f'word {w!r} is not a single whitespace pre-token')
+  size = len(vocab) + len(words) + len(specials)
+  if size > max_vocab_size:
+    raise ValueError(f'vocabulary grows to {size} tokens > max_vocab_size={max_vocab_size} (model.lm.vocab_size)')
+  added = [t.content for _, t in sorted(tok.get_added_tokens_decoder().items())]   # the specials tok has, by id
+  for w in words + specials:
+    vocab[w] = len(vocab)
+  out = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+  out.pre_tokenizer = pre_tokenizers.Whitespace()
+  # Added tokens keep the ids the WordLevel vocabulary gives them.
+  out.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in added + specials])
+  _check_special_ids(out)
+  for w in words + specials:
+    if out.token_to_id(w) != vocab[w]:
+      raise ValueError(f'token {w!r} got id {out.token_to_id(w)}, expected {vocab[w]}')
+  return out
+
+
 def save(tok: tokenizers.Tokenizer, path: str | os.PathLike) -> None:
   """Writes `tok` as JSON to `path` atomically (temp file + rename), so readers never see a partial file."""
   path = os.fspath(path)

@@ -17,10 +17,19 @@ How a prompt becomes tokens depends on where the bundle came from (`Bundle.promp
             'USER: <image>\\nWhat is shown? ASSISTANT:'. Images go through the directory's image processor
             (resize, crop, normalise, equal to CLIPImageProcessor / SiglipImageProcessor).
 Generation stops at any of `Bundle.stop_ids` (<eos>; an HF generation_config's eos_token_id, one id or a list).
+
+A model with an output side (model.output: signal tokens, an output projector and a generator; configs/draw.py)
+answers in text and pictures: `generate` then returns `Reply(text, image)` per prompt, image a uint8 [S, S, 3]
+drawn by the generator wherever the LM emitted [IMG0] (the other signal tokens are appended after it, as GILL
+does, and the conditioning comes from the LM's hidden states at all K), else None:
+
+  replies = mmproj.generate(mmproj.load('runs/draw/transformer'), None, ['draw large red circle top left'])
+  replies[0].image   # uint8 [32, 32, 3]
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -31,6 +40,14 @@ import ml_collections
 import numpy as np
 
 PROMPT_FORMATS = ('shapes', 'hf')
+
+
+@dataclasses.dataclass
+class Reply:
+  """A reply of a model with an output side: the text (signal tokens left out) and the picture it drew (uint8
+  [S, S, 3], or None when it emitted no [IMG0])."""
+  text: str
+  image: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -302,14 +319,18 @@ def _round_up(n: int, multiple: int) -> int:
 
 def generate(bundle: Bundle, images: Sequence[np.ndarray] | np.ndarray | None, prompts: Sequence[str], *,
              max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, rng=None,
-             return_ids: bool = False) -> list[str] | tuple[list[str], np.ndarray]:
+             return_ids: bool = False, image_steps: int | None = None, guidance: float | None = None
+             ) -> list[str] | list[Reply] | tuple[list, np.ndarray]:
   """Answers `prompts` about `images`, one media item per prompt in the model's modality (model.modality): a uint8
   [H, W, 3] image, a float waveform [S] at 16 kHz, or a uint8 video [F, H, W, 3]. Batched greedy (temperature 0) or
   sampled decoding with the model's KV cache, in one jitted program, stopping at the bundle's stop ids.
 
   Prompts are left-padded to a common length (rounded up to a multiple of 16, so similar batches reuse the
   compiled program). Returns the decoded continuations (special tokens dropped) and, with return_ids, also the
-  generated ids int32 [B, max_new_tokens] (pad_id after a row's stop id).
+  generated ids int32 [B, max_new_tokens] (pad_id after a row's stop id). A model with an output side returns a
+  Reply (text, image) per prompt instead (module docstring); its pictures take image_steps Euler steps at
+  classifier-free guidance `guidance` (defaults: the run's eval.draw_steps / eval.draw_guidance), from noise
+  drawn from `seed`.
   """
   from mmproj.data import pipeline
   from mmproj.eval.generate import generate_tokens
@@ -347,6 +368,9 @@ def generate(bundle: Bundle, images: Sequence[np.ndarray] | np.ndarray | None, p
   ids = np.asarray(jax.device_get(generate_tokens(
       bundle.model, bundle.params, batch, max_new_tokens=max_new_tokens, eos_id=list(bundle.stop_ids),
       pad_id=bundle.pad_id, temperature=temperature, rng=rng)))                  # [B, max_new_tokens]
+  if _has_output(cfg):
+    replies = _draw_replies(bundle, batch, ids, seed=seed, steps=image_steps, guidance=guidance)
+    return (replies, ids) if return_ids else replies
   texts = []
   for row in ids:
     cut = [int(i) for i in row]
@@ -359,6 +383,61 @@ def generate(bundle: Bundle, images: Sequence[np.ndarray] | np.ndarray | None, p
     else:
       texts.append(bundle.tokenizer.decode(cut, skip_special_tokens=True))
   return (texts, ids) if return_ids else texts
+
+
+def _has_output(cfg_model) -> bool:
+  from mmproj.model import has_output
+  return has_output(cfg_model)
+
+
+def _draw_replies(bundle: Bundle, batch: dict, ids: np.ndarray, *, seed: int, steps: int | None,
+                  guidance: float | None) -> list[Reply]:
+  """Replies of an output-side model: each row's text up to its stop id without signal tokens, and for the rows
+  that emitted [IMG0] the picture drawn from the hidden states at [IMG0]..[IMGk-1] (appended after the prompt
+  and the tokens before [IMG0])."""
+  from mmproj.data import pipeline
+  from mmproj.model import DTYPES, output_modules
+
+  cfg = bundle.config
+  out = cfg.model.output
+  k, first = int(out.num_signal_tokens), int(out.signal_token_id)
+  signal = list(range(first, first + k))
+  evals = cfg.get('eval') or {}
+  steps = int(steps if steps is not None else evals.get('draw_steps', 25))
+  guidance = float(guidance if guidance is not None else evals.get('draw_guidance', 3.0))
+  texts, drawing = [], []                          # drawing: (row, ids of the prompt + reply up to [IMG0] + signals)
+  for b, row in enumerate(ids):
+    cut = [int(i) for i in row]
+    stop = next((j for j, i in enumerate(cut) if i in bundle.stop_ids), len(cut))
+    cut = cut[:stop]
+    texts.append(pipeline.decode(bundle.tokenizer, [i for i in cut if i not in signal]))
+    if first in cut:
+      prompt = [int(t) for t, m in zip(batch['tokens'][b], batch['input_mask'][b]) if m]
+      drawing.append((b, prompt + cut[:cut.index(first)] + signal))
+  replies = [Reply(text) for text in texts]
+  if not drawing:
+    return replies
+  length = _round_up(max(len(r) for _, r in drawing), 16)
+  tokens = np.full((len(drawing), length), bundle.pad_id, np.int32)
+  mask = np.zeros((len(drawing), length), np.int32)
+  for j, (_, row) in enumerate(drawing):
+    tokens[j, length - len(row):] = row
+    mask[j, length - len(row):] = 1
+  rows = {'tokens': tokens, 'input_mask': mask, 'positions': np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)}
+  generator = output_modules(cfg.model, DTYPES[cfg.model.dtype])[1]
+  images = np.asarray(jax.device_get(_draw(bundle.model, generator, bundle.params, rows, jax.random.key(seed),
+                                           steps=steps, guidance=guidance)))
+  for j, (b, _) in enumerate(drawing):
+    replies[b].image = images[j]
+  return replies
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'generator', 'steps', 'guidance'))
+def _draw(model, generator, params, rows, rng, *, steps: int, guidance: float):
+  from mmproj import generators
+  hidden = model.apply({'params': params}, rows, return_hidden=True)                # [B, T, Dt]
+  cond, _ = model.apply({'params': params}, hidden, rows['tokens'], method='signal_condition')
+  return generators.sample(generator, params['generator'], cond, rng, steps=steps, guidance=guidance)
 
 
 def export_hf(bundle: Bundle, out_dir: str) -> str:

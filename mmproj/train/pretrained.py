@@ -5,7 +5,11 @@
                                                      #   CLIPModel / SiglipModel (its text tower is skipped)
       lm='/models/vicuna-7b-v1.5',                   # HF dir: Llama / Mistral / Qwen2 causal LM
       projector='runs/llava15_stage1',               # an mmproj workdir: params['projector'] of its latest step
-  )                                                  #   (and the gated blocks an injecting connector put in its LM)
+                                                     #   (and the gated blocks an injecting connector put in its LM)
+      generator='~/.cache/mmproj/stage0/<key>/generator',   # a generator directory (mmproj.generators.save):
+                                                     #   params['generator'] of a model with an output side
+      output='runs/draw_align',                      # an mmproj workdir: params['output'] (signal rows and output
+  )                                                  #   projector) of its latest step, e.g. a stage-1 run
 
 Missing entries (or None) keep the random initialisation. Weights are read from safetensors only (never pickle).
 `check(cfg)` runs before anything is compiled: every named path must exist and its architecture must equal
@@ -30,7 +34,7 @@ from etils import epath
 
 from mmproj.train import paths
 
-PARTS = ('encoder', 'lm', 'projector')
+PARTS = ('encoder', 'lm', 'projector', 'output', 'generator')
 # Keys of a full CLIPModel / SiglipModel that are not its vision tower.
 OTHER_TOWERS = ('text_model.', 'visual_projection.', 'text_projection.', 'logit_scale', 'logit_bias')
 # cfg.model.lm fields that may legitimately differ from the HF checkpoint's config.
@@ -41,12 +45,12 @@ _ENCODER_FREE_FIELDS = ('name', 'image_mean', 'image_std')
 
 def _sources(cfg) -> dict[str, str]:
   init = cfg.init
-  unknown = sorted(set(init) - set(PARTS))
+  unknown = sorted(set(init) - set(PARTS))  # (a config without init.output / init.generator: neither is loaded)
   if unknown:
     raise ValueError(f'init.{unknown[0]}: unknown part; cfg.init takes {list(PARTS)}')
   out = {}
   for part in PARTS:
-    path = init[part]
+    path = init.get(part)
     if path == 'stage0':
       raise ValueError(f"init.{part}='stage0' is resolved by mmproj.experiment.run (or mmproj.stage0.resolve_init), "
                        'which builds the stage-0 towers of cfg.stage0 and names their directories')
@@ -55,8 +59,11 @@ def _sources(cfg) -> dict[str, str]:
       if not epath.Path(path).exists():
         raise FileNotFoundError(f'init.{part}={init[part]!r}: {path} does not exist')
       out[part] = path
-  if out and not cfg.model.use_image and set(out) - {'lm'}:
+  if out and not cfg.model.use_image and set(out) & {'encoder', 'projector'}:
     raise ValueError('cfg.init names encoder/projector weights but model.use_image is False')
+  from mmproj.model import has_output  # pylint: disable=g-import-not-at-top
+  if set(out) & {'output', 'generator'} and not has_output(cfg.model):
+    raise ValueError('cfg.init names output/generator weights but cfg.model has no output side (model.output)')
   return out
 
 
@@ -95,16 +102,34 @@ def _lm_config(path: str) -> dict:
   return llama.lm_config_from_hf(hf_dir.read_config(path))
 
 
-def _workdir_config(path: str) -> dict:
+def _workdir_config(path: str, part: str = 'projector') -> dict:
   config = epath.Path(paths.join(path, 'config.json'))
   if not config.is_file():
-    raise FileNotFoundError(f'init.projector: {config} not found ({path} is not an mmproj workdir)')
+    raise FileNotFoundError(f'init.{part}: {config} not found ({path} is not an mmproj workdir)')
   return json.loads(config.read_text())
+
+
+def _generator_config(path: str) -> dict:
+  from mmproj import generators
+  return generators.load_config(path)
 
 
 def check(cfg) -> None:
   """Every cfg.init path exists and describes the architecture in cfg.model (ValueError naming the field)."""
   sources = _sources(cfg)
+  if 'generator' in sources:
+    from mmproj import generators
+    ours = generators.check_config(cfg.model.output.generator)
+    _compare('model.output.generator', ours, _generator_config(sources['generator']),
+             f'init.generator ({sources["generator"]})', ())
+  if 'output' in sources:
+    theirs = _workdir_config(sources['output'], 'output').get('model', {})
+    _compare('model.output', {k: v for k, v in cfg.model.output.items() if k != 'generator'},
+             {k: v for k, v in theirs.get('output', {}).items() if k != 'generator'},
+             f'init.output ({sources["output"]}/config.json model.output)', ())
+    if int(theirs.get('lm', {}).get('width', -1)) != int(cfg.model.lm.width):
+      raise ValueError(f'model.lm.width={cfg.model.lm.width} but init.output ({sources["output"]}) was trained for '
+                       f'an LM of width {theirs.get("lm", {}).get("width")}')
   if 'encoder' in sources:
     _compare('model.encoder', cfg.model.encoder, _encoder_config(cfg, sources['encoder']),
              f'init.encoder ({sources["encoder"]}/config.json)', _ENCODER_FREE_FIELDS)
@@ -184,12 +209,31 @@ def _load_projector(path: str) -> dict:
                          INJECTED: {k: v for k, v in lm.items() if k.startswith(CONNECTOR_IN_LM)}})
 
 
+def _load_output(path: str) -> dict:
+  """params['output'] of the latest step of a workdir."""
+  import jax
+  import ml_collections
+
+  from mmproj.train import checkpoint, state
+  cfg, _ = checkpoint.read_run_files(path)
+  cfg.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  restored, _ = checkpoint.restore_state(path, state.setup(cfg, jax.local_devices()).abstract_state)
+  return jax.device_get(restored.params['output'])
+
+
+def _load_generator(path: str) -> dict:
+  from mmproj import generators
+  _, params, _ = generators.load(path)
+  return params
+
+
 def load(cfg) -> dict[str, Any]:
   """{part: numpy params subtree} for every part cfg.init names (after `check`), in the layout cfg.model builds
   (HF encoder / LM layers stacked when that part scans its layers)."""
   from mmproj.convert import stack_layers, scanned_depths
   check(cfg)
-  loaders = {'encoder': lambda p: _load_encoder(cfg, p), 'lm': lambda p: _load_lm(cfg, p)}
+  loaders = {'encoder': lambda p: _load_encoder(cfg, p), 'lm': lambda p: _load_lm(cfg, p),
+             'output': _load_output, 'generator': _load_generator}
   loaded = {}
   for part, path in _sources(cfg).items():
     loaded.update(_load_projector(path) if part == 'projector' else {part: loaders[part](path)})

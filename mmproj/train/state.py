@@ -143,6 +143,23 @@ def validate(cfg) -> None:
   if policy not in NONFINITE_POLICIES:
     raise ValueError(f'train.on_nonfinite={policy!r} must be one of {NONFINITE_POLICIES}')
   loss_positions(cfg)                                     # raises naming train.loss_positions
+  from mmproj.train.loss import output_loss  # pylint: disable=g-import-not-at-top
+  kind, _ = output_loss(cfg)                              # raises naming train.output_loss(_weight)
+  if kind is not None and not model_lib.has_output(cfg.model):
+    raise ValueError(f'train.output_loss={kind!r} needs an output side (model.output with num_signal_tokens > 0)')
+  if kind is not None and cfg.data.get('task') != 'draw':
+    raise ValueError(f"train.output_loss={kind!r} reads the draw task's captions and images: set data.task='draw' "
+                     f'(got {cfg.data.get("task")!r})')
+
+
+def check_generator_frozen(labels) -> None:
+  """The given generator never trains (its role is Stable Diffusion's in NExT-GPT); ValueError naming the first
+  generator parameter train.trainable / train.frozen would train."""
+  trained = [opt_lib.path_str(path) for path, label in jax.tree_util.tree_flatten_with_path(labels.get('generator', {}))[0]
+             if label == 'train']
+  if trained:
+    raise ValueError(f"train.trainable / train.frozen train generator/{trained[0]}: the generator stays frozen (add "
+                     f"'generator/.*' to train.frozen)")
 
 
 def check_param_dtypes(cfg, labels) -> None:
@@ -180,6 +197,7 @@ def setup(cfg, devices: Sequence[jax.Device] | None = None, *, mesh: Any = None)
   abstract_params = flax.linen.unbox(boxed)
   labels = opt_lib.trainable_labels(abstract_params, cfg.train)
   check_param_dtypes(cfg, labels)
+  check_generator_frozen(labels)
   abstract_params = jax.eval_shape(lambda p: model_lib.cast_params(p, cfg.model), abstract_params)
   model = model_lib.build_model(cfg.model, encoder_trainable=not opt_lib.is_frozen(labels, 'encoder'),
                                 platform=platform)

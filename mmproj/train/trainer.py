@@ -61,7 +61,7 @@ def make_train_step(s: Setup):
 
   def train_step(state: TrainState, batch: dict, base_rng: jax.Array):
     step = state.step
-    (loss, accuracy), grads = loss_and_grads(state.params, batch, jax.random.fold_in(base_rng, step))
+    (loss, loss_metrics), grads = loss_and_grads(state.params, batch, jax.random.fold_in(base_rng, step))
     updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The norm covers trained params only: frozen weights' gradients are then unused and XLA drops them (a frozen
@@ -69,7 +69,7 @@ def make_train_step(s: Setup):
     grad_norm = optax.tree.norm(jax.tree.map(lambda g, t: g if t else jnp.zeros((), g.dtype), grads, trainable))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     state = nonfinite.apply_if_finite(state, params, opt_state, finite, trainable, s.cfg.train.on_nonfinite)
-    metrics = {'loss': loss, 'accuracy': accuracy, 'grad_norm': grad_norm, 'learning_rate': schedule(step),
+    metrics = {'loss': loss, **loss_metrics, 'grad_norm': grad_norm, 'learning_rate': schedule(step),
                'nonfinite_steps': state.nonfinite_steps}
     if 'bad_records' in batch:               # data.bad_records='skip': rows standing in for unreadable records
       metrics['bad_records'] = batch['bad_records'].sum().astype(jnp.float32)
@@ -180,6 +180,11 @@ def check_tokenizer(cfg, tokenizer) -> None:
   vocab = tokenizer.get_vocab_size()
   if vocab > int(cfg.model.lm.vocab_size):
     raise ValueError(f'model.lm.vocab_size={cfg.model.lm.vocab_size} is smaller than the tokenizer ({vocab} ids)')
+  if model_lib.has_output(cfg.model):
+    first = tokenizer.token_to_id('[IMG0]')
+    if first != int(cfg.model.output.signal_token_id):
+      raise ValueError(f'model.output.signal_token_id={cfg.model.output.signal_token_id} but the tokenizer has '
+                       f'[IMG0]={first}')
   image_id = tokenizer.token_to_id('<image>')
   if cfg.model.use_image and image_id != int(cfg.model.image_token_id):
     raise ValueError(f'model.image_token_id={cfg.model.image_token_id} but the tokenizer has <image>={image_id}')
