@@ -35,6 +35,11 @@ E6 probe.json) to OUT/<store>/<cell>/seed<seed>/ (store: the config's `store`, e
 question family: mean and 95% t-interval over the seeds, visual tokens M, seeds finished) and three plots:
 OUT/<name>_accuracy.png (accuracy per family per cell, with the intervals), OUT/<name>_tokens.png (overall accuracy
 against visual tokens) and OUT/<name>_curves.png (training loss against step, mean over seeds, per cell).
+
+--continue-from OUT/<store> goes on with a sweep on another machine (a fresh clone, a new cluster allocation): every
+unfinished run whose collected copy is there counts as finished, its files copied into the workdir, except a run
+that an unfinished run starts from (that one needs the run's checkpoint, which the copies do not hold: it runs
+again). Then only the runs nobody has finished run.
 """
 from __future__ import annotations
 
@@ -148,6 +153,32 @@ def check_settings(runs: list[Run]) -> None:
       if theirs != json.loads(json.dumps(_settings(r))):
         raise ValueError(f'{path}: this directory holds a run of cell {r.cell!r} with other settings ({theirs}) '
                          f'than the sweep\'s ({_settings(r)}); give the sweep another --workdir or rename the cell')
+
+
+COPIED = ('results.json', 'config.json', 'metrics.jsonl', 'probe.json')   # what --collect keeps of a finished run
+
+
+def continue_from(runs: list[Run], store: str, log=print) -> list[Run]:
+  """Copies the collected files of store/<cell>/seed<seed>/ into the workdirs of the unfinished runs that have them,
+  so that they count as finished, except runs another unfinished run starts from -> the runs so continued."""
+  copied = {r.workdir: r for r in runs if not r.done and os.path.exists(os.path.join(store, r.cell,
+                                                                                      f'seed{r.seed}', 'results.json'))}
+  changed = True
+  while changed:   # a run stays behind when a run that will train starts from it
+    training = [r for r in runs if not r.done and r.workdir not in copied]
+    needed = {n for r in training for n in r.needs}
+    changed = bool(needed & set(copied))
+    for workdir in needed & set(copied):
+      del copied[workdir]
+  for r in copied.values():
+    os.makedirs(r.workdir, exist_ok=True)
+    for name in COPIED:
+      src = os.path.join(store, r.cell, f'seed{r.seed}', name)
+      if os.path.exists(src):
+        shutil.copyfile(src, os.path.join(r.workdir, name))
+  if copied:
+    log(f'sweep: {len(copied)} runs finished elsewhere, copied from {store}')
+  return list(copied.values())
 
 
 def _duration(seconds: float) -> str:
@@ -323,7 +354,7 @@ def gather(sweep, runs: list[Run], copy_to: str | None = None) -> list[dict]:
         dst = os.path.join(copy_to, r.cell, f'seed{r.seed}')
         if os.path.abspath(dst) != os.path.abspath(r.workdir):
           os.makedirs(dst, exist_ok=True)
-          for name in ('results.json', 'config.json', 'metrics.jsonl', 'probe.json'):
+          for name in COPIED:
             if os.path.exists(os.path.join(r.workdir, name)):
               shutil.copyfile(os.path.join(r.workdir, name), os.path.join(dst, name))
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
@@ -472,6 +503,8 @@ def main(argv=None) -> int:
   p.add_argument('--out', default=os.path.join(REPO, 'experiments', 'results'), help='where --collect writes')
   p.add_argument('--jobs', type=int, default=1,
                  help='runs at once on a CPU host, each pinned to its share of the cores (default 1)')
+  p.add_argument('--continue-from', metavar='STORE',
+                 help='a collected store (OUT/<store>, e.g. experiments/results/zoo): its finished runs are not run again')
   p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                  help='an override for every run (e.g. data.data_dir=/fast/disk); repeatable')
   args = p.parse_args(argv)
@@ -486,6 +519,10 @@ def main(argv=None) -> int:
     extra[field] = value
   per_sweep = [(spec, runs_of(sweep, args.workdir, extra)) for spec, sweep in sweeps]
   runs = merge_runs(per_sweep)
+  if args.continue_from:
+    if not os.path.isdir(args.continue_from):
+      p.error(f'--continue-from {args.continue_from}: no such directory')
+    continue_from(runs, args.continue_from)
   if args.print_commands:
     print_commands(runs)
     return 0

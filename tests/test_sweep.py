@@ -151,3 +151,34 @@ def test_run_references_and_shared_workdirs_are_checked(tmp_path):
     json.dump({'config': 'configs/scenes.py:mlp,smoke', 'seed': 0, 'overrides': {'baseline': 'none'}}, f)
   with pytest.raises(ValueError, match='holds a run of cell .mlp. with other settings'):
     sweep_tool.run_all(runs)
+
+
+def test_continue_from_a_collected_store_counts_its_runs_finished_unless_a_later_stage_needs_them(tmp_path, capsys):
+  """--continue-from: a fresh workdir takes the store's finished runs; a first stage whose second stage has no copy
+  runs again (the second needs its checkpoint), and a first stage whose second stage has one does not."""
+  spec = _sweep_file(tmp_path, "[dict(name='one', config='configs/scenes.py:mlp,smoke', overrides={}),"
+                               " dict(name='stage1', config='configs/scenes.py:mlp,smoke', overrides={}),"
+                               " dict(name='stage2', config='configs/scenes.py:mlp,smoke',"
+                               " overrides={'init.projector': '{run:stage1}'})]")
+  spec_text = open(spec).read().replace('c.seeds = "handmade", [0]', 'c.seeds = "handmade", [0, 1]')
+  open(spec, 'w').write(spec_text)
+  store = tmp_path / 'store'
+  copies = {('one', 0), ('stage1', 0), ('stage1', 1), ('stage2', 1)}   # seed 0's stage2 did not finish
+  for cell, seed in copies:
+    d = store / cell / f'seed{seed}'
+    d.mkdir(parents=True)
+    (d / 'results.json').write_text(json.dumps({'vqa_accuracy': {'overall': 0.5}}))
+    (d / 'metrics.jsonl').write_text('{"step": 1, "loss": 1.0}\n')
+  work = tmp_path / 'work'
+  assert sweep_tool.main([spec, '--workdir', str(work), '--continue-from', str(store), '--print-commands']) == 0
+  printed = capsys.readouterr().out
+  assert 'sweep: 3 runs finished elsewhere' in printed
+  left = sorted(line.split('--workdir ')[1].split(' ')[0][len(str(work)) + 1:] for line in printed.splitlines()
+                if 'launch.sh' in line)
+  assert left == ['one/seed1', 'stage1/seed0', 'stage2/seed0']
+  assert json.loads((work / 'stage2' / 'seed1' / 'results.json').read_text()) == {'vqa_accuracy': {'overall': 0.5}}
+  assert (work / 'one' / 'seed0' / 'metrics.jsonl').exists() and not (work / 'stage1' / 'seed0').exists()
+  # Runs already finished in the workdir are left as they are; a store that is not there is an error.
+  assert sweep_tool.continue_from(sweep_tool.runs_of(sweep_tool.load_sweep(spec), str(work)), str(store)) == []
+  with pytest.raises(SystemExit):
+    sweep_tool.main([spec, '--workdir', str(work), '--continue-from', str(tmp_path / 'nowhere')])
