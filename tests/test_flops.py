@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiment_utils import load_config
+from mmproj import model as model_lib
 from mmproj.train import flops, state as state_lib, trainer
 from mmproj.train.loss import make_loss_sums
 
@@ -67,8 +68,13 @@ CASES = {
 
 def _abstract_batch(s) -> dict:
   b = int(s.cfg.train.batch_size)
-  return {**state_lib.dummy_batch(s.cfg, b), 'targets': jax.ShapeDtypeStruct((b, s.seq_len), jnp.int32),
-          'loss_mask': jax.ShapeDtypeStruct((b, s.seq_len), jnp.float32)}
+  batch = {**state_lib.dummy_batch(s.cfg, b), 'targets': jax.ShapeDtypeStruct((b, s.seq_len), jnp.int32),
+           'loss_mask': jax.ShapeDtypeStruct((b, s.seq_len), jnp.float32)}
+  if s.cfg.train.get('output_loss'):        # the draw task's rows: the caption for the generator, the picture
+    gen = model_lib.output_modules(s.cfg.model)[1]
+    batch.update(gen_text=jax.ShapeDtypeStruct((b, gen.text_len), jnp.int32),
+                 gen_image=jax.ShapeDtypeStruct((b, gen.image_size, gen.image_size, 3), jnp.uint8))
+  return batch
 
 
 def traced_step_flops(cfg) -> int:
@@ -85,7 +91,8 @@ def traced_step_flops(cfg) -> int:
     merged = list(leaves)
     for i, leaf in zip(trained, trained_leaves):
       merged[i] = leaf
-    return loss_sums(jax.tree.unflatten(treedef, merged), batch, jax.random.key(0))['nll']
+    sums = loss_sums(jax.tree.unflatten(treedef, merged), batch, jax.random.key(0))
+    return sums['nll'] + sums.get('output', 0.0)
 
   return flops.jaxpr_matmul_flops(jax.value_and_grad(loss), [leaves[i] for i in trained], leaves, batch)
 
@@ -98,6 +105,20 @@ def step_flops(cfg) -> dict:
 def test_count_equals_the_traced_gradient_program(case):
   cfg = with_changes(base_cfg(), **CASES[case])
   assert step_flops(cfg)['total'] == traced_step_flops(cfg)
+
+
+@pytest.mark.parametrize('arg', ['mlp,align,smoke', 'transformer,generate,smoke', 'mlp,generate,train_lm,smoke'])
+def test_output_side_counts_equal_the_traced_gradient_program(arg):
+  """configs/draw.py: the signal tokens' rows and the output term (align: the generator's text encoder forward only;
+  generate: through the frozen generator to the output projector, and into the LM when its input rows train)."""
+  cfg = load_config('configs/draw.py', arg)
+  ours = step_flops(cfg)
+  assert ours['total'] == traced_step_flops(cfg)
+  assert ours['output_fwd'] > 0 and ours['output_bwd'] > 0
+  if 'generate' in arg:                  # the generator's backward to the conditioning outweighs the LM's own
+    assert ours['output_bwd'] > ours['lm_bwd']
+  assert 'output' in flops.format_flops_summary(ours)
+  assert '  output' not in flops.format_flops_summary(step_flops(base_cfg()))
 
 
 def test_loss_positions_count_the_gathered_branch():

@@ -15,7 +15,11 @@ weight matmuls and A its attention products:
     recompute   (model.remat) 'full': the forward but the block's last matmul; 'minimal': the attention scores,
                 and the weighted sums when the tower trains (o_proj's weight gradient reads them)
 The LM head adds its forward at the loss positions (train.loss_positions) and an input / weight gradient each
-where needed; a trained encoder's patch embedding its weight gradient. A tower counts as trained when any of its
+where needed; a trained encoder's patch embedding its weight gradient. An output side (model.output with
+train.output_loss) adds its signal tokens' head rows like the head, and the output term read off its traced program
+like the projector: the output projector on the K signal states, then the align target (the generator's text
+encoder, forward only) or the frozen generator's flow-matching loss, whose backward passes through the generator
+to the conditioning. A tower counts as trained when any of its
 params train; scanned stacks count as unscanned ones. tests/test_flops.py checks the total against the traced
 gradient program (exactly) and XLA's cost analysis of the compiled step (within 2%; XLA counts a lax.cond's larger
 branch, a while loop's body once and a depthwise convolution's weight gradient as a dense one).
@@ -26,10 +30,11 @@ import math
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
-PARTS = ('encoder', 'projector', 'lm')
+PARTS = ('encoder', 'projector', 'lm', 'output')
 DTYPES = ('float32', 'bfloat16')
 
 # Dense (no sparsity) peaks per device in FLOP/s by `device.device_kind`: (bf16, f32). NVIDIA Ampere and later run
@@ -132,6 +137,50 @@ def _projector(cfg_model: Any, labels: Any, in_flows: bool) -> tuple[int, int]:
   return fwd, jaxpr_matmul_flops(forward_and_grads, leaves, x) - fwd
 
 
+def _output_term(cfg: Any, labels: Any, states_flow: bool) -> tuple[int, int]:
+  """(forward, backward) matmul FLOPs of the output term (mmproj/train/loss.py) on one row, from its traced
+  program: the forward, and the vector-Jacobian product w.r.t. the trained output params (and the K signal states
+  iff `states_flow`: something at or below the LM's last block trains). The generator stays frozen."""
+  import flax
+
+  from mmproj import generators
+  from mmproj import model as model_lib
+  from mmproj.train import loss as loss_lib
+
+  kind, c = loss_lib.output_loss(cfg)[0], cfg.model
+  side, gen = model_lib.output_modules(c, model_lib.DTYPES[c.dtype])
+  key = jax.random.key(0)
+  states = jax.ShapeDtypeStruct((1, side.num_signal_tokens, side.width), side.dtype)     # [1, K, Dt]
+  text = jax.ShapeDtypeStruct((1, gen.text_len), jnp.int32)                              # [1, L]
+  image = jax.ShapeDtypeStruct((1, gen.image_size, gen.image_size, 3), jnp.uint8)        # [1, S, S, 3]
+  params = jax.eval_shape(lambda s: flax.linen.unbox(side.init(key, s, method='condition')['params']), states)
+  gen_params = jax.eval_shape(lambda t, x: flax.linen.unbox(gen.init(key, t, x.astype(jnp.float32), jnp.zeros(1))
+                                                            ['params']), text, image)
+  leaves, treedef = jax.tree.flatten(params)
+  trained = [i for i, lab in enumerate(jax.tree.leaves(labels['output'])) if lab == 'train']
+
+  def term(leaves, gen_params, states, text, image):
+    cond = side.apply({'params': jax.tree.unflatten(treedef, leaves)}, states, deterministic=False,
+                      method='condition', rngs={'dropout': key})                         # [1, L, Dc]
+    if kind == 'align':
+      target = jax.lax.stop_gradient(gen.apply({'params': gen_params}, text, method='encode_text'))
+      return jnp.mean(jnp.square(cond.astype(jnp.float32) - target.astype(jnp.float32)))
+    return generators.flow_matching_losses(gen, gen_params, image, cond, key)[0]
+
+  def term_and_grads(leaves, gen_params, states, text, image):
+    def run(sub, states):
+      full = [sub[trained.index(i)] if i in trained else leaf for i, leaf in enumerate(leaves)]
+      return term(full, gen_params, states, text, image)
+    sub = [leaves[i] for i in trained]
+    out, pull = jax.vjp(run, sub, states) if states_flow else jax.vjp(lambda sub: run(sub, states), sub)
+    return pull(jnp.ones_like(out))
+
+  fwd = jaxpr_matmul_flops(term, leaves, gen_params, states, text, image)
+  if not trained and not states_flow:
+    return fwd, 0
+  return fwd, jaxpr_matmul_flops(term_and_grads, leaves, gen_params, states, text, image) - fwd
+
+
 # ------------------------------------------------------------------------------------- a step
 
 
@@ -153,11 +202,13 @@ def _trained(labels: Any) -> Callable[[str], bool]:
 def step_flops(cfg, *, labels: Any) -> dict[str, Any]:
   """Matmul FLOPs of one training step of the experiment config `cfg` (see the module docstring), rows of one
   image; labels: 'train' / 'freeze' per parameter (Setup.labels). -> ints {part}_{fwd, bwd, remat} for part in
-  encoder / projector / lm (gated cross-attention blocks count as the projector's), fwd, bwd, remat, total, tokens
+  encoder / projector / lm / output (gated cross-attention blocks count as the projector's; output: the signal
+  tokens' head rows and the output term), fwd, bwd, remat, total, tokens
   (B * L), images, batch_size, seq_len, and flops_per_token (a float)."""
   from mmproj import model as model_lib
   from mmproj import projectors
   from mmproj.layers import kernels as kernels_lib
+  from mmproj.train import loss as loss_lib
   from mmproj.train import state
 
   c, tr = cfg.model, _trained(labels)
@@ -180,7 +231,8 @@ def step_flops(cfg, *, labels: Any) -> dict[str, Any]:
 
   attention = kernels_lib.resolve(c.kernels, jax.default_backend(), c.dtype).attention
   f = lm.matmul_flops(length, positions or length, attention, media_len)
-  flows = bool(tr('lm/embed_tokens') or (merged and media_flows))
+  # The signal tokens' embedding rows (model.output) enter at the LM's input like its own embedding's.
+  flows = bool(tr('lm/embed_tokens') or tr('output/signal_embed') or (merged and media_flows))
   lm_trains = any(tr(f'lm/{name}') for name in ('layers', *(f'layers_{i}' for i in range(lm.depth))))
   for i in range(f['blocks']):
     if i in f['gated']:            # dX of an operand that depends on something trained, dW of a trained weight
@@ -198,6 +250,13 @@ def step_flops(cfg, *, labels: Any) -> dict[str, Any]:
     flows = flows or lm_trains
   row['lm_fwd'] += f['head']
   row['lm_bwd'] += f['head'] * (int(flows) + int(tr('lm/embed_tokens' if lm.tie_embeddings else 'lm/lm_head')))
+  if model_lib.has_output(c):              # the K signal tokens' head rows, next to the vocabulary's
+    signal_head = f['head'] // lm.vocab_size * int(c.output.num_signal_tokens)
+    row['output_fwd'] += signal_head
+    row['output_bwd'] += signal_head * (int(flows) + int(tr('output/signal_head')))
+    if loss_lib.output_loss(cfg)[0] is not None:
+      row['output_fwd'], row['output_bwd'] = (a + b for a, b in zip(
+          (row['output_fwd'], row['output_bwd']), _output_term(cfg, labels, flows)))
 
   images = batch if c.use_image else 0
   out: dict[str, Any] = {k: images * image[k] + batch * row[k] for k in image}
@@ -219,7 +278,8 @@ def format_flops_summary(f: dict[str, Any]) -> str:
            f'tokens/row, {f["tokens"]:,} tokens, {f["images"]:,} images) = {f["flops_per_token"] / 1e9:.4g} '
            'GFLOP/token']
   lines.append(f'  {"part":<10}{"forward":>12}{"backward":>12}{"recompute":>12}   ({name})')
-  for part in PARTS + ('total',):
+  shown = [p for p in PARTS if p != 'output' or f['output_fwd']]     # the output row only with an output side
+  for part in shown + ['total']:
     keys = ('fwd', 'bwd', 'remat') if part == 'total' else (f'{part}_fwd', f'{part}_bwd', f'{part}_remat')
     lines.append(f'  {part:<10}' + ''.join(f'{f[k] / scale:>12.4g}' for k in keys))
   return '\n'.join(lines)
