@@ -35,7 +35,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING_FIELDS = ('steps_per_sec', 'tokens_per_sec', 'images_per_sec', 'tflops_per_device', 'mfu')
+TIMING_FIELDS = ('steps_per_sec', 'tokens_per_sec', 'examples_per_sec', 'tflops_per_device', 'mfu')
 KILL_KINDS = ('save', 'step', 'start')
 
 

@@ -504,7 +504,8 @@ def main(argv=None) -> int:
   p.add_argument('--jobs', type=int, default=1,
                  help='runs at once on a CPU host, each pinned to its share of the cores (default 1)')
   p.add_argument('--continue-from', metavar='STORE',
-                 help='a collected store (OUT/<store>, e.g. experiments/results/zoo): its finished runs are not run again')
+                 help='a collected store (OUT/<store>, e.g. experiments/results/zoo): its finished runs are not '
+                 'run again')
   p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                  help='an override for every run (e.g. data.data_dir=/fast/disk); repeatable')
   args = p.parse_args(argv)

@@ -19,7 +19,7 @@ from mmproj import data as data_lib
 from mmproj.train import checkpoint as ckpt_lib
 from mmproj.train import trainer
 
-TIMING = ('steps_per_sec', 'tokens_per_sec', 'images_per_sec', 'tflops_per_device', 'mfu')
+TIMING = ('steps_per_sec', 'tokens_per_sec', 'examples_per_sec', 'tflops_per_device', 'mfu')
 
 
 def _cfg(data_dir, **train):

@@ -54,7 +54,7 @@ class MetricWriter:
       eta = elapsed / max(done, 1) * (self.total_steps - step)
       parts = [f'{self.name}step {step}/{self.total_steps}']
       for key, fmt in (('loss', '.4f'), ('accuracy', '.3f'), ('learning_rate', '.2e'), ('steps_per_sec', '.2f'),
-                       ('tokens_per_sec', ',.0f'), ('images_per_sec', ',.0f'), ('mfu', '.1%')):
+                       ('tokens_per_sec', ',.0f'), ('examples_per_sec', ',.0f'), ('mfu', '.1%')):
         if key in scalars:
           parts.append(f'{key.replace("_per_sec", "/s").replace("mfu", "MFU")} {scalars[key]:{fmt}}')
       parts.append(f'ETA {_fmt_seconds(eta)}')
@@ -67,7 +67,7 @@ class MetricWriter:
 
 class LogInterval:
   """The steps since the last log line -> one record: the mean of each step metric, the last value of running
-  ones, the run's total of counted ones, and throughput (steps, tokens and images per second, FLOP/s per device,
+  ones, the run's total of counted ones, and throughput (steps, tokens and examples per second, FLOP/s per device,
   MFU when the device's peak is known).
 
   A checkpoint keeps the metrics of the interval it cuts through and the run's counts (`to_meta`), so a resumed
@@ -89,13 +89,13 @@ class LogInterval:
 
   def start(self) -> None:
     """Throughput counts the steps this process ran from here (pending may hold restored metrics)."""
-    self.steps, self.tokens, self.images, self.t0 = 0, 0, 0, time.time()
+    self.steps, self.tokens, self.examples, self.t0 = 0, 0, 0, time.time()
 
   def add(self, metrics: dict, local_batch: dict) -> None:
     self.pending.append(metrics)
     self.steps += 1
     self.tokens += int(local_batch['input_mask'].sum()) * self.processes
-    self.images += len(local_batch['input_mask']) * self.processes   # examples (images, clips, videos)
+    self.examples += len(local_batch['input_mask']) * self.processes   # rows: images, clips, videos, captions
 
   def clear(self) -> None:
     self.pending = []
@@ -116,8 +116,8 @@ class LogInterval:
     seconds = time.time() - self.t0
     steps_per_sec = self.steps / seconds
     flops_per_device = self.flops_per_step * steps_per_sec / jax.device_count()
-    out.update(steps_per_sec=steps_per_sec, tokens_per_sec=self.tokens / seconds, images_per_sec=self.images / seconds,
-               tflops_per_device=flops_per_device / 1e12)
+    out.update(steps_per_sec=steps_per_sec, tokens_per_sec=self.tokens / seconds,
+               examples_per_sec=self.examples / seconds, tflops_per_device=flops_per_device / 1e12)
     if self.peak_flops:
       out['mfu'] = flops_per_device / self.peak_flops
     self.clear()
