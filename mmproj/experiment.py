@@ -132,8 +132,8 @@ def _run_draw(cfg, workdir: str) -> dict:
                                max_examples=cfg.eval.max_examples, steps=int(cfg.eval.draw_steps),
                                guidance=float(cfg.eval.draw_guidance), seed=int(cfg.eval.draw_seed))
   samples = figures.pop('samples')
-  results = {'draw': figures, 'sample_captions': samples['captions'], 'steps': int(cfg.train.steps), 'train_seconds': round(main.train_seconds, 1),
-             'last_metrics': _last_metrics(workdir)}
+  results = {'draw': figures, 'sample_captions': samples['captions'], 'steps': int(cfg.train.steps),
+             'train_seconds': round(main.train_seconds, 1), 'last_metrics': _last_metrics(workdir)}
   if jax.process_index() == 0:
     path = _write_results(workdir, results)
     epath.Path(paths.join(workdir, 'draw_samples.png')).write_bytes(draw.samples_png(samples))

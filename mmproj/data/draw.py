@@ -89,7 +89,7 @@ class DrawRow(grain.transforms.RandomMap):
   image_shape: tuple[int, ...]
   split: str = 'train'
 
-  def _gen_text(self, caption: str, where: str) -> np.ndarray:
+  def gen_text(self, caption: str, where: str) -> np.ndarray:
     try:
       return generators.caption_tokens(self.tok, [caption], self.gen_text_len)[0]     # [Lc]
     except ValueError as e:
@@ -104,11 +104,11 @@ class DrawRow(grain.transforms.RandomMap):
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     del rng
     where = f"{self.split} record {int(element['index'])}, field 'caption'"
-    caption = pipeline._txt(element['caption'])  # pylint: disable=protected-access
+    caption = pipeline.as_text(element['caption'])
     answer = ' '.join(signal_token_names(self.signal_tokens))
     row = pipeline.conversation_row(self.tok, [(prompt(caption), answer, where)], num_image_tokens=0,
                                     text_len=self.text_len)
-    row['gen_text'] = self._gen_text(caption, where)
+    row['gen_text'] = self.gen_text(caption, where)
     row['gen_image'] = np.asarray(element['image'], np.uint8)
     if row['gen_image'].shape != self.image_shape:
       raise ValueError(f"{self.split} record {int(element['index'])}, field 'image': shape {row['gen_image'].shape}, "
@@ -119,7 +119,7 @@ class DrawRow(grain.transforms.RandomMap):
 def _row_maker(data_cfg: Any, tok: tokenizers.Tokenizer, split: str) -> DrawRow:
   check(data_cfg)
   shape, _ = shapes.media_spec(data_cfg)
-  return DrawRow(tok, pipeline._text_len(data_cfg), _field(data_cfg, 'signal_tokens'),  # pylint: disable=protected-access
+  return DrawRow(tok, pipeline.text_length(data_cfg), _field(data_cfg, 'signal_tokens'),
                  _field(data_cfg, 'gen_text_len'), tuple(shape), split)
 
 
@@ -149,7 +149,7 @@ def eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, batch_size: int, s
                                 answer_len=maker.signal_tokens, where=where)
       objects = np.empty((), object)
       objects[()] = rec['objects']
-      yield dict(row, caption=np.str_(rec['caption']), gen_text=maker._gen_text(rec['caption'], where),  # pylint: disable=protected-access
+      yield dict(row, caption=np.str_(rec['caption']), gen_text=maker.gen_text(rec['caption'], where),
                  gen_image=rec['image'], objects=objects, valid=True)
 
-  yield from pipeline._batches(rows(), batch_size, blank={})  # pylint: disable=protected-access
+  yield from pipeline.stack_rows(rows(), batch_size, blank={})

@@ -57,7 +57,7 @@ def _cfg(data_cfg: Any, key: str) -> Any:
   return shapes.get_field(data_cfg, key, DEFAULTS[key])
 
 
-def _text_len(data_cfg: Any) -> int:
+def text_length(data_cfg: Any) -> int:
   text_len = int(_cfg(data_cfg, 'text_len'))
   if text_len < 4:
     raise ValueError(f'data.text_len: must be >= 4 (<bos> <sep> <eos> + 1 word), got {text_len}')
@@ -162,7 +162,7 @@ def prompt_row(tok: tokenizers.Tokenizer, question: str, *, num_image_tokens: in
   return dict(tokens=tokens, positions=_positions(input_mask), input_mask=input_mask)
 
 
-def _txt(v: Any) -> str:
+def as_text(v: Any) -> str:
   return v.decode() if isinstance(v, bytes) else str(v)
 
 
@@ -198,10 +198,10 @@ class SampleText(grain.transforms.RandomMap):
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     index = int(element['index'])
     where = f'{self.split} record {index}, field '
-    families = [_txt(f) for f in element['families']]
+    families = [as_text(f) for f in element['families']]
     chosen = []
     if not families or rng.random() < self.caption_prob:
-      chosen.append((self.caption_question, _txt(element['caption']), where + "'caption'"))
+      chosen.append((self.caption_question, as_text(element['caption']), where + "'caption'"))
     pairs_of = {}                                   # family -> indices of its pairs not drawn yet, ascending
     for j, family in enumerate(families):
       pairs_of.setdefault(family, []).append(j)
@@ -214,7 +214,7 @@ class SampleText(grain.transforms.RandomMap):
       j = choices.pop(rng.integers(len(choices)))
       if not choices:
         present.remove(family)
-      question, answer = _txt(questions[j]), _txt(answers[j])
+      question, answer = as_text(questions[j]), as_text(answers[j])
       cost = _turn_length(self.tok, question, answer)
       if chosen and cost > budget:
         break
@@ -277,7 +277,7 @@ def train_loader(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_tokens: 
   bad_records = sampling.check_bad_records(_cfg(data_cfg, 'bad_records'))
   world = worlds.world(data_cfg)
   source = world.data_source(data_cfg, split)
-  row = row_maker or SampleText(tok, num_image_tokens, _text_len(data_cfg), caption_prob, split, turns,
+  row = row_maker or SampleText(tok, num_image_tokens, text_length(data_cfg), caption_prob, split, turns,
                                 bool(_cfg(data_cfg, 'isolate_turns')), media_spec(data_cfg), world.families(data_cfg),
                                 world.CAPTION_QUESTION)
   return sampling.train_dataset(source, row, global_batch_size=global_batch_size, seed=int(seed),
@@ -294,7 +294,7 @@ def media_spec(data_cfg: Any) -> tuple[str, tuple[int, ...], Any]:
   return world.MEDIA, tuple(int(n) for n in shape), dtype
 
 
-def _batches(rows: Iterator[dict[str, Any]], batch_size: int, blank: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def stack_rows(rows: Iterator[dict[str, Any]], batch_size: int, blank: dict[str, Any]) -> Iterator[dict[str, Any]]:
   """Stacks rows into batches of `batch_size`; the last is topped up with copies of its first row marked
   valid=False and with the values in `blank` (so filler rows are well-formed model inputs)."""
   if batch_size <= 0:
@@ -345,7 +345,7 @@ def qa_eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_token
   Filler rows of the last batch repeat its first prompt with answer = family = '' and valid = False.
   data.bad_records='skip': a record that cannot be read, or a pair that cannot be made into a prompt, is left out
   (counted, logged; max_examples counts the pairs kept)."""
-  text_len = _text_len(data_cfg)
+  text_len = text_length(data_cfg)
   world = worlds.world(data_cfg)
   source = world.data_source(data_cfg, split)
   faults = _EvalFaults(data_cfg, split)
@@ -373,7 +373,7 @@ def qa_eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_token
         n += 1
 
   try:
-    yield from _batches(rows(), batch_size, blank=dict(answer=np.str_(''), family=np.str_('')))
+    yield from stack_rows(rows(), batch_size, blank=dict(answer=np.str_(''), family=np.str_('')))
   finally:
     faults.summary('records or QA pairs')
 
@@ -384,7 +384,7 @@ def caption_eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_
   layout (tokens, positions, input_mask, targets, loss_mask, image) + 'valid' (bool [B]); filler rows of the last
   batch have valid=False and loss_mask=0. data.bad_records='skip': a record that cannot be read or made into a
   row is left out (counted, logged; max_examples counts the records kept)."""
-  text_len = _text_len(data_cfg)
+  text_len = text_length(data_cfg)
   world = worlds.world(data_cfg)
   source = world.data_source(data_cfg, split)
   n = len(source) if max_examples is None else min(len(source), max_examples)
@@ -407,7 +407,7 @@ def caption_eval_batches(data_cfg: Any, tok: tokenizers.Tokenizer, *, num_image_
 
   seq_len = num_image_tokens + text_len
   try:
-    yield from _batches(rows(), batch_size, blank=dict(loss_mask=np.zeros(seq_len, np.float32)))
+    yield from stack_rows(rows(), batch_size, blank=dict(loss_mask=np.zeros(seq_len, np.float32)))
   finally:
     faults.summary('records')
 

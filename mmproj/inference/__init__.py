@@ -12,8 +12,9 @@
 How a prompt becomes tokens depends on where the bundle came from (`Bundle.prompt_format`):
   'shapes'  an mmproj run in the shapes world: `<bos> <image>*M question <sep>`, the layout it trained on; the
             image goes first when the prompt has no `<image>`. The answer is decoded as space-joined words.
-  'hf'      an HF directory (or a run on LLaVA-format data): the prompt string is tokenized as is by its tokenizer.json (with the tokenizer's own
-            special tokens, e.g. Llama's <s>), so the caller writes the chat template, e.g. LLaVA-1.5's
+  'hf'      an HF directory (or a run on LLaVA-format data): the prompt string is tokenized as is by its
+            tokenizer.json (with the tokenizer's own special tokens, e.g. Llama's <s>), so the caller writes the
+            chat template, e.g. LLaVA-1.5's
             'USER: <image>\\nWhat is shown? ASSISTANT:'. Images go through the directory's image processor
             (resize, crop, normalise, equal to CLIPImageProcessor / SiglipImageProcessor).
 Generation stops at any of `Bundle.stop_ids` (<eos>; an HF generation_config's eos_token_id, one id or a list).

@@ -155,8 +155,8 @@ def validate(cfg) -> None:
 def check_generator_frozen(labels) -> None:
   """The given generator never trains (its role is Stable Diffusion's in NExT-GPT); ValueError naming the first
   generator parameter train.trainable / train.frozen would train."""
-  trained = [opt_lib.path_str(path) for path, label in jax.tree_util.tree_flatten_with_path(labels.get('generator', {}))[0]
-             if label == 'train']
+  leaves = jax.tree_util.tree_flatten_with_path(labels.get('generator', {}))[0]
+  trained = [opt_lib.path_str(path) for path, label in leaves if label == 'train']
   if trained:
     raise ValueError(f"train.trainable / train.frozen train generator/{trained[0]}: the generator stays frozen (add "
                      f"'generator/.*' to train.frozen)")
