@@ -2,13 +2,14 @@
 checks its fields share. mmproj/output_projectors/__init__.py describes the interface.
 
 It mirrors mmproj/projectors/registry.py (the input side) but is its own: packages of one import rank may not
-import each other, and its errors name model.output.projector.<field>.
+import each other, and its errors name model.output.projector.<field>. The field checks are mmproj/layers/fields.py's.
 """
 import dataclasses
-import numbers
 from typing import Any, Callable
 
 import jax.numpy as jnp
+
+from mmproj.layers import fields
 
 REGISTRY: dict[str, type] = {}
 
@@ -23,34 +24,22 @@ _SIZE_SOURCES = {'in_dim': 'the LM width', 'num_signal_tokens': 'the number of s
 
 def check_int(key: str, value: Any, minimum: int = 1, *, optional: bool = False) -> int | None:
   """value, an int >= minimum (bool is not; None only when optional); ValueError naming model.output.projector.<key>."""
-  if value is None and optional:
-    return None
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    allowed = 'None or an int' if optional else 'an int'
-    raise ValueError(f'{FIELD}.{key} must be {allowed} >= {minimum}, got {value!r}')
-  return value
+  return fields.check_int(f'{FIELD}.{key}', value, minimum, optional=optional)
 
 
 def check_choice(key: str, value: Any, choices: Any) -> Any:
   """value, one of choices; ValueError naming model.output.projector.<key> and the choices."""
-  if value not in choices:
-    shown = list(choices) if isinstance(choices, (tuple, list)) else sorted(choices)
-    raise ValueError(f'{FIELD}.{key}={value!r} is not one of {shown}')
-  return value
+  return fields.check_choice(f'{FIELD}.{key}', value, choices)
 
 
 def check_positive(key: str, value: Any) -> float:
   """value, a number > 0 (bool is not); ValueError naming model.output.projector.<key>."""
-  if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
-    raise ValueError(f'{FIELD}.{key} must be a number > 0, got {value!r}')
-  return value
+  return fields.check_positive(f'{FIELD}.{key}', value)
 
 
 def check_rate(key: str, value: Any) -> float:
   """value, a dropout rate: a number in [0, 1) (bool is not); ValueError naming model.output.projector.<key>."""
-  if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 <= value < 1.0:
-    raise ValueError(f'{FIELD}.{key} must be a number in [0, 1), got {value!r}')
-  return value
+  return fields.check_rate(f'{FIELD}.{key}', value)
 
 
 def register(name: str) -> Callable[[type], type]:

@@ -1,10 +1,11 @@
 """The projector registry (name -> module class), building a projector from its config, and the checks its
 fields share. mmproj/projectors/__init__.py describes the interface."""
 import dataclasses
-import numbers
 from typing import Any, Callable
 
 import jax.numpy as jnp
+
+from mmproj.layers import fields
 
 REGISTRY: dict[str, type] = {}
 # name -> the media the family was published for ('image' | 'audio' | 'video'); the zoo of that modality lists it
@@ -18,32 +19,17 @@ _RESERVED = ('name', 'in_dim', 'out_dim')
 
 def check_int(key: str, value: Any, minimum: int = 1, *, optional: bool = False) -> int | None:
   """value, an int >= minimum (bool is not; None only when optional); ValueError naming model.projector.<key>."""
-  if value is None and optional:
-    return None
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    allowed = 'None or an int' if optional else 'an int'
-    raise ValueError(f'model.projector.{key} must be {allowed} >= {minimum}, got {value!r}')
-  return value
+  return fields.check_int(f'model.projector.{key}', value, minimum, optional=optional)
 
 
 def check_choice(key: str, value: Any, choices: Any, *, optional: bool = False) -> Any:
   """value, one of choices (None only when optional); ValueError naming model.projector.<key> and the choices."""
-  if value is None and optional:
-    return None
-  if value not in choices:
-    shown = list(choices) if isinstance(choices, (tuple, list)) else sorted(choices)
-    raise ValueError(f'model.projector.{key}={value!r} is not one of {shown}')
-  return value
+  return fields.check_choice(f'model.projector.{key}', value, choices, optional=optional)
 
 
 def check_positive(key: str, value: Any, *, optional: bool = False) -> float | None:
   """value, a number > 0 (bool is not; None only when optional); ValueError naming model.projector.<key>."""
-  if value is None and optional:
-    return None
-  if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
-    allowed = 'None or a number' if optional else 'a number'
-    raise ValueError(f'model.projector.{key} must be {allowed} > 0, got {value!r}')
-  return value
+  return fields.check_positive(f'model.projector.{key}', value, optional=optional)
 
 
 def register(name: str, modality: str = 'image') -> Callable[[type], type]:
