@@ -18,6 +18,7 @@ import math
 import jax
 from etils import epath
 
+from mmproj import model as model_lib
 from mmproj import qformer_stage1, stage0, stage0_generator
 from mmproj.data import worlds
 from mmproj.eval import vqa
@@ -39,9 +40,11 @@ def _evaluate(result: trainer.TrainResult, cfg) -> tuple[dict, float]:
   return acc, vqa.caption_loss(result.setup, result.state.params, result.tokenizer, **kwargs)
 
 
-def format_table(results: dict) -> str:
+def format_table(results: dict, modality: str = 'image') -> str:
+  """The per-family table of a run's results.json: the model with its medium (column `modality`), the blind
+  baseline, the gain, chance."""
   image, blind, chance = results['vqa_accuracy'], results.get('blind_vqa_accuracy'), results.get('chance')
-  header = (f'{"family":<10} {"image":>7}' + (f' {"blind":>7} {"gain":>7}' if blind else '')
+  header = (f'{"family":<10} {modality:>7}' + (f' {"blind":>7} {"gain":>7}' if blind else '')
             + (f' {"chance":>7}' if chance else ''))
   lines = [header, '-' * len(header)]
   for family in image:
@@ -97,7 +100,8 @@ def run(cfg, workdir: str) -> dict:
     return results
   if cfg.data.get('task') == 'draw':
     return _run_draw(cfg, workdir)
-  main = trainer.train(cfg, workdir, name='[image] ' if baseline == 'blind' else '')
+  modality = model_lib.modality(cfg.model)          # what the model reads: image, audio or video
+  main = trainer.train(cfg, workdir, name=f'[{modality}] ' if baseline == 'blind' else '')
   accuracy, cap_loss = _evaluate(main, cfg)
   results = {'vqa_accuracy': accuracy, 'caption_loss': cap_loss, 'steps': int(cfg.train.steps),
              'train_seconds': round(main.train_seconds, 1), 'chance': worlds.world(cfg.data).chance_levels(cfg.data)}
@@ -108,7 +112,7 @@ def run(cfg, workdir: str) -> dict:
                    blind_train_seconds=round(blind.train_seconds, 1))
   if jax.process_index() == 0:
     path = _write_results(workdir, results)
-    print(format_table(results), flush=True)
+    print(format_table(results, modality), flush=True)
     print(f'results: {path}', flush=True)
   return results
 

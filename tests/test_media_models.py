@@ -10,6 +10,7 @@ import pytest
 
 import mmproj
 from experiment_utils import load_config
+from mmproj import experiment
 from mmproj import model as model_lib
 from mmproj.data import worlds
 from mmproj.train import state, trainer
@@ -25,6 +26,7 @@ def test_trains_evaluates_resumes_and_generates(modality, media_runs, tmp_path):
   assert np.isfinite(results['caption_loss']) and set(results['chance']) == {'overall', *families}
   with open(os.path.join(workdir, 'results.json')) as f:
     np.testing.assert_equal(json.load(f)['vqa_accuracy'], results['vqa_accuracy'])   # (NaN: a family not asked)
+  assert experiment.format_table(results, modality).split()[:5] == ['family', modality, 'blind', 'gain', 'chance']
 
   bundle = mmproj.load(workdir)
   assert model_lib.modality(bundle.config.model) == modality
