@@ -575,6 +575,25 @@ def load_config_file(spec: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict
   return cfg
 
 
+def recipe_from_command_line(prog: str, description: str, example: str,
+                             argv: Sequence[str] | None = None) -> mlc.ConfigDict:
+  """The stage-0 builders' command line, `python -m PROG RECIPE[:ARG] [FIELD=VALUE ...]`, read into its recipe;
+  on a CPU host without GLIBC_TUNABLES it says how to run faster (launch.sh's malloc setting)."""
+  import argparse
+  import os
+
+  parser = argparse.ArgumentParser(prog=f'python -m {prog}', description=description)
+  parser.add_argument('config', help=f'a recipe config file, e.g. {example}[:smoke]')
+  parser.add_argument('overrides', nargs='*', help='FIELD=VALUE settings of the recipe')
+  args = parser.parse_args(argv)
+  recipe = load_config_file(args.config, args.overrides)
+  import jax                                   # after the arguments: --help and bad input need no backend
+  if jax.default_backend() == 'cpu' and 'GLIBC_TUNABLES' not in os.environ:
+    print("note: GLIBC_TUNABLES is unset; on a CPU host XLA steps run faster under launch.sh's setting: "
+          f'GLIBC_TUNABLES=$(python benchmarks/host_malloc.py) python -m {prog} ...', flush=True)
+  return recipe
+
+
 def _literal(text: str) -> Any:
   if text in ('true', 'false'):
     return text == 'true'

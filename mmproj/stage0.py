@@ -468,15 +468,8 @@ def format_report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-  import argparse
-  parser = argparse.ArgumentParser(prog='python -m mmproj.stage0', description=__doc__.split('\n\n')[0])
-  parser.add_argument('config', help='a stage-0 recipe config file, e.g. configs/stage0/scenes.py[:smoke]')
-  parser.add_argument('overrides', nargs='*', help='FIELD=VALUE settings of the recipe')
-  args = parser.parse_args(argv)
-  recipe = config_lib.load_config_file(args.config, args.overrides)
-  if jax.default_backend() == 'cpu' and 'GLIBC_TUNABLES' not in os.environ:
-    _print('note: GLIBC_TUNABLES is unset; on a CPU host XLA steps run faster under launch.sh\'s setting: '
-           'GLIBC_TUNABLES=$(python benchmarks/host_malloc.py) python -m mmproj.stage0 ...')
+  recipe = config_lib.recipe_from_command_line('mmproj.stage0', __doc__.split('\n\n')[0],
+                                                'configs/stage0/scenes.py', argv)
   d = build(recipe)
   print(format_report(report(recipe)))
   print(f"  vision: {d['vision']}\n  lm: {d['lm']}")

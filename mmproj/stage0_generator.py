@@ -356,15 +356,8 @@ def format_report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-  import argparse
-  parser = argparse.ArgumentParser(prog='python -m mmproj.stage0_generator', description=__doc__.split('\n\n')[0])
-  parser.add_argument('config', help='a generator recipe config file, e.g. configs/stage0/generator.py[:smoke]')
-  parser.add_argument('overrides', nargs='*', help='FIELD=VALUE settings of the recipe')
-  args = parser.parse_args(argv)
-  recipe = config_lib.load_config_file(args.config, args.overrides)
-  if jax.default_backend() == 'cpu' and 'GLIBC_TUNABLES' not in os.environ:
-    _print('note: GLIBC_TUNABLES is unset; on a CPU host XLA steps run faster under launch.sh\'s setting: '
-           'GLIBC_TUNABLES=$(python benchmarks/host_malloc.py) python -m mmproj.stage0_generator ...')
+  recipe = config_lib.recipe_from_command_line('mmproj.stage0_generator', __doc__.split('\n\n')[0],
+                                                'configs/stage0/generator.py', argv)
   d = build(recipe)
   print(format_report(report(recipe)))
   print(f"  generator: {d['generator']}\n  samples: {d['samples']}")

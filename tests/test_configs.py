@@ -38,3 +38,23 @@ def test_config_builds(path, arg):
 
 def test_every_config_file_is_covered():
   assert 'configs/quickstart.py' in CONFIG_FILES
+
+
+def test_stage0_command_line_reads_the_recipe_and_its_overrides(monkeypatch, capsys):
+  """`python -m mmproj.stage0 / stage0_generator RECIPE FIELD=VALUE`: the recipe with the override applied, the malloc
+  note on a CPU host without GLIBC_TUNABLES (none with it), and a bad field or file named before anything runs."""
+  from mmproj import config_lib
+  monkeypatch.chdir(REPO)
+  read = lambda *argv: config_lib.recipe_from_command_line('mmproj.stage0', 'Stage 0.', 'configs/stage0/scenes.py',
+                                                           list(argv))
+  monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+  recipe = read('configs/stage0/scenes.py:smoke', 'vision.steps=7')
+  assert recipe.vision.steps == 7
+  assert ('GLIBC_TUNABLES is unset' in capsys.readouterr().out) == (jax.default_backend() == 'cpu')
+  monkeypatch.setenv('GLIBC_TUNABLES', '')
+  assert read('configs/stage0/generator.py:smoke').to_dict() == load_config('configs/stage0/generator.py:smoke').to_dict()
+  assert 'GLIBC_TUNABLES' not in capsys.readouterr().out
+  with pytest.raises(ValueError, match='vision.nope'):
+    read('configs/stage0/scenes.py', 'vision.nope=1')
+  with pytest.raises(FileNotFoundError, match='configs/stage0/missing.py'):
+    read('configs/stage0/missing.py')
