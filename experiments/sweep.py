@@ -341,9 +341,10 @@ def gather(sweep, runs: list[Run], copy_to: str | None = None) -> list[dict]:
   for cell in sweep.cells:
     mine = [r for r in runs if r.cell == cell['name'] and r.done]
     accuracy: dict[str, list[float]] = {}
-    curves, tokens, params, chance = [], None, None, {}
+    curves, tokens, params, chance, towers = [], None, None, {}, {}
     for r in mine:
       results = _read_json(os.path.join(r.workdir, 'results.json'))
+      towers[r.seed] = results.get('stage0')
       for family, value in _figures(results, metric).items():
         accuracy.setdefault(family, []).append(value)
       chance = chance or results.get('chance') or {}
@@ -360,7 +361,7 @@ def gather(sweep, runs: list[Run], copy_to: str | None = None) -> list[dict]:
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
     curve = {s: sum(c[s] for c in curves) / len(curves) for s in steps}
     rows.append(dict(cell=cell['name'], seeds=[r.seed for r in mine], accuracy=accuracy, tokens=tokens,
-                     params=params, chance=chance, curve=curve))
+                     params=params, chance=chance, curve=curve, towers=towers))
   if reference and sweep.cells:
     mine = [r for r in runs if r.cell == sweep.cells[0]['name'] and r.done]
     accuracy = {}
@@ -368,7 +369,7 @@ def gather(sweep, runs: list[Run], copy_to: str | None = None) -> list[dict]:
       for family, value in _figures(_read_json(os.path.join(r.workdir, 'results.json')), reference).items():
         accuracy.setdefault(family, []).append(value)
     rows.append(dict(cell=REFERENCE_CELL, seeds=[r.seed for r in mine], accuracy=accuracy, tokens=None, params=None,
-                     chance={}, curve={}))
+                     chance={}, curve={}, towers={}))
   return rows
 
 
@@ -391,6 +392,29 @@ def paired_differences(row: dict, base: dict, family: str) -> list[float]:
   return [100 * (a[s] - b[s]) for s in sorted(set(a) & set(b))]
 
 
+def towers_text(rows: list[dict]) -> str:
+  """Which stage-0 weights the runs read (results.json's 'stage0', mmproj.stage0.provenance), per tower and digest,
+  naming the runs when they did not all read the same ones; '' when no run records any."""
+  runs = [(f'{r["cell"]} {seed}', t) for r in rows for seed, t in sorted(r.get('towers', {}).items())]
+  if not any(t for _, t in runs):
+    return ''
+  groups: dict[str, list[str]] = {}
+  for name, t in runs:
+    for part in ('vision', 'lm'):
+      if t and part in t:
+        groups.setdefault(f'{part} weights `{t[part]}`', []).append(name)
+    if not t:
+      groups.setdefault('not recorded (run before results.json kept it)', []).append(name)
+  vision, lm = (sum(g.startswith(part) for g in groups) for part in ('vision', 'lm'))
+  mixed = vision > 1 or lm > 1 or any(not t for _, t in runs)
+  keys = ', '.join(sorted({t['key'] for _, t in runs if t}))
+  text = f"Stage-0 towers read (results.json's `stage0`; recipe key {keys}): " + '; '.join(
+      f'{g}: {len(names)} runs' + (f' ({", ".join(names)})' if mixed else '') for g, names in groups.items()) + '.'
+  if mixed:
+    text += ' One key can name different weights: CPU training is not bitwise reproducible across machines and resumes.'
+  return text
+
+
 def markdown(sweep, rows: list[dict], command: str) -> str:
   families = list(dict.fromkeys(f for r in rows for f in r['accuracy']))
   lines = [f'# Sweep: {sweep.name}', '', f'Command: `{command}`  ',
@@ -398,6 +422,9 @@ def markdown(sweep, rows: list[dict], command: str) -> str:
            'mean ± 95% t-interval over the seeds finished (one seed: no interval); M = visual tokens the LM reads; '
            'params = the projector\'s parameters.', '',
            '| cell | M | params | seeds | ' + ' | '.join(families) + ' |', '|' + '---|' * (len(families) + 4)]
+  towers = towers_text(rows)
+  if towers:
+    lines[5:5] = [towers, '']       # between the legend and the table
   for r in rows:
     cells = [_cell_text([100 * v for v in r['accuracy'].get(family, [])]) for family in families]
     lines.append(f'| {r["cell"]} | {"" if r["tokens"] is None else r["tokens"]} | '

@@ -67,7 +67,10 @@ def _last_metrics(workdir: str) -> dict:
   return json.loads(lines[-1]) if lines else {}
 
 
-def _write_results(workdir: str, results: dict) -> str:
+def _write_results(workdir: str, results: dict, towers: dict | None) -> str:
+  """results.json, with the stage-0 towers the run read (stage0.provenance) under 'stage0' (also added to results)."""
+  if towers:
+    results['stage0'] = towers
   path = paths.join(workdir, 'results.json')
   clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()}
   paths.write_text(path, json.dumps(clean, indent=2))
@@ -76,11 +79,12 @@ def _write_results(workdir: str, results: dict) -> str:
 
 def run(cfg, workdir: str) -> dict:
   workdir = paths.resolve(workdir)          # a local directory or a URL (gs://bucket/run): mmproj/train/paths.py
-  cfg = stage0.resolve_init(cfg)            # cfg.init 'stage0' entries: the towers of cfg.stage0, built if missing
-  cfg = stage0_generator.resolve_init(cfg)  # ... and the generator of cfg.generator
+  resolved = stage0.resolve_init(cfg)       # cfg.init 'stage0' entries: the towers of cfg.stage0, built if missing
+  towers = stage0.provenance(cfg)           # which weights those are (results.json's 'stage0')
+  cfg = stage0_generator.resolve_init(resolved)   # ... and the generator of cfg.generator
   objective = cfg.get('objective', 'lm')
   if objective == qformer_stage1.OBJECTIVE:
-    return qformer_stage1.run(cfg, workdir)
+    return qformer_stage1.run(cfg, workdir, towers=towers)
   if objective != 'lm':
     raise ValueError(f'objective={objective!r}: expected "lm" or {qformer_stage1.OBJECTIVE!r}')
   baseline = str(cfg.baseline or '').lower()
@@ -94,12 +98,12 @@ def run(cfg, workdir: str) -> dict:
     results = {'steps': int(cfg.train.steps), 'train_seconds': round(main.train_seconds, 1),
                'last_metrics': _last_metrics(workdir)}
     if jax.process_index() == 0:
-      path = _write_results(workdir, results)
+      path = _write_results(workdir, results, towers)
       print(f'trained {results["steps"]} steps in {results["train_seconds"]:.0f}s; last log: '
             f'{results["last_metrics"]}\nresults: {path}', flush=True)
     return results
   if cfg.data.get('task') == 'draw':
-    return _run_draw(cfg, workdir)
+    return _run_draw(cfg, workdir, towers)
   modality = model_lib.modality(cfg.model)          # what the model reads: image, audio or video
   main = trainer.train(cfg, workdir, name=f'[{modality}] ' if baseline == 'blind' else '')
   accuracy, cap_loss = _evaluate(main, cfg)
@@ -111,7 +115,7 @@ def run(cfg, workdir: str) -> dict:
     results.update(blind_vqa_accuracy=blind_accuracy, blind_caption_loss=blind_loss,
                    blind_train_seconds=round(blind.train_seconds, 1))
   if jax.process_index() == 0:
-    path = _write_results(workdir, results)
+    path = _write_results(workdir, results, towers)
     print(format_table(results, modality), flush=True)
     print(f'results: {path}', flush=True)
   return results
@@ -129,7 +133,7 @@ def format_draw_table(results: dict) -> str:
   return '\n'.join(lines)
 
 
-def _run_draw(cfg, workdir: str) -> dict:
+def _run_draw(cfg, workdir: str, towers: dict | None) -> dict:
   from mmproj.eval import draw
   main = trainer.train(cfg, workdir)
   figures = draw.draw_accuracy(main.setup, main.state.params, main.tokenizer, batch_size=int(cfg.eval.batch_size),
@@ -139,7 +143,7 @@ def _run_draw(cfg, workdir: str) -> dict:
   results = {'draw': figures, 'sample_captions': samples['captions'], 'steps': int(cfg.train.steps),
              'train_seconds': round(main.train_seconds, 1), 'last_metrics': _last_metrics(workdir)}
   if jax.process_index() == 0:
-    path = _write_results(workdir, results)
+    path = _write_results(workdir, results, towers)
     epath.Path(paths.join(workdir, 'draw_samples.png')).write_bytes(draw.samples_png(samples))
     print(format_draw_table(results), flush=True)
     print(f'results: {path}', flush=True)

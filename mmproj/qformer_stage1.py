@@ -69,8 +69,9 @@ def _retrieval(model, params, feats_fn, split, batch_size: int) -> dict:
   return {'image_to_text': float(np.mean(sim.argmax(1) == np.arange(n))), 'chance': 1.0 / n, 'candidates': n}
 
 
-def run(cfg, workdir: str, log=print) -> dict:
-  """Trains (or resumes) the stage-1 Q-Former in `workdir` -> results (also written to results.json)."""
+def run(cfg, workdir: str, log=print, towers: dict | None = None) -> dict:
+  """Trains (or resumes) the stage-1 Q-Former in `workdir` -> results (also written to results.json, with towers:
+  the stage-0 towers it read, stage0.provenance)."""
   if not cfg.init.get('encoder'):
     raise ValueError(f'objective={OBJECTIVE!r} needs the frozen ViT: set init.encoder')
   workdir = paths.resolve(workdir)
@@ -130,6 +131,8 @@ def run(cfg, workdir: str, log=print) -> dict:
   results = {'qformer_stage1': {**{k: round(v, 4) for k, v in means.items()},
                                 'retrieval': _retrieval(model, state['params'], encode, test, 250)},
              'steps': steps, 'train_seconds': round(time.time() - t0, 1)}
+  if towers:
+    results['stage0'] = towers
   if jax.process_index() == 0:
     paths.write_text(paths.join(workdir, 'results.json'), json.dumps(results, indent=2))
     log(f'[qformer stage 1] ITC image -> text top-1 {results["qformer_stage1"]["retrieval"]["image_to_text"]:.1%} '

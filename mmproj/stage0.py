@@ -32,7 +32,8 @@ LlamaForCausalLM dir with tokenizer.json) under stage0.cache_dir/<key>/, key = a
 back through cfg.init, the path a LLaVA run from released weights takes. `resolve_init(cfg)` builds what is
 missing (training resumes from its checkpoints in <key>/work/ after an interruption; the towers' world is built
 under the experiment's data.data_dir) and points cfg.init's 'stage0' entries at the directories. report.json
-beside them holds the figures.
+beside them holds the figures and each tower's weights digest: training on CPU is not bitwise reproducible across
+machines and resumes, so one key can name different weights, and `provenance(cfg)` says which ones a run read.
 """
 from __future__ import annotations
 
@@ -422,7 +423,44 @@ def build(recipe, log=_print) -> dict[str, str]:
                         bos_token_id=tokenizer_lib.BOS_ID, eos_token_id=tokenizer_lib.EOS_ID,
                         pad_token_id=tokenizer_lib.PAD_ID)
       save_report()
+  digests(recipe)
   return d
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(functools.partial(f.read, 1 << 20), b''):
+      h.update(block)
+  return h.hexdigest()[:16]
+
+
+def digests(recipe) -> dict[str, str]:
+  """{'vision': ..., 'lm': ...}: 16 hex digits of each built tower's model.safetensors sha256, kept in report.json
+  (computed once; towers built before the field get it on first use)."""
+  d = directories(recipe)
+  found = report(recipe)
+  if all('sha256' in found.get(part, {}) for part in PARTS.values()):
+    return {part: found[part]['sha256'] for part in PARTS.values()}
+  with file_lock(d['root'] + '.lock'):
+    found = report(recipe)
+    for part in PARTS.values():
+      found[part]['sha256'] = _sha256(os.path.join(d[part], 'model.safetensors'))
+    with open(d['report'] + '.tmp', 'w') as f:
+      json.dump(found, f, indent=2, default=str)
+    os.replace(d['report'] + '.tmp', d['report'])
+  return {part: found[part]['sha256'] for part in PARTS.values()}
+
+
+def provenance(cfg) -> dict[str, str] | None:
+  """The stage-0 towers a run reads (call it on the config before resolve_init, with the towers built): the
+  recipe key and the weights digest of each tower its cfg.init takes from stage 0; None for a run that takes none.
+  A blind run takes the LM only."""
+  wanted = [part for part in PARTS if cfg.init.get(part) == STAGE0 and (part != 'encoder' or cfg.model.use_image)]
+  if not wanted or cfg.get('stage0') is None:
+    return None
+  found = digests(cfg.stage0)
+  return {'key': key(cfg.stage0), **{PARTS[part]: found[PARTS[part]] for part in wanted}}
 
 
 def resolve_init(cfg, log=_print) -> ml_collections.ConfigDict:
@@ -464,6 +502,8 @@ def format_report(r: dict) -> str:
                  + ', '.join(f'{k} {v:.1%}' for k, v in ret['hard_negatives'].items()))
   lines.append(f"  lm: test caption perplexity {lm['caption_perplexity']:.3f} (uniform over the vocabulary: "
                f"{lm['uniform_perplexity']:.0f}); {lm['steps']} steps in {lm['train_seconds']:.0f}s")
+  if 'sha256' in r['vision'] and 'sha256' in lm:
+    lines.append(f"  weights sha256: vision {r['vision']['sha256']}, lm {lm['sha256']}")
   return '\n'.join(lines)
 
 

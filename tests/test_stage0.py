@@ -3,6 +3,7 @@ transformers and mmproj.load read back to the same outputs, resumed exactly afte
 connector experiment through cfg.init."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,6 +30,8 @@ def test_report_has_the_figures(stage0_smoke):
   assert report['key'] == stage0.key(recipe) and os.path.basename(dirs['root']) == report['key']
   text = stage0.format_report(report)
   assert 'zero-shot image->text' in text and 'perplexity' in text and 'one thing changed' in text
+  # build() keeps the weights' digests in the report
+  assert f"weights sha256: vision {report['vision']['sha256']}, lm {report['lm']['sha256']}" in text
 
 
 def test_key_ignores_where_things_are_stored_but_not_the_recipe(stage0_smoke):
@@ -146,6 +149,16 @@ def test_a_connector_experiment_starts_from_the_towers_and_keeps_the_encoder_fro
   assert 'blind_vqa_accuracy' in results
   saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
   assert (saved['init']['encoder'], saved['init']['lm']) == (dirs['vision'], dirs['lm'])
+  # results.json names the weights it read: the recipe key and each tower file's sha256, kept in report.json.
+  sha = {part: hashlib.sha256(open(os.path.join(dirs[part], 'model.safetensors'), 'rb').read()).hexdigest()[:16]
+         for part in ('vision', 'lm')}
+  expected = {'key': stage0.key(recipe), **sha}
+  assert results['stage0'] == json.loads((tmp_path / 'run' / 'results.json').read_text())['stage0'] == expected
+  assert {part: stage0.report(recipe)[part]['sha256'] for part in sha} == sha
+  blind = cfg.copy_and_resolve_references()
+  blind.model.use_image = False
+  assert stage0.provenance(blind) == {'key': stage0.key(recipe), 'lm': sha['lm']}
+  assert stage0.provenance(load_config('configs/zoo.py', 'mlp,smoke')) is None    # a from-scratch run
   trained = mmproj.load(str(tmp_path / 'run'))
   tower = mmproj.load(dirs['vision'])
   for a, b in zip(jax.tree.leaves(tower.params), jax.tree.leaves(trained.params['encoder'])):

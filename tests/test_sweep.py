@@ -108,6 +108,37 @@ def test_collection_gives_means_and_intervals(tmp_path):
   assert sweep_tool.interval([1.0]) == (1.0, 0.0)
   mean, half = sweep_tool.interval([80.0, 70.0, 90.0])
   assert mean == pytest.approx(80.0) and half == pytest.approx(24.84, abs=0.01)
+  assert 'Stage-0 towers' not in text                          # no run records its towers
+
+
+def test_collection_names_the_stage0_weights_each_run_read(tmp_path):
+  """results.json's 'stage0' (mmproj.stage0.provenance): one set of weights is stated once; runs that read
+  different weights under one key, or recorded none, are named."""
+  sweep = sweep_tool.load_sweep('configs/sweeps/zoo.py')
+  sweep.name, sweep.seeds = 'handmade', [0, 1]
+  sweep.cells = [dict(name=n, config='configs/scenes.py:mlp') for n in ('a', 'blind')]
+  runs = sweep_tool.runs_of(sweep, str(tmp_path / 'w'))
+  towers = {('a', 0): {'key': 'k1', 'vision': 'v1', 'lm': 'l1'}, ('a', 1): {'key': 'k1', 'vision': 'v1', 'lm': 'l1'},
+            ('blind', 0): {'key': 'k1', 'lm': 'l1'}, ('blind', 1): {'key': 'k1', 'lm': 'l1'}}
+
+  def write(towers):
+    for r in runs:
+      os.makedirs(r.workdir, exist_ok=True)
+      results = {'vqa_accuracy': {'overall': 0.5}, **({'stage0': towers[r.cell, r.seed]} if towers[r.cell, r.seed]
+                                                      else {})}
+      with open(os.path.join(r.workdir, 'results.json'), 'w') as f:
+        json.dump(results, f)
+    return sweep_tool.markdown(sweep, sweep_tool.gather(sweep, runs), 'cmd')
+
+  assert ("Stage-0 towers read (results.json's `stage0`; recipe key k1): vision weights `v1`: 2 runs; "
+          'lm weights `l1`: 4 runs.\n') in write(towers)
+  towers['a', 1] = {'key': 'k1', 'vision': 'v2', 'lm': 'l1'}
+  towers['blind', 1] = None
+  text = write(towers)
+  assert ('vision weights `v1`: 1 runs (a 0); lm weights `l1`: 3 runs (a 0, a 1, blind 0); vision weights `v2`: '
+          '1 runs (a 1); not recorded (run before results.json kept it): 1 runs (blind 1). One key can name '
+          'different weights') in text
+  assert text.index('Stage-0 towers') < text.index('| cell |')
 
 
 def _sweep_file(tmp_path, cells: str) -> str:
