@@ -452,11 +452,15 @@ def digests(recipe) -> dict[str, str]:
   return {part: found[part]['sha256'] for part in PARTS.values()}
 
 
+def _parts_read(cfg) -> list[str]:
+  """The cfg.init parts a run takes from stage 0; a blind run (the sweep's 'blind' cell) takes the LM only."""
+  return [part for part in PARTS if cfg.init.get(part) == STAGE0 and (part != 'encoder' or cfg.model.use_image)]
+
+
 def provenance(cfg) -> dict[str, str] | None:
   """The stage-0 towers a run reads (call it on the config before resolve_init, with the towers built): the
-  recipe key and the weights digest of each tower its cfg.init takes from stage 0; None for a run that takes none.
-  A blind run takes the LM only."""
-  wanted = [part for part in PARTS if cfg.init.get(part) == STAGE0 and (part != 'encoder' or cfg.model.use_image)]
+  recipe key and the weights digest of each tower its cfg.init takes from stage 0; None for a run that takes none."""
+  wanted = _parts_read(cfg)
   if not wanted or cfg.get('stage0') is None:
     return None
   found = digests(cfg.stage0)
@@ -466,15 +470,12 @@ def provenance(cfg) -> dict[str, str] | None:
 def resolve_init(cfg, log=_print) -> ml_collections.ConfigDict:
   """cfg with each cfg.init entry equal to 'stage0' replaced by the directory of that stage-0 tower (built
   first when missing); cfg unchanged when none is."""
-  wanted = [part for part in PARTS if cfg.init.get(part) == STAGE0]
-  if not wanted:
-    return cfg
-  if not cfg.model.use_image and 'encoder' in wanted:   # a blind run (the sweep's 'blind' cell) takes the LM only
+  wanted = _parts_read(cfg)
+  if cfg.init.get('encoder') == STAGE0 and 'encoder' not in wanted:   # a blind run: no encoder to load
     cfg = cfg.copy_and_resolve_references()
     cfg.init.encoder = None
-    wanted.remove('encoder')
-    if not wanted:
-      return cfg
+  if not wanted:
+    return cfg
   if cfg.get('stage0') is None:
     raise ValueError(f"init.{wanted[0]}='stage0' but the config has no stage0 recipe (config_lib.stage0_recipe)")
   cfg = cfg.copy_and_resolve_references()
