@@ -341,10 +341,12 @@ def gather(sweep, runs: list[Run], copy_to: str | None = None) -> list[dict]:
   for cell in sweep.cells:
     mine = [r for r in runs if r.cell == cell['name'] and r.done]
     accuracy: dict[str, list[float]] = {}
-    curves, tokens, params, chance, towers = [], None, None, {}, {}
+    curves, tokens, params, chance = [], None, None, {}
+    read = {field: {} for field, *_ in PROVENANCE}        # {row field: {seed: results.json's provenance}}
     for r in mine:
       results = _read_json(os.path.join(r.workdir, 'results.json'))
-      towers[r.seed] = results.get('stage0')
+      for field, results_field, *_ in PROVENANCE:
+        read[field][r.seed] = results.get(results_field)
       for family, value in _figures(results, metric).items():
         accuracy.setdefault(family, []).append(value)
       chance = chance or results.get('chance') or {}
@@ -361,7 +363,7 @@ def gather(sweep, runs: list[Run], copy_to: str | None = None) -> list[dict]:
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
     curve = {s: sum(c[s] for c in curves) / len(curves) for s in steps}
     rows.append(dict(cell=cell['name'], seeds=[r.seed for r in mine], accuracy=accuracy, tokens=tokens,
-                     params=params, chance=chance, curve=curve, towers=towers))
+                     params=params, chance=chance, curve=curve, **read))
   if reference and sweep.cells:
     mine = [r for r in runs if r.cell == sweep.cells[0]['name'] and r.done]
     accuracy = {}
@@ -369,7 +371,7 @@ def gather(sweep, runs: list[Run], copy_to: str | None = None) -> list[dict]:
       for family, value in _figures(_read_json(os.path.join(r.workdir, 'results.json')), reference).items():
         accuracy.setdefault(family, []).append(value)
     rows.append(dict(cell=REFERENCE_CELL, seeds=[r.seed for r in mine], accuracy=accuracy, tokens=None, params=None,
-                     chance={}, curve={}, towers={}))
+                     chance={}, curve={}, **{field: {} for field, *_ in PROVENANCE}))
   return rows
 
 
@@ -392,23 +394,28 @@ def paired_differences(row: dict, base: dict, family: str) -> list[float]:
   return [100 * (a[s] - b[s]) for s in sorted(set(a) & set(b))]
 
 
-def towers_text(rows: list[dict]) -> str:
-  """Which stage-0 weights the runs read (results.json's 'stage0', mmproj.stage0.provenance), per tower and digest,
-  naming the runs when they did not all read the same ones; '' when no run records any."""
-  runs = [(f'{r["cell"]} {seed}', t) for r in rows for seed, t in sorted(r.get('towers', {}).items())]
+# Which stage-0 weights a run read: the row field, results.json's field and the parts it names (provenance()).
+PROVENANCE = (('towers', 'stage0', 'Stage-0 towers', ('vision', 'lm')),
+              ('generators', 'stage0_generator', 'Stage-0 generator', ('generator',)))
+
+
+def weights_text(rows: list[dict], field: str, results_field: str, what: str, parts: tuple[str, ...]) -> str:
+  """Which stage-0 weights the runs read (results.json's `results_field`: mmproj.stage0.provenance or
+  stage0_generator.provenance), per part and digest, naming the runs when they did not all read the same ones;
+  '' when no run records any."""
+  runs = [(f'{r["cell"]} {seed}', t) for r in rows for seed, t in sorted(r.get(field, {}).items())]
   if not any(t for _, t in runs):
     return ''
   groups: dict[str, list[str]] = {}
   for name, t in runs:
-    for part in ('vision', 'lm'):
+    for part in parts:
       if t and part in t:
         groups.setdefault(f'{part} weights `{t[part]}`', []).append(name)
     if not t:
       groups.setdefault('not recorded (run before results.json kept it)', []).append(name)
-  vision, lm = (sum(g.startswith(part) for g in groups) for part in ('vision', 'lm'))
-  mixed = vision > 1 or lm > 1 or any(not t for _, t in runs)
+  mixed = any(sum(g.startswith(part + ' ') for g in groups) > 1 for part in parts) or any(not t for _, t in runs)
   keys = ', '.join(sorted({t['key'] for _, t in runs if t}))
-  text = f"Stage-0 towers read (results.json's `stage0`; recipe key {keys}): " + '; '.join(
+  text = f"{what} read (results.json's `{results_field}`; recipe key {keys}): " + '; '.join(
       f'{g}: {len(names)} runs' + (f' ({", ".join(names)})' if mixed else '') for g, names in groups.items()) + '.'
   if mixed:
     text += ' One key can name different weights: CPU training is not bitwise reproducible across machines and resumes.'
@@ -422,9 +429,10 @@ def markdown(sweep, rows: list[dict], command: str) -> str:
            'mean ± 95% t-interval over the seeds finished (one seed: no interval); M = visual tokens the LM reads; '
            'params = the projector\'s parameters.', '',
            '| cell | M | params | seeds | ' + ' | '.join(families) + ' |', '|' + '---|' * (len(families) + 4)]
-  towers = towers_text(rows)
-  if towers:
-    lines[5:5] = [towers, '']       # between the legend and the table
+  for field, results_field, what, parts in reversed(PROVENANCE):
+    text = weights_text(rows, field, results_field, what, parts)
+    if text:
+      lines[5:5] = [text, '']       # between the legend and the table
   for r in rows:
     cells = [_cell_text([100 * v for v in r['accuracy'].get(family, [])]) for family in families]
     lines.append(f'| {r["cell"]} | {"" if r["tokens"] is None else r["tokens"]} | '
@@ -478,12 +486,21 @@ def plots(sweep, rows: list[dict], out: str) -> list[str]:
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(6, 4.5))
-  for r in rows:
-    if r['tokens'] is None or 'overall' not in r['accuracy']:
-      continue
-    mean, half = interval([100 * v for v in r['accuracy']['overall']])
-    ax.errorbar([r['tokens']], [mean], yerr=[half], fmt='o', capsize=3)
-    ax.annotate(r['cell'], (r['tokens'], mean), fontsize=7, xytext=(3, 3), textcoords='offset points')
+  points = [(r['cell'], r['tokens'], *interval([100 * v for v in r['accuracy']['overall']])) for r in rows
+            if r['tokens'] is not None and 'overall' in r['accuracy']]
+  for _, tokens, mean, half in points:
+    ax.errorbar([tokens], [mean], yerr=[half], fmt='o', capsize=3)
+  if points:
+    # Many cells share one M (the zoo: 13 at M = 9): their labels are stacked upwards from the lowest point, at
+    # least `gap` apart, each joined to its point by a thin line.
+    means = [mean for *_, mean, _ in points]
+    gap = max(max(means) - min(means), 10.0) / 22
+    for tokens in sorted({t for _, t, _, _ in points}):
+      placed = -np.inf
+      for cell, _, mean, _ in sorted((p for p in points if p[1] == tokens), key=lambda p: p[2]):
+        placed = max(mean, placed + gap)
+        ax.annotate(cell, (tokens, mean), xytext=(12, placed), textcoords=('offset points', 'data'), fontsize=7,
+                    va='center', arrowprops=dict(arrowstyle='-', lw=0.4, color='0.5'))
   ax.set_xscale('symlog', linthresh=1)
   ax.set_xlabel('visual tokens M')
   ax.set_ylabel('overall accuracy (%)')

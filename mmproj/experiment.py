@@ -67,10 +67,13 @@ def _last_metrics(workdir: str) -> dict:
   return json.loads(lines[-1]) if lines else {}
 
 
-def _write_results(workdir: str, results: dict, towers: dict | None) -> str:
-  """results.json, with the stage-0 towers the run read (stage0.provenance) under 'stage0' (also added to results)."""
+def _write_results(workdir: str, results: dict, towers: dict | None, generator: dict | None = None) -> str:
+  """results.json, with the stage-0 towers the run read (stage0.provenance) under 'stage0' and the stage-0
+  generator (stage0_generator.provenance) under 'stage0_generator' (both also added to results)."""
   if towers:
     results['stage0'] = towers
+  if generator:
+    results['stage0_generator'] = generator
   path = paths.join(workdir, 'results.json')
   clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()}
   paths.write_text(path, json.dumps(clean, indent=2))
@@ -82,6 +85,7 @@ def run(cfg, workdir: str) -> dict:
   resolved = stage0.resolve_init(cfg)       # cfg.init 'stage0' entries: the towers of cfg.stage0, built if missing
   towers = stage0.provenance(cfg)           # which weights those are (results.json's 'stage0')
   cfg = stage0_generator.resolve_init(resolved)   # ... and the generator of cfg.generator
+  generator = stage0_generator.provenance(resolved)
   objective = cfg.get('objective', 'lm')
   if objective == qformer_stage1.OBJECTIVE:
     return qformer_stage1.run(cfg, workdir, towers=towers)
@@ -103,7 +107,7 @@ def run(cfg, workdir: str) -> dict:
             f'{results["last_metrics"]}\nresults: {path}', flush=True)
     return results
   if cfg.data.get('task') == 'draw':
-    return _run_draw(cfg, workdir, towers)
+    return _run_draw(cfg, workdir, towers, generator)
   modality = model_lib.modality(cfg.model)          # what the model reads: image, audio or video
   main = trainer.train(cfg, workdir, name=f'[{modality}] ' if baseline == 'blind' else '')
   accuracy, cap_loss = _evaluate(main, cfg)
@@ -133,7 +137,7 @@ def format_draw_table(results: dict) -> str:
   return '\n'.join(lines)
 
 
-def _run_draw(cfg, workdir: str, towers: dict | None) -> dict:
+def _run_draw(cfg, workdir: str, towers: dict | None, generator: dict | None) -> dict:
   from mmproj.eval import draw
   main = trainer.train(cfg, workdir)
   figures = draw.draw_accuracy(main.setup, main.state.params, main.tokenizer, batch_size=int(cfg.eval.batch_size),
@@ -143,7 +147,7 @@ def _run_draw(cfg, workdir: str, towers: dict | None) -> dict:
   results = {'draw': figures, 'sample_captions': samples['captions'], 'steps': int(cfg.train.steps),
              'train_seconds': round(main.train_seconds, 1), 'last_metrics': _last_metrics(workdir)}
   if jax.process_index() == 0:
-    path = _write_results(workdir, results, towers)
+    path = _write_results(workdir, results, towers, generator)
     epath.Path(paths.join(workdir, 'draw_samples.png')).write_bytes(draw.samples_png(samples))
     print(format_draw_table(results), flush=True)
     print(f'results: {path}', flush=True)

@@ -15,7 +15,8 @@ min(train.ema_decay, (1 + step) / (10 + step))), as diffusion models are sampled
 Written under stage0.cache_dir/<key>/ (key = a hash of the recipe without where things are stored and without
 recipe.sample, the report's sampling settings: new ones sample the report again from the saved generator):
   generator/      mmproj.generators.save: generator.json + Orbax params (the EMA params)
-  report.json     train time and final loss; the flow-matching loss on the test split with its captions and with the
+  report.json     train time and final loss; sha256 (16 hex digits over the saved params: what a run that reads
+                  the generator records, since one key can name different weights after a rebuild); the flow-matching loss on the test split with its captions and with the
                   null conditioning; the recogniser's match rates (mmproj.eval.recognise.match_rates) of one image
                   sampled per test caption at the recipe's sampling steps and guidance, and at guidance 1 (no
                   classifier-free guidance) beside it, and of the real test images (the recogniser's own ceiling):
@@ -309,7 +310,7 @@ def build(recipe: Any, log=_print) -> dict[str, str]:
       generators.save(d['generator'], recipe.generator, params)
     test = DrawSplit(recipe.data, tok, 'test', generator.text_len)
     s = recipe.sample
-    report = {'key': key(recipe), 'recipe': recipe.to_dict(), 'train': train_report,
+    report = {'key': key(recipe), 'recipe': recipe.to_dict(), 'train': train_report, 'sha256': params_sha256(params),
               'test_loss': test_loss(generator, params, test, int(s.batch_size), int(s.seed))}
     report['samples'], guided = sample_report(recipe, generator, params, test, log)
     write_sample_grid(d['samples'], test.images, guided)
@@ -335,6 +336,40 @@ def resolve_init(cfg, log=_print):
   return cfg
 
 
+def params_sha256(params: Any) -> str:
+  """16 hex digits of a sha256 over the params' leaves (path, dtype, shape, bytes). The params, not the saved
+  files, are hashed: Orbax's metadata holds timestamps, so equal weights saved twice give different files."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    leaf = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f'{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape};'.encode())
+    h.update(leaf.tobytes())
+  return h.hexdigest()[:16]
+
+
+def digest(recipe: Any) -> str:
+  """The built generator's params_sha256, kept in report.json (a generator built before the field gets it on first
+  use)."""
+  found = report(recipe)
+  if 'sha256' in found:
+    return found['sha256']
+  d = directories(recipe)
+  with file_lock(d['root'] + '.lock'):
+    found = report(recipe)
+    if 'sha256' not in found:
+      found['sha256'] = params_sha256(generators.load(d['generator'])[1])
+      _write_json(d['report'], found)
+  return found['sha256']
+
+
+def provenance(cfg) -> dict[str, str] | None:
+  """The stage-0 generator a run reads (call it with the generator built): {'key': recipe key, 'generator': its
+  digest}; None for a run whose init.generator is not 'stage0'."""
+  if cfg.init.get('generator') != STAGE0 or cfg.get('generator') is None:
+    return None
+  return {'key': key(cfg.generator), 'generator': digest(cfg.generator)}
+
+
 def report(recipe: Any) -> dict:
   with open(directories(recipe)['report']) as f:
     return json.load(f)
@@ -345,7 +380,8 @@ def format_report(r: dict) -> str:
   rates = lambda m: ', '.join(f'{k} {v:.1%}' for k, v in m.items())
   return '\n'.join([
       f"stage0 generator {r['key']}: {t['param_count']:,} params, {t['steps']} steps at batch {t['batch_size']} in "
-      f"{t['train_seconds']:.0f}s, final train loss {t['final_loss']:.4f}",
+      f"{t['train_seconds']:.0f}s, final train loss {t['final_loss']:.4f}"
+      + (f", weights sha256 {r['sha256']}" if 'sha256' in r else ''),
       f"  test flow-matching loss {loss['caption']:.4f} with the captions, {loss['null']:.4f} with the null "
       'conditioning',
       f"  recogniser on {s['num_images']} samples of test captions ({s['steps']} Euler steps, "

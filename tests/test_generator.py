@@ -316,3 +316,36 @@ def test_an_interrupted_build_resumes_exactly(built, tmp_path):
   _, saved, _ = generators.load(dirs['generator'])
   for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(resumed)):   # the same batches, noise and updates
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_report_keeps_the_weights_digest_and_a_draw_run_records_it(built, tmp_path):
+  """report.json's sha256 is the saved params' digest (one key can name different weights after a rebuild); a
+  generator built before the field gets it on first use; a draw run on the stage-0 generator writes it to
+  results.json's 'stage0_generator' (mmproj.experiment.run), which the sweep's collection states."""
+  from experiment_utils import tiny_draw
+  from mmproj import experiment
+  recipe, dirs, _ = built
+  _, params, _ = generators.load(dirs['generator'])
+  sha = stage0_generator.params_sha256(params)
+  assert len(sha) == 16 and stage0_generator.report(recipe)['sha256'] == sha
+  assert f'weights sha256 {sha}' in stage0_generator.format_report(stage0_generator.report(recipe))
+  leaves, tree = jax.tree.flatten(params)
+  nudged = jax.tree.unflatten(tree, [np.asarray(leaves[0]) + np.float32(1e-3)] + leaves[1:])
+  assert stage0_generator.params_sha256(nudged) != sha
+  # A report written before the field: digest() hashes the saved params once and keeps the figure.
+  old = recipe.copy_and_resolve_references()
+  old.cache_dir = str(tmp_path / 'cache')
+  shutil.copytree(dirs['root'], stage0_generator.directories(old)['root'])
+  r = stage0_generator.report(old)
+  del r['sha256']
+  stage0_generator._write_json(stage0_generator.directories(old)['report'], r)
+  assert stage0_generator.digest(old) == sha and stage0_generator.report(old)['sha256'] == sha
+  # A draw run reading the built generator (init.generator='stage0') records which weights it read.
+  cfg = tiny_draw(recipe.data.data_dir, stage0_generator.STAGE0)
+  assert stage0_generator.key(cfg.generator) == stage0_generator.key(recipe)
+  cfg.generator.cache_dir = recipe.cache_dir
+  experiment.run(cfg, str(tmp_path / 'run'))
+  expected = {'key': stage0_generator.key(recipe), 'generator': sha}
+  assert json.loads((tmp_path / 'run' / 'results.json').read_text())['stage0_generator'] == expected
+  assert stage0_generator.provenance(cfg) == expected
+  assert stage0_generator.provenance(tiny_draw(recipe.data.data_dir, dirs['generator'])) is None

@@ -213,3 +213,27 @@ def test_continue_from_a_collected_store_counts_its_runs_finished_unless_a_later
   assert sweep_tool.continue_from(sweep_tool.runs_of(sweep_tool.load_sweep(spec), str(work)), str(store)) == []
   with pytest.raises(SystemExit):
     sweep_tool.main([spec, '--workdir', str(work), '--continue-from', str(tmp_path / 'nowhere')])
+
+
+def test_collection_names_the_stage0_generator_each_run_read(tmp_path):
+  """results.json's 'stage0_generator' (mmproj.stage0_generator.provenance) is stated beside the towers, and runs
+  that read another generator under the same key are named."""
+  sweep = sweep_tool.load_sweep('configs/sweeps/draw.py')
+  sweep.name, sweep.seeds = 'handmade', [0, 1]
+  sweep.cells = [dict(name='a', config='configs/draw.py:mlp,align')]
+  runs = sweep_tool.runs_of(sweep, str(tmp_path / 'w'))
+
+  def write(generators):
+    for r in runs:
+      os.makedirs(r.workdir, exist_ok=True)
+      with open(os.path.join(r.workdir, 'results.json'), 'w') as f:
+        json.dump({'draw': {'pipeline': {'object': 0.5}, 'reference': {'object': 0.9}},
+                   'stage0': {'key': 'k1', 'lm': 'l1'}, 'stage0_generator': generators[r.seed]}, f)
+    rows = sweep_tool.gather(sweep, runs)
+    return sweep_tool.weights_text(rows, *sweep_tool.PROVENANCE[1]), sweep_tool.markdown(sweep, rows, 'cmd')
+
+  line, text = write({0: {'key': 'g1', 'generator': 'd1'}, 1: {'key': 'g1', 'generator': 'd1'}})
+  assert line == "Stage-0 generator read (results.json's `stage0_generator`; recipe key g1): generator weights `d1`: 2 runs."
+  assert text.index('Stage-0 towers read') < text.index(line) < text.index('| cell |')
+  line, _ = write({0: {'key': 'g1', 'generator': 'd1'}, 1: {'key': 'g1', 'generator': 'd2'}})
+  assert 'generator weights `d1`: 1 runs (a 0); generator weights `d2`: 1 runs (a 1). One key can name' in line
