@@ -202,11 +202,13 @@ def report(workdir: str, out: str, smoke: bool = False, log=print) -> str:
   per_sweep = [(spec, sweep_tool.runs_of(sweep, workdir)) for spec, sweep in sweeps]
   sweep_tool.merge_runs(per_sweep)             # the sweeps agree on every shared cell
   name = 'findings' + '_smoke' * smoke
+  inside = os.path.commonpath([REPO, os.path.abspath(workdir)]) == REPO
+  workdir_text = os.path.relpath(workdir, REPO) if inside else workdir     # the commands as anyone re-runs them
   discussion = _discussion()
   decided, sections = [], []
   for (spec, sweep), (_, runs) in zip(sweeps, per_sweep):
     ensure_probes(sweep, runs, log)
-    command = f'python experiments/sweep.py {spec} --workdir {workdir}'
+    command = f'python experiments/sweep.py {spec} --workdir {workdir_text}'
     table = sweep_tool.collect(sweep, runs, out, command)
     finding = sweep.name.split('_')[0].upper()
     lines = [f'## {sweep.title}', '', f'Source: {sweep.source}.  ', f'Runs: `{command} --jobs 2`', '',
@@ -236,8 +238,8 @@ def report(workdir: str, out: str, smoke: bool = False, log=print) -> str:
       'SigLIP-shaped ViT and a text-pretrained LM; configs/scenes.py), LLaVA\'s way unless the finding is about '
       'the stages: stage 1 on captions with the LM frozen, stage 2 on questions with the LM trained '
       '(config_lib.llava_cells). The direction of each published claim is tested, not its values.', '',
-      f'Every run: `python experiments/sweep.py {every} --workdir {workdir} --jobs 2`  ',
-      f'This report: `python experiments/findings.py --workdir {workdir}{" --smoke" * smoke}`', '',
+      f'Every run: `python experiments/sweep.py {every} --workdir {workdir_text} --jobs 2`  ',
+      f'This report: `python experiments/findings.py --workdir {workdir_text}{" --smoke" * smoke}`', '',
       RULE, '', '## Verdicts', '', *summary, '', f'![verdicts]({name}_verdicts.png)', '', '\n\n'.join(sections)]) + '\n'
   with open(os.path.join(out, f'{name}.md'), 'w') as f:
     f.write(text)

@@ -486,6 +486,7 @@ def plots(sweep, rows: list[dict], out: str) -> list[str]:
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(6, 4.5))
+  ax.set_xscale('symlog', linthresh=1)
   points = [(r['cell'], r['tokens'], *interval([100 * v for v in r['accuracy']['overall']])) for r in rows
             if r['tokens'] is not None and 'overall' in r['accuracy']]
   for _, tokens, mean, half in points:
@@ -495,13 +496,16 @@ def plots(sweep, rows: list[dict], out: str) -> list[str]:
     # least `gap` apart, each joined to its point by a thin line.
     means = [mean for *_, mean, _ in points]
     gap = max(max(means) - min(means), 10.0) / 22
+    heights = []
     for tokens in sorted({t for _, t, _, _ in points}):
       placed = -np.inf
       for cell, _, mean, _ in sorted((p for p in points if p[1] == tokens), key=lambda p: p[2]):
         placed = max(mean, placed + gap)
+        heights.append(placed)
         ax.annotate(cell, (tokens, mean), xytext=(12, placed), textcoords=('offset points', 'data'), fontsize=7,
                     va='center', arrowprops=dict(arrowstyle='-', lw=0.4, color='0.5'))
-  ax.set_xscale('symlog', linthresh=1)
+    low, high = ax.get_ylim()                 # the stacked labels stay inside the axes
+    ax.set_ylim(min(low, min(heights) - gap), max(high, max(heights) + gap))
   ax.set_xlabel('visual tokens M')
   ax.set_ylabel('overall accuracy (%)')
   fig.tight_layout()
