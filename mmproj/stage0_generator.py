@@ -16,8 +16,9 @@ Written under stage0.cache_dir/<key>/ (key = a hash of the recipe without where 
 recipe.sample, the report's sampling settings: new ones sample the report again from the saved generator):
   generator/      mmproj.generators.save: generator.json + Orbax params (the EMA params)
   report.json     train time and final loss; sha256 (16 hex digits over the saved params: what a run that reads
-                  the generator records, since one key can name different weights after a rebuild); the flow-matching loss on the test split with its captions and with the
-                  null conditioning; the recogniser's match rates (mmproj.eval.recognise.match_rates) of one image
+                  the generator records, since one key can name different weights after a rebuild); the
+                  flow-matching loss on the test split with its captions and with the null conditioning; the
+                  recogniser's match rates (mmproj.eval.recognise.match_rates) of one image
                   sampled per test caption at the recipe's sampling steps and guidance, and at guidance 1 (no
                   classifier-free guidance) beside it, and of the real test images (the recogniser's own ceiling):
                   the "upper reference" the LLM + output projector pipeline is compared with

@@ -233,7 +233,8 @@ def test_collection_names_the_stage0_generator_each_run_read(tmp_path):
     return sweep_tool.weights_text(rows, *sweep_tool.PROVENANCE[1]), sweep_tool.markdown(sweep, rows, 'cmd')
 
   line, text = write({0: {'key': 'g1', 'generator': 'd1'}, 1: {'key': 'g1', 'generator': 'd1'}})
-  assert line == "Stage-0 generator read (results.json's `stage0_generator`; recipe key g1): generator weights `d1`: 2 runs."
+  assert line == ("Stage-0 generator read (results.json's `stage0_generator`; recipe key g1): "
+                  'generator weights `d1`: 2 runs.')
   assert text.index('Stage-0 towers read') < text.index(line) < text.index('| cell |')
   line, _ = write({0: {'key': 'g1', 'generator': 'd1'}, 1: {'key': 'g1', 'generator': 'd2'}})
   assert 'generator weights `d1`: 1 runs (a 0); generator weights `d2`: 1 runs (a 1). One key can name' in line
